@@ -1,0 +1,188 @@
+//! The `rvm` command: parses the command line into a [`VmConfig`], runs the
+//! VM, and turns the way it ended into an exit status.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use clap::{Parser, Subcommand};
+use rvm::{parse_mem_size, ExitReason, Vm, VmConfig, DEFAULT_CMDLINE};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rvm",
+    version,
+    about = "A small, fast KVM virtual machine monitor"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a Linux guest; its serial console is this terminal.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Linux bzImage with a 64-bit entry point.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initramfs to load with the kernel.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
+    /// Guest memory: MiB, or a size with a K, M or G suffix.
+    #[arg(long, value_name = "SIZE", default_value = "256", value_parser = parse_mem_size)]
+    mem: u64,
+}
+
+impl RunArgs {
+    fn into_config(self) -> Result<VmConfig, String> {
+        let vcpus = u8::try_from(self.cpus).map_err(|_| {
+            format!(
+                "--cpus {} is more than rvm supports ({})",
+                self.cpus,
+                rvm::config::MAX_VCPUS
+            )
+        })?;
+        Ok(VmConfig {
+            kernel: self.kernel,
+            initrd: self.initrd,
+            cmdline: self.cmdline,
+            vcpus,
+            mem_mib: self.mem,
+        })
+    }
+}
+
+/// The exit eventfd, for the SIGINT/SIGTERM handler (which may only make
+/// async-signal-safe calls such as write(2)).
+static EXIT_FD: AtomicI32 = AtomicI32::new(-1);
+static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_terminate(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    LAST_SIGNAL.store(sig, Ordering::SeqCst);
+    let fd = EXIT_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; the buffer is a live u64.
+        unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+    }
+}
+
+/// Puts a terminal stdin into raw mode (keeping Ctrl-C as a signal) and
+/// restores it when dropped.
+struct RawTerminal(libc::termios);
+
+impl RawTerminal {
+    fn enable() -> Option<RawTerminal> {
+        // SAFETY: termios is plain data; tcgetattr fills it for fd 0.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd 0 is open and `t` is a valid termios to write into.
+        if unsafe { libc::tcgetattr(0, &mut t) } != 0 {
+            return None;
+        }
+        let saved = t;
+        t.c_lflag &= !(libc::ICANON | libc::ECHO | libc::IEXTEN);
+        t.c_iflag &= !(libc::ICRNL | libc::IXON);
+        // SAFETY: applying a termios derived from the current one to fd 0.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+        Some(RawTerminal(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the termios read in enable() on the same fd.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.0) };
+    }
+}
+
+fn run(args: RunArgs) -> Result<ExitReason, String> {
+    let config = args.into_config()?;
+    let console: Box<dyn Write + Send> = Box::new(std::io::stdout());
+    let vm = Vm::new(&config, console).map_err(|e| e.to_string())?;
+    let mut running = vm.start().map_err(|e| e.to_string())?;
+
+    EXIT_FD.store(running.exit_signal().raw_fd(), Ordering::SeqCst);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_terminate)
+            .map_err(|e| format!("cannot install a handler for signal {sig}: {e}"))?;
+    }
+
+    let _raw = if std::io::stdin().is_terminal() {
+        let input = running.serial_input();
+        std::thread::Builder::new()
+            .name("stdin".into())
+            .spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = std::io::stdin().read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut sent = 0;
+                    while sent < n {
+                        sent += input.send(&buf[sent..n]);
+                        if sent < n {
+                            std::thread::sleep(std::time::Duration::from_millis(2));
+                        }
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the stdin thread: {e}"))?;
+        RawTerminal::enable()
+    } else {
+        None
+    };
+
+    let reason = running.wait();
+    if std::env::var_os("RVM_REPORT_RSS").is_some() {
+        // For the boot benchmark: rvm's own overhead is peak RSS minus the
+        // guest RAM the guest touched.
+        let (peak, guest) = running.memory_usage_kib();
+        eprintln!(
+            "rvm-rss: peak_kib={peak} guest_kib={guest} overhead_kib={}",
+            peak.saturating_sub(guest)
+        );
+    }
+    Ok(reason)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Command::Run(args) = cli.command;
+    match run(args) {
+        Ok(reason) => {
+            let _ = std::io::stdout().flush();
+            match &reason {
+                ExitReason::TripleFault => {
+                    eprintln!("rvm: the guest triple-faulted; treating it as a reset")
+                }
+                ExitReason::Stopped => {
+                    let sig = LAST_SIGNAL.load(Ordering::SeqCst);
+                    eprintln!("rvm: terminating on signal {sig}");
+                }
+                ExitReason::Error(e) => eprintln!("rvm: error: {e}"),
+                _ => {}
+            }
+            if reason.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("rvm: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

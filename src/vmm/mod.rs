@@ -1,0 +1,267 @@
+//! The machine: a KVM VM with guest memory, the in-kernel interrupt
+//! controllers and PIT, legacy devices on the buses, and one thread per vCPU.
+
+pub mod exit;
+pub mod memory;
+pub mod rss;
+pub mod vcpu;
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use exit::{ExitReason, ExitSignal};
+
+use crate::arch::x86_64::{boot, cpuid, mptable, paging, regs};
+use crate::bus::Bus;
+use crate::config::VmConfig;
+use crate::devices::i8042::{self, I8042};
+use crate::devices::serial::{self, Console, SerialDevice, SerialInput};
+use crate::devices::IrqLine;
+use crate::error::{Error, Result};
+use vcpu::Vcpu;
+
+/// Where KVM puts the TSS and identity-map pages it needs on Intel: in the
+/// MMIO hole, clear of RAM and of the IOAPIC/LAPIC pages.
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+/// A built, not yet running VM.
+pub struct Vm {
+    _kvm: Kvm,
+    fd: Arc<VmFd>,
+    memory: GuestMemoryMmap,
+    vcpus: Vec<VcpuFd>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: Arc<ExitSignal>,
+    serial: Arc<Mutex<SerialDevice>>,
+    vcpu_count: usize,
+}
+
+impl Vm {
+    /// Builds the VM described by `config`: checks it, loads the kernel,
+    /// creates devices and vCPUs. Guest console output goes to `console`.
+    /// Nothing runs until [`Vm::start`].
+    pub fn new(config: &VmConfig, console: Console) -> Result<Vm> {
+        config.validate()?;
+        // Reject a wrong kernel or initrd before touching KVM.
+        boot::read_setup_header(&config.kernel)?;
+        if let Some(initrd) = &config.initrd {
+            std::fs::File::open(initrd).map_err(|source| Error::InitrdRead {
+                path: initrd.clone(),
+                source,
+            })?;
+        }
+
+        let kvm =
+            Kvm::new().map_err(|e| Error::KvmOpen(std::io::Error::from_raw_os_error(e.errno())))?;
+        for (cap, name) in [
+            (Cap::Irqchip, "an in-kernel irqchip"),
+            (Cap::Irqfd, "irqfd"),
+            (Cap::Ioeventfd, "ioeventfd"),
+            (Cap::Pit2, "an in-kernel PIT"),
+            (Cap::UserMemory, "user memory regions"),
+            (Cap::SetTssAddr, "KVM_SET_TSS_ADDR"),
+            (Cap::ExtCpuid, "KVM_GET_SUPPORTED_CPUID"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(Error::KvmMissingCap(name));
+            }
+        }
+        let max = kvm.get_max_vcpus();
+        if usize::from(config.vcpus) > max {
+            return Err(Error::InvalidConfig(format!(
+                "--cpus {} is more than this host's KVM allows ({max})",
+                config.vcpus
+            )));
+        }
+
+        let fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDR)
+            .map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+            .map_err(Error::kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        fd.create_irq_chip()
+            .map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_bindings::kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(Error::kvm("KVM_CREATE_PIT2"))?;
+
+        let memory = memory::create(config.mem_mib)?;
+        memory::register(&fd, &memory)?;
+        let mem_bytes = config.mem_mib << 20;
+        let entry = boot::load_linux(
+            &memory,
+            mem_bytes,
+            &config.kernel,
+            config.initrd.as_deref(),
+            &config.cmdline,
+        )?;
+        mptable::write(&memory, config.vcpus, &[])?;
+        paging::write_gdt_idt(&memory)?;
+        let cr3 = paging::write_identity_page_tables(&memory)?;
+
+        let exit = Arc::new(ExitSignal::new()?);
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            irq_line(&fd, serial::COM1_IRQ)?,
+            console,
+        )));
+        pio.insert(serial::COM1_PORT, serial::PORT_LEN, serial.clone())
+            .map_err(|e| Error::Device(format!("serial: {e}")))?;
+        let exit_for_reset = exit.clone();
+        let i8042 = I8042::new(
+            irq_line(&fd, i8042::KBD_IRQ)?,
+            Box::new(move || exit_for_reset.request(ExitReason::Reset)),
+        );
+        pio.insert(
+            i8042::BASE_PORT,
+            i8042::PORT_LEN,
+            Arc::new(Mutex::new(i8042)),
+        )
+        .map_err(|e| Error::Device(format!("i8042: {e}")))?;
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::with_capacity(config.vcpus.into());
+        for id in 0..config.vcpus {
+            let vcpu = fd
+                .create_vcpu(u64::from(id))
+                .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+            let entries = cpuid::for_vcpu(supported.as_slice(), id, config.vcpus);
+            let cpuid = CpuId::from_entries(&entries)
+                .map_err(|e| Error::BootSetup(format!("CPUID table: {e:?}")))?;
+            vcpu.set_cpuid2(&cpuid)
+                .map_err(Error::kvm("KVM_SET_CPUID2"))?;
+            let boot = (id == 0).then_some((entry.entry_64, entry.zero_page));
+            regs::configure_vcpu(&vcpu, boot, cr3)?;
+            vcpus.push(vcpu);
+        }
+
+        Ok(Vm {
+            _kvm: kvm,
+            fd: Arc::new(fd),
+            memory,
+            vcpu_count: vcpus.len(),
+            vcpus,
+            pio,
+            mmio,
+            exit,
+            serial,
+        })
+    }
+
+    /// Starts one thread per vCPU and returns at once.
+    pub fn start(self) -> Result<RunningVm> {
+        vcpu::install_kick_handler().map_err(Error::VcpuThread)?;
+        let mut threads = Vec::with_capacity(self.vcpu_count);
+        for (id, fd) in self.vcpus.into_iter().enumerate() {
+            let v = Vcpu {
+                id,
+                fd,
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                exit: self.exit.clone(),
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || v.run());
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    // Stop what already runs before reporting.
+                    self.exit
+                        .request(ExitReason::Error(format!("cannot start vCPU {id}: {e}")));
+                    stop_vcpus(threads);
+                    return Err(Error::VcpuThread(e));
+                }
+            }
+        }
+        Ok(RunningVm {
+            threads,
+            exit: self.exit,
+            serial: self.serial,
+            memory: self.memory,
+            _fd: self.fd,
+        })
+    }
+}
+
+fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqLine> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+    vm.register_irqfd(&evt, gsi)
+        .map_err(Error::kvm("KVM_IRQFD"))?;
+    Ok(IrqLine(evt))
+}
+
+/// Kicks every vCPU thread out of KVM_RUN until it has ended. A kick can
+/// land while a thread is outside KVM_RUN and be lost, so it is repeated.
+fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
+    let sig = vcpu::kick_signal();
+    let mut pending = threads;
+    while !pending.is_empty() {
+        for t in &pending {
+            // SAFETY: the pthread_t belongs to a thread we spawned and have
+            // not joined, so it is valid; the signal has a handler installed.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), sig) };
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        let (done, running): (Vec<_>, Vec<_>) = pending.into_iter().partition(|t| t.is_finished());
+        for t in done {
+            let _ = t.join();
+        }
+        pending = running;
+    }
+}
+
+/// A VM whose vCPUs are running.
+pub struct RunningVm {
+    threads: Vec<JoinHandle<()>>,
+    exit: Arc<ExitSignal>,
+    serial: Arc<Mutex<SerialDevice>>,
+    memory: GuestMemoryMmap,
+    _fd: Arc<VmFd>,
+}
+
+impl RunningVm {
+    /// Blocks until the VM ends, stops every vCPU and returns why it ended.
+    /// Guest memory stays mapped until the `RunningVm` is dropped, so it can
+    /// still be inspected (for example with [`RunningVm::memory_usage_kib`]).
+    pub fn wait(&mut self) -> ExitReason {
+        let reason = self.exit.wait();
+        stop_vcpus(std::mem::take(&mut self.threads));
+        reason
+    }
+
+    /// Asks the VM to stop; [`RunningVm::wait`] then returns [`ExitReason::Stopped`].
+    pub fn stop(&self) {
+        self.exit.request(ExitReason::Stopped);
+    }
+
+    /// The exit signal, for owners that stop the VM from another thread.
+    pub fn exit_signal(&self) -> Arc<ExitSignal> {
+        self.exit.clone()
+    }
+
+    /// A handle that feeds input to the guest's serial console.
+    pub fn serial_input(&self) -> SerialInput {
+        SerialInput(self.serial.clone())
+    }
+
+    /// rvm's peak RSS and the part of it that is touched guest RAM, in KiB.
+    pub fn memory_usage_kib(&self) -> (u64, u64) {
+        let guest = rss::resident_kib_of(&memory::host_ranges(&self.memory));
+        (rss::peak_rss_kib().unwrap_or(0), guest)
+    }
+}
