@@ -38,6 +38,12 @@ pub const MMIO_HOLE_END: u64 = 1 << 32;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const APIC_DEFAULT_PHYS_BASE: u32 = 0xfee0_0000;
 
+// The stack grows down from between boot_params and the page tables, and
+// the MP table's floating pointer is in the KiB below 640 KiB where Linux scans.
+const _: () =
+    assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
+const _: () = assert!(MPTABLE_START + 0x400 <= 0xa_0000);
+
 /// The RAM ranges of a guest with `mem_bytes` of memory: below the MMIO
 /// hole, and the rest above 4 GiB.
 pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, u64)> {
@@ -92,7 +98,5 @@ mod tests {
                 w[1]
             );
         }
-        assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
-        assert!(MPTABLE_START + 0x400 <= 0xa_0000);
     }
 }

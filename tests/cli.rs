@@ -1,0 +1,157 @@
+//! Bad input to `rvm run`: one line naming the problem and what to do, a
+//! non-zero exit, and no VM started. None of these need a guest.
+
+use std::process::{Command, Output};
+
+fn rvm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rvm"))
+        .args(args)
+        .output()
+        .expect("run rvm")
+}
+
+fn fake_bzimage(dir: &std::path::Path) -> std::path::PathBuf {
+    // A header that passes rvm's checks, so the test reaches later ones.
+    let mut img = vec![0u8; 8192];
+    img[0x1f1] = 4; // setup_sects
+    img[0x202..0x206].copy_from_slice(b"HdrS");
+    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    img[0x211] = 1; // loadflags: LOADED_HIGH
+    img[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // xloadflags: 64-bit entry
+    let p = dir.join("bzImage");
+    std::fs::write(&p, img).unwrap();
+    p
+}
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("rvm-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn assert_error(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got {:?}: {err}",
+        out.status
+    );
+    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+    assert!(
+        out.stdout.is_empty(),
+        "nothing on the console: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn missing_kernel() {
+    let out = rvm(&["run", "--kernel", "/nonexistent/bzImage"]);
+    assert_error(&out, "cannot read kernel /nonexistent/bzImage");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).lines().count(),
+        1,
+        "one line"
+    );
+}
+
+#[test]
+fn unreadable_kernel_is_a_directory() {
+    let out = rvm(&["run", "--kernel", "/"]);
+    assert_error(&out, "cannot read kernel /");
+}
+
+#[test]
+fn not_a_bzimage() {
+    let out = rvm(&["run", "--kernel", "/etc/hostname"]);
+    assert_error(&out, "is not a bzImage");
+    let d = tmpdir("elf");
+    let p = d.join("elf");
+    std::fs::write(&p, [&b"\x7fELF"[..], &[0u8; 4096]].concat()).unwrap();
+    assert_error(
+        &rvm(&["run", "--kernel", p.to_str().unwrap()]),
+        "no HdrS signature",
+    );
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn cpus_out_of_range() {
+    let d = tmpdir("cpus");
+    let k = fake_bzimage(&d);
+    let k = k.to_str().unwrap();
+    assert_error(
+        &rvm(&["run", "--kernel", k, "--cpus", "0"]),
+        "--cpus must be at least 1",
+    );
+    assert_error(
+        &rvm(&["run", "--kernel", k, "--cpus", "255"]),
+        "more than rvm supports",
+    );
+    assert_error(
+        &rvm(&["run", "--kernel", k, "--cpus", "100000"]),
+        "more than rvm supports",
+    );
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn memory_out_of_range() {
+    let d = tmpdir("mem");
+    let k = fake_bzimage(&d);
+    let k = k.to_str().unwrap();
+    assert_error(&rvm(&["run", "--kernel", k, "--mem", "16"]), "too small");
+    assert_error(
+        &rvm(&["run", "--kernel", k, "--mem", "64T"]),
+        "more than this host has",
+    );
+    let out = rvm(&["run", "--kernel", k, "--mem", "12X"]);
+    assert_eq!(out.status.code(), Some(2), "usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a size"));
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn missing_initrd() {
+    let d = tmpdir("initrd");
+    let k = fake_bzimage(&d);
+    let out = rvm(&[
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--initrd",
+        "/nonexistent/initrd",
+    ]);
+    assert_error(&out, "cannot read initrd /nonexistent/initrd");
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn kvm_missing() {
+    // Hide /dev/kvm in a private mount namespace: rvm must say what to do.
+    let d = tmpdir("nokvm");
+    let k = fake_bzimage(&d);
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {} run --kernel {}",
+        env!("CARGO_BIN_EXE_rvm"),
+        k.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("unshare (util-linux) is needed for this test");
+    assert_error(&out, "cannot open /dev/kvm");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kvm_intel or kvm_amd"));
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn help_lists_the_run_options() {
+    let out = rvm(&["run", "--help"]);
+    assert!(out.status.success());
+    let s = String::from_utf8_lossy(&out.stdout);
+    for opt in ["--kernel", "--initrd", "--cmdline", "--cpus", "--mem"] {
+        assert!(s.contains(opt), "{opt} missing from help");
+    }
+    assert!(s.contains("reboot=k"), "the default cmdline is documented");
+}

@@ -1,0 +1,231 @@
+//! Shared by the guest tests and the boot benchmark: where guests can run,
+//! the guest images, and running one rvm (or QEMU) guest with a deadline.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Where guest tests run, and why.
+pub enum Placement {
+    Direct(String),
+    Nested(String),
+}
+
+/// Guests boot directly when the host has hardware virtualisation (or we
+/// are already inside the nested host); otherwise inside the nested host.
+/// RVM_TEST_PLACEMENT=direct|nested overrides the choice.
+pub fn placement() -> Placement {
+    if std::env::var_os("RVM_NESTED").is_some() {
+        return Placement::Direct("inside the nested host".into());
+    }
+    match std::env::var("RVM_TEST_PLACEMENT").as_deref() {
+        Ok("direct") => return Placement::Direct("RVM_TEST_PLACEMENT=direct".into()),
+        Ok("nested") => return Placement::Nested("RVM_TEST_PLACEMENT=nested".into()),
+        _ => {}
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if hw && Path::new("/dev/kvm").exists() {
+        Placement::Direct("the host has VT-x/AMD-V and /dev/kvm".into())
+    } else {
+        Placement::Nested(
+            "the host has no VT-x/AMD-V, so its /dev/kvm cannot boot stock Linux".into(),
+        )
+    }
+}
+
+/// Re-runs this very executable inside the nested host with the same
+/// arguments and exits with its status.
+pub fn reexec_nested(nested_args: &[&str]) -> ! {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut cmd = Command::new(repo().join("scripts/nested-host"));
+    cmd.args(nested_args)
+        .arg("--")
+        .arg(exe)
+        .args(std::env::args().skip(1));
+    cmd.current_dir(repo());
+    let status = cmd.status().unwrap_or_else(|e| {
+        eprintln!("cannot run scripts/nested-host: {e}");
+        std::process::exit(1)
+    });
+    std::process::exit(status.code().unwrap_or(1))
+}
+
+pub struct Images {
+    pub minimal: PathBuf,
+    pub stock: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+pub fn images() -> Result<Images, String> {
+    let out = repo().join("guest-images/out");
+    let i = Images {
+        minimal: out.join("minimal/bzImage"),
+        stock: out.join("stock/vmlinuz"),
+        initramfs: out.join("initramfs.cpio.gz"),
+    };
+    for p in [&i.minimal, &i.stock, &i.initramfs] {
+        if !p.exists() {
+            return Err(format!(
+                "guest image {} is missing: run guest-images/build.sh",
+                p.display()
+            ));
+        }
+    }
+    Ok(i)
+}
+
+/// The rvm binary under test.
+pub fn rvm_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("RVM_BIN") {
+        return PathBuf::from(p);
+    }
+    PathBuf::from(env!("CARGO_BIN_EXE_rvm"))
+}
+
+/// What a guest run produced.
+pub struct GuestRun {
+    /// None when the deadline passed and the process was killed.
+    pub status: Option<ExitStatus>,
+    pub console: String,
+    pub stderr: String,
+    /// Time from spawn to the first console line containing the marker.
+    pub marker_at: Option<Duration>,
+    pub elapsed: Duration,
+}
+
+impl GuestRun {
+    /// `rvm-result: key=value` lines from /init.
+    pub fn result(&self, key: &str) -> Option<String> {
+        let prefix = format!("rvm-result: {key}=");
+        self.console.lines().find_map(|l| {
+            l.trim_end_matches('\r')
+                .strip_prefix(&prefix)
+                .map(|v| v.trim().to_string())
+        })
+    }
+
+    pub fn init_done(&self) -> bool {
+        self.console
+            .lines()
+            .any(|l| l.trim_end_matches('\r') == "rvm-init: done")
+    }
+
+    pub fn tail(&self, n: usize) -> String {
+        let lines: Vec<&str> = self.console.lines().collect();
+        let start = lines.len().saturating_sub(n);
+        format!(
+            "--- console (last {n} lines) ---\n{}\n--- stderr ---\n{}",
+            lines[start..].join("\n"),
+            self.stderr.trim_end()
+        )
+    }
+}
+
+/// Spawns `cmd`, collects its console, timestamps the first line holding
+/// `marker`, and kills it if `deadline` passes.
+pub fn run_with_deadline(mut cmd: Command, deadline: Duration, marker: &str) -> GuestRun {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
+    let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel::<(Instant, String)>();
+    let reader = std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let _ = tx.send((Instant::now(), String::from_utf8_lossy(&buf).into_owned()));
+                }
+            }
+        }
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut console = String::new();
+    let mut marker_at = None;
+    let mut status = None;
+    loop {
+        while let Ok((t, line)) = rx.try_recv() {
+            if marker_at.is_none() && line.contains(marker) {
+                marker_at = Some(t - start);
+            }
+            console.push_str(&line);
+        }
+        if let Ok(Some(s)) = child.try_wait() {
+            status = Some(s);
+            break;
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = reader.join();
+    while let Ok((t, line)) = rx.try_recv() {
+        if marker_at.is_none() && line.contains(marker) {
+            marker_at = Some(t - start);
+        }
+        console.push_str(&line);
+    }
+    GuestRun {
+        status,
+        console,
+        stderr: err_reader.join().unwrap_or_default(),
+        marker_at,
+        elapsed: start.elapsed(),
+    }
+}
+
+/// The second flake signature of the nested host (ENVIRONMENT.md): the L2
+/// guest resets suddenly during boot, so the VMM exits 0 (a reset ends it)
+/// before /init finished, the console cut off. A VMM error exit, a hang or
+/// a wrong result is never this.
+pub fn is_nested_reset_flake(run: &GuestRun) -> bool {
+    let exited_zero = run.status.is_some_and(|s| s.success());
+    let cut = !run.console.ends_with('\n') || run.stderr.contains("triple-faulted");
+    exited_zero && !run.init_done() && cut && std::env::var_os("RVM_NESTED").is_some()
+}
+
+pub const MAX_FLAKE_RETRIES: u32 = 2;
+
+/// Runs a guest, retrying (at most MAX_FLAKE_RETRIES times, visibly) only
+/// on the nested host's reset flake.
+pub fn run_guest_retrying(name: &str, make: impl Fn() -> Command, deadline: Duration) -> GuestRun {
+    let mut attempt = 0;
+    loop {
+        let run = run_with_deadline(make(), deadline, "rvm-init: start");
+        if attempt < MAX_FLAKE_RETRIES && is_nested_reset_flake(&run) {
+            attempt += 1;
+            let last = run.console.lines().last().unwrap_or("").to_string();
+            println!(
+                "RETRY {attempt}/{MAX_FLAKE_RETRIES} {name}: the guest reset during boot and the VMM exited 0 with the console cut at {last:?} (known nested-host flake, not an rvm failure)"
+            );
+            continue;
+        }
+        return run;
+    }
+}

@@ -1,0 +1,229 @@
+//! Integration tests that boot real Linux guests under rvm: the minimal
+//! kernel and Debian's stock kernel, with the project's initramfs.
+//!
+//! Guests need a KVM that can run stock Linux. On a host with VT-x/AMD-V
+//! this runs directly; otherwise the binary re-runs itself inside the
+//! nested host (scripts/nested-host). It says which, and it never skips.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{
+    images, placement, reexec_nested, run_guest_retrying, rvm_bin, GuestRun, Images, Placement,
+};
+
+const DEADLINE: Duration = Duration::from_secs(420);
+
+struct Boot<'a> {
+    kernel: &'a std::path::Path,
+    cpus: u8,
+    mem_mib: u64,
+    extra_cmdline: &'a str,
+}
+
+fn boot(name: &str, img: &Images, b: Boot) -> GuestRun {
+    let cmdline = format!(
+        "{} quiet rvm.scenario=boot {}",
+        rvm::DEFAULT_CMDLINE,
+        b.extra_cmdline
+    );
+    let make = || {
+        let mut c = Command::new(rvm_bin());
+        c.arg("run")
+            .arg("--kernel")
+            .arg(b.kernel)
+            .arg("--initrd")
+            .arg(&img.initramfs)
+            .arg("--cmdline")
+            .arg(&cmdline)
+            .arg("--cpus")
+            .arg(b.cpus.to_string())
+            .arg("--mem")
+            .arg(format!("{}M", b.mem_mib));
+        c
+    };
+    run_guest_retrying(name, make, DEADLINE)
+}
+
+/// The guest reached /init, reported its CPUs and memory, and rebooted,
+/// which ended rvm with status 0.
+fn check_boot(run: &GuestRun, cpus: u8, mem_mib: u64) -> Result<(), String> {
+    let fail = |what: String| Err(format!("{what}\n{}", run.tail(40)));
+    match run.status {
+        None => return fail(format!("rvm did not exit within {DEADLINE:?}")),
+        Some(s) if !s.success() => return fail(format!("rvm exited with {s}")),
+        _ => {}
+    }
+    if run.marker_at.is_none() {
+        return fail("the guest never reached /init".into());
+    }
+    if !run.init_done() {
+        return fail("/init did not finish".into());
+    }
+    let got_cpus = run.result("cpus");
+    if got_cpus.as_deref() != Some(&cpus.to_string()) {
+        return fail(format!("guest saw cpus={got_cpus:?}, expected {cpus}"));
+    }
+    let online = run.result("cpus_online").unwrap_or_default();
+    let expect_online = if cpus == 1 {
+        "0".to_string()
+    } else {
+        format!("0-{}", cpus - 1)
+    };
+    if online != expect_online {
+        return fail(format!(
+            "guest has cpus_online={online:?}, expected {expect_online:?}"
+        ));
+    }
+    let mem_kib: u64 = run
+        .result("mem_total_kib")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // MemTotal excludes the kernel image and reserved areas: accept 80..100 %.
+    let want = mem_mib * 1024;
+    if mem_kib > want || mem_kib < want * 8 / 10 {
+        return fail(format!(
+            "guest MemTotal {mem_kib} KiB is not about {want} KiB"
+        ));
+    }
+    Ok(())
+}
+
+type Case = (&'static str, fn(&Images) -> Result<(), String>);
+
+fn cases() -> Vec<Case> {
+    vec![
+        ("minimal_kernel_boots_smp_and_reboots", |img| {
+            let run = boot(
+                "minimal_kernel_boots_smp_and_reboots",
+                img,
+                Boot {
+                    kernel: &img.minimal,
+                    cpus: 2,
+                    mem_mib: 256,
+                    extra_cmdline: "",
+                },
+            );
+            check_boot(&run, 2, 256)
+        }),
+        ("minimal_kernel_one_cpu_small_memory", |img| {
+            let run = boot(
+                "minimal_kernel_one_cpu_small_memory",
+                img,
+                Boot {
+                    kernel: &img.minimal,
+                    cpus: 1,
+                    mem_mib: 96,
+                    extra_cmdline: "",
+                },
+            );
+            check_boot(&run, 1, 96)
+        }),
+        ("minimal_kernel_memory_above_4g", |img| {
+            // 3.5 GiB: RAM continues above the 32-bit MMIO hole.
+            let run = boot(
+                "minimal_kernel_memory_above_4g",
+                img,
+                Boot {
+                    kernel: &img.minimal,
+                    cpus: 3,
+                    mem_mib: 3584,
+                    extra_cmdline: "",
+                },
+            );
+            check_boot(&run, 3, 3584)
+        }),
+        ("stock_kernel_boots_smp_and_reboots", |img| {
+            let run = boot(
+                "stock_kernel_boots_smp_and_reboots",
+                img,
+                Boot {
+                    kernel: &img.stock,
+                    cpus: 2,
+                    mem_mib: 512,
+                    extra_cmdline: "",
+                },
+            );
+            check_boot(&run, 2, 512)?;
+            let kernel = run.result("kernel").unwrap_or_default();
+            if !kernel.ends_with("-amd64") {
+                return Err(format!(
+                    "expected Debian's stock kernel, guest runs {kernel:?}"
+                ));
+            }
+            Ok(())
+        }),
+        ("stock_kernel_one_cpu", |img| {
+            let run = boot(
+                "stock_kernel_one_cpu",
+                img,
+                Boot {
+                    kernel: &img.stock,
+                    cpus: 1,
+                    mem_mib: 384,
+                    extra_cmdline: "",
+                },
+            );
+            check_boot(&run, 1, 384)
+        }),
+    ]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    if std::env::args().any(|a| a == "--list") {
+        for (name, _) in cases() {
+            println!("{name}: test");
+        }
+        return;
+    }
+    match placement() {
+        Placement::Direct(why) => println!("guest tests: running directly ({why})"),
+        Placement::Nested(why) => {
+            println!("guest tests: running inside the nested host ({why})");
+            reexec_nested(&["--mem", "6144"]);
+        }
+    }
+
+    let selected: Vec<Case> = cases()
+        .into_iter()
+        .filter(|(n, _)| args.is_empty() || args.iter().any(|a| n.contains(a.as_str())))
+        .collect();
+    println!("\nrunning {} tests", selected.len());
+    let img = images();
+    let (mut passed, mut failed) = (0, Vec::new());
+    for (name, f) in &selected {
+        let t = std::time::Instant::now();
+        let result = match &img {
+            Ok(img) => f(img),
+            Err(e) => Err(e.clone()),
+        };
+        match result {
+            Ok(()) => {
+                passed += 1;
+                println!("test {name} ... ok ({:.1} s)", t.elapsed().as_secs_f64());
+            }
+            Err(e) => {
+                println!(
+                    "test {name} ... FAILED ({:.1} s)\n{e}",
+                    t.elapsed().as_secs_f64()
+                );
+                failed.push(*name);
+            }
+        }
+    }
+    let verdict = if failed.is_empty() { "ok" } else { "FAILED" };
+    println!(
+        "\ntest result: {verdict}. {passed} passed; {} failed; 0 ignored; 0 measured; 0 filtered out",
+        failed.len()
+    );
+    if !failed.is_empty() {
+        println!("failures: {}", failed.join(", "));
+        std::process::exit(101);
+    }
+}
