@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{images, placement, reexec_nested, rvm_bin, run_with_deadline, GuestRun, Placement};
+use common::{images, placement, reexec_nested, run_with_deadline, rvm_bin, GuestRun, Placement};
 
 const DEADLINE: Duration = Duration::from_secs(300);
 const MEM_MIB: u64 = 256;
@@ -26,7 +26,13 @@ fn cmdline(reboot: &str) -> String {
 fn rvm_cmd(kernel: &Path, initrd: &Path) -> Command {
     let mut c = Command::new(rvm_bin());
     c.env("RVM_REPORT_RSS", "1")
-        .args(["run", "--mem", &MEM_MIB.to_string(), "--cmdline", &cmdline("k")])
+        .args([
+            "run",
+            "--mem",
+            &MEM_MIB.to_string(),
+            "--cmdline",
+            &cmdline("k"),
+        ])
         .arg("--kernel")
         .arg(kernel)
         .arg("--initrd")
@@ -38,10 +44,24 @@ fn qemu_cmd(kernel: &Path, initrd: &Path) -> Command {
     // microvm cannot reset through the keyboard controller: reboot=t.
     let mut c = Command::new("qemu-system-x86_64");
     c.args([
-        "-M", "microvm,x-option-roms=off,rtc=off",
-        "-enable-kvm", "-cpu", "host", "-smp", "1", "-m", &MEM_MIB.to_string(),
-        "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
-        "-append", &cmdline("t"),
+        "-M",
+        "microvm,x-option-roms=off,rtc=off",
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-smp",
+        "1",
+        "-m",
+        &MEM_MIB.to_string(),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-append",
+        &cmdline("t"),
     ])
     .arg("-kernel")
     .arg(kernel)
@@ -63,7 +83,10 @@ fn rss_overhead_kib(run: &GuestRun) -> Option<u64> {
     run.stderr
         .lines()
         .find_map(|l| l.strip_prefix("rvm-rss: "))
-        .and_then(|l| l.split_whitespace().find_map(|kv| kv.strip_prefix("overhead_kib=")))
+        .and_then(|l| {
+            l.split_whitespace()
+                .find_map(|kv| kv.strip_prefix("overhead_kib="))
+        })
         .and_then(|v| v.parse().ok())
 }
 
@@ -83,19 +106,44 @@ fn main() {
         eprintln!("{e}");
         std::process::exit(1)
     });
-    let runs: usize = std::env::var("RVM_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let runs: usize = std::env::var("RVM_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     println!("{runs} boots per VMM and kernel, {MEM_MIB} MiB, 1 vCPU; time = process start to 'rvm-init: start'");
     let mut failures = 0;
     for (label, kernel) in [("minimal", &img.minimal), ("stock", &img.stock)] {
         let (mut rvm_t, mut qemu_t, mut overhead) = (vec![], vec![], vec![]);
         // Interleave the two VMMs so drift in the nested host hits both alike.
         for i in 0..runs {
-            for (vmm, cmd) in [("rvm", rvm_cmd(kernel, &img.initramfs)), ("qemu", qemu_cmd(kernel, &img.initramfs))] {
-                let run = run_with_deadline(cmd, DEADLINE, "rvm-init: start");
+            for (vmm, cmd) in [
+                ("rvm", rvm_cmd(kernel, &img.initramfs)),
+                ("qemu", qemu_cmd(kernel, &img.initramfs)),
+            ] {
+                let mut run = run_with_deadline(cmd, DEADLINE, "rvm-init: start");
+                let mut retries = 0;
+                // The nested host's reset flake: the VMM exits 0 before /init.
+                while retries < common::MAX_FLAKE_RETRIES
+                    && std::env::var_os("RVM_NESTED").is_some()
+                    && run.status.is_some_and(|s| s.success())
+                    && run.marker_at.is_none()
+                {
+                    retries += 1;
+                    println!("  RETRY {retries}/{} {label} {vmm} run {i}: the guest reset before /init and the VMM exited 0 (known nested-host flake)", common::MAX_FLAKE_RETRIES);
+                    let cmd = if vmm == "rvm" {
+                        rvm_cmd(kernel, &img.initramfs)
+                    } else {
+                        qemu_cmd(kernel, &img.initramfs)
+                    };
+                    run = run_with_deadline(cmd, DEADLINE, "rvm-init: start");
+                }
                 match run.marker_at {
                     Some(t) => {
                         let ms = t.as_secs_f64() * 1000.0;
-                        println!("  {label:8} {vmm:5} run {i}: {ms:8.0} ms to /init, exit {:?}", run.status.and_then(|s| s.code()));
+                        println!(
+                            "  {label:8} {vmm:5} run {i}: {ms:8.0} ms to /init, exit {:?}",
+                            run.status.and_then(|s| s.code())
+                        );
                         if vmm == "rvm" {
                             rvm_t.push(ms);
                             if let Some(o) = rss_overhead_kib(&run) {
@@ -107,7 +155,10 @@ fn main() {
                     }
                     None => {
                         failures += 1;
-                        println!("  {label:8} {vmm:5} run {i}: no /init line\n{}", run.tail(15));
+                        println!(
+                            "  {label:8} {vmm:5} run {i}: no /init line\n{}",
+                            run.tail(15)
+                        );
                     }
                 }
             }

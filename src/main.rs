@@ -186,3 +186,56 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<VmConfig, String> {
+        let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
+        let Command::Run(a) = cli.command;
+        a.into_config()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&["rvm", "run", "--kernel", "/k"]).unwrap();
+        assert_eq!(c, VmConfig::new("/k"));
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn every_option() {
+        let c = parse(&[
+            "rvm",
+            "run",
+            "--kernel",
+            "/k",
+            "--initrd",
+            "/i",
+            "--cmdline",
+            "console=ttyS0 quiet",
+            "--cpus",
+            "4",
+            "--mem",
+            "2G",
+        ])
+        .unwrap();
+        assert_eq!(c.initrd.as_deref(), Some(std::path::Path::new("/i")));
+        assert_eq!(
+            (c.vcpus, c.mem_mib, c.cmdline.as_str()),
+            (4, 2048, "console=ttyS0 quiet")
+        );
+    }
+
+    #[test]
+    fn bad_arguments() {
+        assert!(parse(&["rvm", "run"]).unwrap_err().contains("--kernel"));
+        assert!(parse(&["rvm", "run", "--kernel", "/k", "--mem", "lots"]).is_err());
+        assert!(parse(&["rvm", "run", "--kernel", "/k", "--cpus", "-1"]).is_err());
+        assert!(parse(&["rvm", "run", "--kernel", "/k", "--cpus", "256"])
+            .unwrap_err()
+            .contains("254"));
+        assert!(parse(&["rvm", "run", "--kernel", "/k", "--bogus"]).is_err());
+    }
+}

@@ -91,6 +91,57 @@ fn check_boot(run: &GuestRun, cpus: u8, mem_mib: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// SIGTERM while the guest idles (its vCPUs halted inside KVM_RUN): rvm
+/// must kick every vCPU out, exit 0 promptly and say why.
+fn sigterm_stops_an_idle_guest(img: &Images) -> Result<(), String> {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut child = Command::new(rvm_bin())
+        .args(["run", "--cpus", "2", "--mem", "128M", "--cmdline"])
+        .arg(format!("{} quiet rvm.scenario=idle", rvm::DEFAULT_CMDLINE))
+        .arg("--kernel")
+        .arg(&img.minimal)
+        .arg("--initrd")
+        .arg(&img.initramfs)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let idle = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.contains("rvm-init: idle"));
+    if !idle {
+        let _ = child.kill();
+        return Err("the guest never reported idle".into());
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            let mut err = String::new();
+            use std::io::Read;
+            child.stderr.take().unwrap().read_to_string(&mut err).ok();
+            if !status.success() {
+                return Err(format!("rvm exited with {status} after SIGTERM: {err}"));
+            }
+            if !err.contains("terminating on signal 15") {
+                return Err(format!("rvm did not say why it stopped: {err:?}"));
+            }
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            return Err("rvm was still running 20 s after SIGTERM".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 type Case = (&'static str, fn(&Images) -> Result<(), String>);
 
 fn cases() -> Vec<Case> {
@@ -155,6 +206,7 @@ fn cases() -> Vec<Case> {
             }
             Ok(())
         }),
+        ("sigterm_stops_an_idle_guest", sigterm_stops_an_idle_guest),
         ("stock_kernel_one_cpu", |img| {
             let run = boot(
                 "stock_kernel_one_cpu",
