@@ -142,85 +142,73 @@ fn sigterm_stops_an_idle_guest(img: &Images) -> Result<(), String> {
     }
 }
 
-type Case = (&'static str, fn(&Images) -> Result<(), String>);
+type Case = (&'static str, Box<dyn Fn(&Images) -> Result<(), String>>);
+
+#[derive(Clone, Copy)]
+enum Kernel {
+    Minimal,
+    Stock,
+}
+
+/// Boot cases: name, kernel, vCPUs, memory in MiB.
+const BOOTS: &[(&str, Kernel, u8, u64)] = &[
+    (
+        "minimal_kernel_boots_smp_and_reboots",
+        Kernel::Minimal,
+        2,
+        256,
+    ),
+    (
+        "minimal_kernel_one_cpu_small_memory",
+        Kernel::Minimal,
+        1,
+        96,
+    ),
+    // 3.5 GiB: RAM continues above the 32-bit MMIO hole.
+    ("minimal_kernel_memory_above_4g", Kernel::Minimal, 3, 3584),
+    ("stock_kernel_boots_smp_and_reboots", Kernel::Stock, 2, 512),
+    ("stock_kernel_one_cpu", Kernel::Stock, 1, 384),
+];
+
+fn boot_case(name: &'static str, kernel: Kernel, cpus: u8, mem_mib: u64) -> Case {
+    let f = move |img: &Images| {
+        let path = match kernel {
+            Kernel::Minimal => &img.minimal,
+            Kernel::Stock => &img.stock,
+        };
+        let run = boot(
+            name,
+            img,
+            Boot {
+                kernel: path,
+                cpus,
+                mem_mib,
+                extra_cmdline: "",
+            },
+        );
+        check_boot(&run, cpus, mem_mib)?;
+        let release = run.result("kernel").unwrap_or_default();
+        // Debian's stock kernels are named like 6.1.0-56-amd64; ours is not.
+        if matches!(kernel, Kernel::Stock) != release.ends_with("-amd64") {
+            return Err(format!(
+                "the guest runs kernel {release:?}, not the one asked for"
+            ));
+        }
+        Ok(())
+    };
+    (name, Box::new(f))
+}
 
 fn cases() -> Vec<Case> {
-    vec![
-        ("minimal_kernel_boots_smp_and_reboots", |img| {
-            let run = boot(
-                "minimal_kernel_boots_smp_and_reboots",
-                img,
-                Boot {
-                    kernel: &img.minimal,
-                    cpus: 2,
-                    mem_mib: 256,
-                    extra_cmdline: "",
-                },
-            );
-            check_boot(&run, 2, 256)
-        }),
-        ("minimal_kernel_one_cpu_small_memory", |img| {
-            let run = boot(
-                "minimal_kernel_one_cpu_small_memory",
-                img,
-                Boot {
-                    kernel: &img.minimal,
-                    cpus: 1,
-                    mem_mib: 96,
-                    extra_cmdline: "",
-                },
-            );
-            check_boot(&run, 1, 96)
-        }),
-        ("minimal_kernel_memory_above_4g", |img| {
-            // 3.5 GiB: RAM continues above the 32-bit MMIO hole.
-            let run = boot(
-                "minimal_kernel_memory_above_4g",
-                img,
-                Boot {
-                    kernel: &img.minimal,
-                    cpus: 3,
-                    mem_mib: 3584,
-                    extra_cmdline: "",
-                },
-            );
-            check_boot(&run, 3, 3584)
-        }),
-        ("stock_kernel_boots_smp_and_reboots", |img| {
-            let run = boot(
-                "stock_kernel_boots_smp_and_reboots",
-                img,
-                Boot {
-                    kernel: &img.stock,
-                    cpus: 2,
-                    mem_mib: 512,
-                    extra_cmdline: "",
-                },
-            );
-            check_boot(&run, 2, 512)?;
-            let kernel = run.result("kernel").unwrap_or_default();
-            if !kernel.ends_with("-amd64") {
-                return Err(format!(
-                    "expected Debian's stock kernel, guest runs {kernel:?}"
-                ));
-            }
-            Ok(())
-        }),
-        ("sigterm_stops_an_idle_guest", sigterm_stops_an_idle_guest),
-        ("stock_kernel_one_cpu", |img| {
-            let run = boot(
-                "stock_kernel_one_cpu",
-                img,
-                Boot {
-                    kernel: &img.stock,
-                    cpus: 1,
-                    mem_mib: 384,
-                    extra_cmdline: "",
-                },
-            );
-            check_boot(&run, 1, 384)
-        }),
-    ]
+    let mut v: Vec<Case> = BOOTS
+        .iter()
+        .map(|&(n, k, c, m)| boot_case(n, k, c, m))
+        .collect();
+    v.push((
+        "sigterm_stops_an_idle_guest",
+        Box::new(sigterm_stops_an_idle_guest),
+    ));
+    v
 }
 
 fn main() {
@@ -238,7 +226,7 @@ fn main() {
         Placement::Direct(why) => println!("guest tests: running directly ({why})"),
         Placement::Nested(why) => {
             println!("guest tests: running inside the nested host ({why})");
-            reexec_nested(&["--mem", "6144"]);
+            reexec_nested(&["--mem", "6144", "--idle-timeout", "180"]);
         }
     }
 
