@@ -18,6 +18,8 @@ const COMMAND: u64 = 4;
 
 const STATUS_OUTPUT_FULL: u8 = 0x01;
 const STATUS_SYSTEM_FLAG: u8 = 0x04;
+/// Set means the keyboard is *not* inhibited by a key lock.
+const STATUS_UNLOCKED: u8 = 0x10;
 const CTR_KBD_INT: u8 = 0x01;
 const CTR_SYSTEM_FLAG: u8 = 0x04;
 const CTR_KBD_DISABLE: u8 = 0x10;
@@ -83,7 +85,7 @@ impl I8042 {
         } else {
             STATUS_OUTPUT_FULL
         };
-        full | STATUS_SYSTEM_FLAG
+        full | STATUS_SYSTEM_FLAG | STATUS_UNLOCKED
     }
 
     fn command(&mut self, cmd: u8) {
@@ -185,6 +187,11 @@ mod tests {
     fn linux_probe_sequence() {
         let (mut d, _) = dev();
         assert_eq!(rd(&mut d, COMMAND) & STATUS_OUTPUT_FULL, 0);
+        assert_ne!(
+            rd(&mut d, COMMAND) & STATUS_UNLOCKED,
+            0,
+            "no keylock warning in the guest"
+        );
         d.write(COMMAND, &[CMD_READ_CTR]);
         assert_eq!(rd(&mut d, COMMAND) & STATUS_OUTPUT_FULL, 1);
         let ctr = rd(&mut d, DATA);
