@@ -18,6 +18,7 @@ pub mod bus;
 pub mod config;
 pub mod devices;
 pub mod error;
+pub mod pci;
 pub mod vmm;
 
 pub use config::{parse_mem_size, VmConfig, DEFAULT_CMDLINE};

@@ -88,6 +88,14 @@ fn check_boot(run: &GuestRun, cpus: u8, mem_mib: u64) -> Result<(), String> {
             "guest MemTotal {mem_kib} KiB is not about {want} KiB"
         ));
     }
+    // The PCI root is reachable through 0xCF8/0xCFC: the guest enumerates
+    // exactly rvm's host bridge.
+    let pci = run.result("pci").unwrap_or_default();
+    if pci != "0000:00:00.0:0x8086:0x0d57" {
+        return fail(format!(
+            "guest PCI functions are {pci:?}, expected only the host bridge"
+        ));
+    }
     Ok(())
 }
 

@@ -25,6 +25,7 @@ use crate::devices::i8042::{self, I8042};
 use crate::devices::serial::{self, Console, SerialDevice, SerialInput};
 use crate::devices::IrqLine;
 use crate::error::{Error, Result};
+use crate::pci::{root, HostBridge, PciRoot};
 use vcpu::Vcpu;
 
 /// Where KVM puts the TSS and identity-map pages it needs on Intel: in the
@@ -130,6 +131,15 @@ impl Vm {
             Arc::new(Mutex::new(i8042)),
         )
         .map_err(|e| Error::Device(format!("i8042: {e}")))?;
+
+        let mut pci = PciRoot::new();
+        pci.add(Arc::new(Mutex::new(HostBridge::new())));
+        pio.insert(
+            root::CONFIG_ADDRESS_PORT,
+            root::PORT_LEN,
+            Arc::new(Mutex::new(pci)),
+        )
+        .map_err(|e| Error::Device(format!("PCI config ports: {e}")))?;
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
