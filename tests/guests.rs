@@ -172,10 +172,12 @@ const BOOTS: &[(&str, Kernel, u8, u64)] = &[
         1,
         96,
     ),
-    // 3.5 GiB: RAM continues above the 32-bit MMIO hole.
-    ("minimal_kernel_memory_above_4g", Kernel::Minimal, 3, 3584),
     ("stock_kernel_boots_smp_and_reboots", Kernel::Stock, 2, 512),
     ("stock_kernel_one_cpu", Kernel::Stock, 1, 384),
+    // 3.25 GiB: 256 MiB of RAM above the 32-bit MMIO hole. Last, and no
+    // larger than needed: the nested host twice hung on the guest started
+    // after a 3.5 GiB one.
+    ("minimal_kernel_memory_above_4g", Kernel::Minimal, 3, 3328),
 ];
 
 fn boot_case(name: &'static str, kernel: Kernel, cpus: u8, mem_mib: u64) -> Case {
