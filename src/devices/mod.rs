@@ -1,7 +1,9 @@
-//! Legacy platform devices a Linux guest expects on a PC.
+//! Device models: the legacy platform devices a Linux guest expects on a
+//! PC, and the NICs.
 
 pub mod i8042;
 pub mod serial;
+pub mod virtio_net;
 
 use vmm_sys_util::eventfd::EventFd;
 

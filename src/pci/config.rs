@@ -176,6 +176,16 @@ impl PciConfig {
         })
     }
 
+    /// The kind of BAR `index` (None for an absent BAR or an upper half).
+    pub fn bar_kind(&self, index: usize) -> Option<BarKind> {
+        self.bars
+            .get(index)
+            .copied()
+            .flatten()
+            .filter(|b| b.size > 0)
+            .map(|b| b.kind)
+    }
+
     pub fn bar_size(&self, index: usize) -> Option<u64> {
         self.bars
             .get(index)

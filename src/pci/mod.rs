@@ -2,9 +2,12 @@
 //! guest reaches through the 0xCF8/0xCFC configuration mechanism #1.
 //! Device models (virtio-pci, e1000) implement [`PciDevice`].
 
+pub mod alloc;
 pub mod config;
+pub mod msix;
 pub mod root;
 
+pub use alloc::PciAllocator;
 pub use config::{BarKind, PciConfig};
 pub use root::{PciRoot, CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT};
 
@@ -17,6 +20,16 @@ pub trait PciDevice: Send {
     /// A configuration write, after the config space applied it. Devices
     /// override this to react (for example to a BAR move or a command bit).
     fn config_written(&mut self, _offset: usize, _data: &[u8]) {}
+
+    /// A guest access inside BAR `bar`, at `offset` from its base.
+    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+
+    /// BAR `bar` now decodes at `addr` (None: it stopped decoding). Devices
+    /// with ioeventfds inside a BAR move them here.
+    fn bar_moved(&mut self, _bar: usize, _addr: Option<u64>) {}
 }
 
 /// The host bridge at 00:00.0: present so that Linux finds a PCI root.

@@ -1,10 +1,13 @@
 //! The root bus (bus 0) and configuration mechanism #1: the guest writes
 //! an address to 0xCF8 and reads or writes the dword at 0xCFC..0xCFF.
+//! The root also keeps every BAR mapped on the PIO or MMIO bus where the
+//! guest last programmed it, while the command register enables decoding.
 
 use std::sync::{Arc, Mutex};
 
+use super::config::{BarKind, BAR0, COMMAND, COMMAND_IO, COMMAND_MEMORY, NUM_BARS};
 use super::PciDevice;
-use crate::bus::BusDevice;
+use crate::bus::{Bus, BusDevice};
 
 pub const CONFIG_ADDRESS_PORT: u64 = 0xcf8;
 pub const CONFIG_DATA_PORT: u64 = 0xcfc;
@@ -13,60 +16,162 @@ pub const PORT_LEN: u64 = 8;
 pub const MAX_DEVICES: usize = 32;
 const ENABLE: u32 = 0x8000_0000;
 
+type SharedDevice = Arc<Mutex<dyn PciDevice>>;
+
+/// One BAR as a bus range: accesses go to the device with the BAR index.
+struct BarWindow {
+    dev: SharedDevice,
+    bar: usize,
+}
+
+impl BusDevice for BarWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let mut d = self.dev.lock().unwrap_or_else(|e| e.into_inner());
+        d.bar_read(self.bar, offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let mut d = self.dev.lock().unwrap_or_else(|e| e.into_inner());
+        d.bar_write(self.bar, offset, data);
+    }
+}
+
+struct Slot {
+    dev: SharedDevice,
+    /// Where each BAR is mapped on its bus now.
+    mapped: [Option<u64>; NUM_BARS],
+}
+
 /// Bus 0's functions by device number (function 0 only).
 pub struct PciRoot {
     address: u32,
-    devices: [Option<Arc<Mutex<dyn PciDevice>>>; MAX_DEVICES],
-}
-
-impl Default for PciRoot {
-    fn default() -> Self {
-        Self::new()
-    }
+    devices: [Option<Slot>; MAX_DEVICES],
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
 }
 
 impl PciRoot {
-    pub fn new() -> Self {
+    pub fn new(pio: Arc<Bus>, mmio: Arc<Bus>) -> Self {
         PciRoot {
             address: 0,
             devices: std::array::from_fn(|_| None),
+            pio,
+            mmio,
         }
     }
 
-    /// Plugs `dev` in at the lowest free device number and returns it.
-    pub fn add(&mut self, dev: Arc<Mutex<dyn PciDevice>>) -> Option<u8> {
+    /// Plugs `dev` in at the lowest free device number, with decoding on
+    /// for the kinds of BAR it has (as firmware leaves it), and returns
+    /// the device number.
+    pub fn add(&mut self, dev: SharedDevice) -> Option<u8> {
         let slot = self.devices.iter().position(Option::is_none)?;
-        self.devices[slot] = Some(dev);
+        {
+            let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+            let cfg = d.config_mut();
+            let mut command = cfg.command();
+            for i in 0..NUM_BARS {
+                match cfg.bar_kind(i) {
+                    Some(BarKind::Io) => command |= COMMAND_IO,
+                    Some(_) => command |= COMMAND_MEMORY,
+                    None => {}
+                }
+            }
+            cfg.set_bytes(COMMAND, &command.to_le_bytes());
+        }
+        self.devices[slot] = Some(Slot {
+            dev,
+            mapped: [None; NUM_BARS],
+        });
+        self.sync_bars(slot);
         Some(slot as u8)
     }
 
     /// The function the current address selects, and the register offset.
-    fn selected(&self, port_offset: u64) -> Option<(Arc<Mutex<dyn PciDevice>>, usize)> {
+    fn selected(&self, port_offset: u64) -> Option<(usize, usize)> {
         let a = self.address;
         let (bus, dev, func) = ((a >> 16) & 0xff, (a >> 11) & 0x1f, (a >> 8) & 0x7);
         if a & ENABLE == 0 || bus != 0 || func != 0 {
             return None;
         }
         let reg = (a & 0xfc) as usize + port_offset as usize;
-        self.devices[dev as usize].clone().map(|d| (d, reg))
+        self.devices[dev as usize]
+            .as_ref()
+            .map(|_| (dev as usize, reg))
     }
 
     pub fn config_read(&self, port_offset: u64, data: &mut [u8]) {
         match self.selected(port_offset) {
-            Some((dev, reg)) => dev
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .config()
-                .read(reg, data),
+            Some((slot, reg)) => self.devices[slot]
+                .as_ref()
+                .map(|s| s.dev.lock().unwrap_or_else(|e| e.into_inner()))
+                .map(|d| d.config().read(reg, data))
+                .unwrap_or(()),
             None => data.fill(0xff),
         }
     }
 
-    pub fn config_write(&self, port_offset: u64, data: &[u8]) {
-        if let Some((dev, reg)) = self.selected(port_offset) {
-            let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+    pub fn config_write(&mut self, port_offset: u64, data: &[u8]) {
+        let Some((slot, reg)) = self.selected(port_offset) else {
+            return;
+        };
+        if let Some(s) = &self.devices[slot] {
+            let mut d = s.dev.lock().unwrap_or_else(|e| e.into_inner());
             d.config_mut().write(reg, data);
             d.config_written(reg, data);
+        }
+        let end = reg + data.len();
+        let touches = |lo: usize, hi: usize| reg < hi && end > lo;
+        if touches(COMMAND, COMMAND + 2) || touches(BAR0, BAR0 + 4 * NUM_BARS) {
+            self.sync_bars(slot);
+        }
+    }
+
+    /// Maps each BAR of `slot` where its register says, if its kind of
+    /// decoding is enabled; unmaps it otherwise. A BAR the guest points at
+    /// a range that is taken stays unmapped (and the guest sees all-ones).
+    fn sync_bars(&mut self, slot: usize) {
+        let Some(s) = self.devices[slot].as_mut() else {
+            return;
+        };
+        let mut dev = s.dev.lock().unwrap_or_else(|e| e.into_inner());
+        for bar in 0..NUM_BARS {
+            let cfg = dev.config();
+            let (Some(kind), Some(size)) = (cfg.bar_kind(bar), cfg.bar_size(bar)) else {
+                continue;
+            };
+            let enabled = match kind {
+                BarKind::Io => cfg.command() & COMMAND_IO != 0,
+                _ => cfg.command() & COMMAND_MEMORY != 0,
+            };
+            let limit = if kind == BarKind::Io {
+                1 << 16
+            } else {
+                u64::MAX
+            };
+            let want = cfg
+                .bar_addr(bar)
+                .filter(|a| enabled && *a != 0 && a.checked_add(size).is_some_and(|e| e <= limit));
+            if want == s.mapped[bar] {
+                continue;
+            }
+            let bus = if kind == BarKind::Io {
+                &self.pio
+            } else {
+                &self.mmio
+            };
+            if let Some(old) = s.mapped[bar].take() {
+                bus.remove(old);
+            }
+            if let Some(addr) = want {
+                let window = Arc::new(Mutex::new(BarWindow {
+                    dev: s.dev.clone(),
+                    bar,
+                }));
+                match bus.insert(addr, size, window) {
+                    Ok(()) => s.mapped[bar] = Some(addr),
+                    Err(e) => log::warn!("PCI 00:{slot:02x}.0 BAR {bar}: {e}; left unmapped"),
+                }
+            }
+            dev.bar_moved(bar, s.mapped[bar]);
         }
     }
 }
@@ -98,13 +203,17 @@ mod tests {
     use super::*;
     use crate::pci::HostBridge;
 
+    fn root() -> PciRoot {
+        PciRoot::new(Arc::new(Bus::new()), Arc::new(Bus::new()))
+    }
+
     fn addr(dev: u32, reg: u32) -> [u8; 4] {
         (ENABLE | (dev << 11) | reg).to_le_bytes()
     }
 
     #[test]
     fn host_bridge_at_00_0_and_nothing_else() {
-        let mut root = PciRoot::new();
+        let mut root = root();
         assert_eq!(root.add(Arc::new(Mutex::new(HostBridge::new()))), Some(0));
         let mut d = [0u8; 4];
         root.write(0, &addr(0, 0));
@@ -135,7 +244,7 @@ mod tests {
 
     #[test]
     fn writes_reach_the_device_through_its_mask() {
-        let mut root = PciRoot::new();
+        let mut root = root();
         let hb = Arc::new(Mutex::new(HostBridge::new()));
         root.add(hb.clone());
         root.write(0, &addr(0, 0x3c));
@@ -153,7 +262,7 @@ mod tests {
 
     #[test]
     fn bus_is_full_after_32_devices() {
-        let mut root = PciRoot::new();
+        let mut root = root();
         for i in 0..32 {
             assert_eq!(root.add(Arc::new(Mutex::new(HostBridge::new()))), Some(i));
         }

@@ -2,6 +2,7 @@
 //! controllers and PIT, legacy devices on the buses, and one thread per vCPU.
 
 pub mod exit;
+pub mod irq;
 pub mod memory;
 pub mod rss;
 pub mod vcpu;
@@ -132,7 +133,7 @@ impl Vm {
         )
         .map_err(|e| Error::Device(format!("i8042: {e}")))?;
 
-        let mut pci = PciRoot::new();
+        let mut pci = PciRoot::new(pio.clone(), mmio.clone());
         pci.add(Arc::new(Mutex::new(HostBridge::new())));
         pio.insert(
             root::CONFIG_ADDRESS_PORT,

@@ -36,6 +36,9 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 1 << 32;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+/// Where PCI memory BARs are placed: the hole up to the IOAPIC.
+pub const PCI_MMIO_START: u64 = MMIO_HOLE_START;
+pub const PCI_MMIO_END: u64 = IOAPIC_ADDR as u64;
 pub const APIC_DEFAULT_PHYS_BASE: u32 = 0xfee0_0000;
 
 // The stack grows down from between boot_params and the page tables, and

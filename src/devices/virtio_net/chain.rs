@@ -1,0 +1,143 @@
+//! Turning a descriptor chain into iovecs over guest memory, refusing
+//! anything a well-behaved driver would not post. Everything here is
+//! guest-controlled: addresses, lengths, flags, next pointers.
+
+use virtio_queue::DescriptorChain;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+
+/// readv/writev take at most this many segments (UIO_MAXIOV).
+pub const MAX_IOV: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    #[error("a descriptor has the wrong direction")]
+    WrongDirection,
+    #[error("a descriptor has length 0")]
+    ZeroLength,
+    #[error("a buffer lies outside guest memory")]
+    OutOfMemory,
+    #[error("the chain has more than {MAX_IOV} buffers")]
+    TooManySegments,
+    #[error("the chain is empty, loops or points outside its table")]
+    Broken,
+    #[error("the chain is shorter than the virtio-net header")]
+    TooShort,
+}
+
+/// A guest buffer: where it is in the guest and in rvm.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment {
+    pub gpa: u64,
+    pub iov: libc::iovec,
+}
+
+// SAFETY: an iovec is a pointer into guest memory that stays mapped while
+// the worker holds its GuestMemoryMmap; it is only handed to readv/writev.
+unsafe impl Send for Segment {}
+
+/// Appends the chain's buffers to `out`; all must be device-writable
+/// (`writable`) or all device-readable. Returns the chain's total length.
+/// On error `out` is left as it was.
+pub fn collect(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    writable: bool,
+    out: &mut Vec<Segment>,
+) -> Result<u32, ChainError> {
+    let start = out.len();
+    let r = collect_inner(chain, mem, writable, out);
+    if r.is_err() {
+        out.truncate(start);
+    }
+    r
+}
+
+fn collect_inner(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    writable: bool,
+    out: &mut Vec<Segment>,
+) -> Result<u32, ChainError> {
+    let mut total: u32 = 0;
+    let mut count = 0usize;
+    let mut more = false;
+    for d in chain {
+        count += 1;
+        more = d.has_next();
+        if d.is_write_only() != writable {
+            return Err(ChainError::WrongDirection);
+        }
+        if d.len() == 0 {
+            return Err(ChainError::ZeroLength);
+        }
+        if out.len() >= MAX_IOV {
+            return Err(ChainError::TooManySegments);
+        }
+        let slice = mem
+            .get_slice(d.addr(), d.len() as usize)
+            .map_err(|_| ChainError::OutOfMemory)?;
+        out.push(Segment {
+            gpa: d.addr().0,
+            iov: libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: d.len() as usize,
+            },
+        });
+        // The chain iterator already refuses chains over 4 GiB in total.
+        total = total.saturating_add(d.len());
+    }
+    // The iterator stops silently on a loop (its TTL runs out), a next
+    // index outside the table or an unreadable descriptor: in each case the
+    // last descriptor it gave still says there is more.
+    if count == 0 || more {
+        return Err(ChainError::Broken);
+    }
+    Ok(total)
+}
+
+/// Writes `bytes` at byte `offset` of the buffer the segments describe.
+/// Returns false if the buffer is too short.
+pub fn write_at(mem: &GuestMemoryMmap, segs: &[Segment], offset: usize, bytes: &[u8]) -> bool {
+    use vm_memory::{Bytes, GuestAddress};
+    let mut skip = offset;
+    let mut rest = bytes;
+    for s in segs {
+        if rest.is_empty() {
+            break;
+        }
+        if skip >= s.iov.iov_len {
+            skip -= s.iov.iov_len;
+            continue;
+        }
+        let n = (s.iov.iov_len - skip).min(rest.len());
+        if mem
+            .write_slice(&rest[..n], GuestAddress(s.gpa + skip as u64))
+            .is_err()
+        {
+            return false;
+        }
+        rest = &rest[n..];
+        skip = 0;
+    }
+    rest.is_empty()
+}
+
+/// Copies the iovecs of `segs` into `iov` with the first `skip` bytes left
+/// out (for a backend without a vnet header). Returns false if the buffer
+/// is not longer than `skip`.
+pub fn iovecs_skipping(segs: &[Segment], skip: usize, iov: &mut Vec<libc::iovec>) -> bool {
+    iov.clear();
+    let mut skip = skip;
+    for s in segs {
+        if skip >= s.iov.iov_len {
+            skip -= s.iov.iov_len;
+            continue;
+        }
+        iov.push(libc::iovec {
+            iov_base: s.iov.iov_base.cast::<u8>().wrapping_add(skip).cast(),
+            iov_len: s.iov.iov_len - skip,
+        });
+        skip = 0;
+    }
+    skip == 0 && !iov.is_empty()
+}

@@ -1,0 +1,62 @@
+//! The control queue: the driver's commands (RX mode, MAC filters) are
+//! read and acknowledged. A TAP delivers everything on the bridge's
+//! segment to rvm anyway; filtering would not make the guest faster.
+
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::stats::bump;
+use super::worker::{drain, Worker, SIGNAL_CTRL};
+
+const CLASS_RX: u8 = 0;
+const CLASS_MAC: u8 = 1;
+const OK: u8 = 0;
+const ERR: u8 = 1;
+
+impl Worker {
+    pub(super) fn process_ctrl(&mut self) {
+        let Some(ctrl) = self.ctrl.as_mut() else {
+            return;
+        };
+        let stats = &self.stats;
+        let mut used = false;
+        drain(&self.mem, &mut ctrl.queue, |q, mem| {
+            let Some(c) = q.pop_descriptor_chain(mem) else {
+                return false;
+            };
+            let head = c.head_index();
+            // Readable part: class, command, data. Writable part: the ack.
+            let mut class = None;
+            let mut ack_at = None;
+            for d in c {
+                if d.is_write_only() {
+                    ack_at.get_or_insert(d.addr());
+                } else if class.is_none() {
+                    class = mem.read_obj::<u8>(d.addr()).ok();
+                }
+            }
+            let mut len = 0;
+            match (class, ack_at) {
+                (Some(class), Some(at)) => {
+                    let ack = if matches!(class, CLASS_RX | CLASS_MAC) {
+                        OK
+                    } else {
+                        ERR
+                    };
+                    if mem.write_obj(ack, GuestAddress(at.0)).is_ok() {
+                        len = 1;
+                    }
+                }
+                _ => bump(&stats.malformed, 1),
+            }
+            if q.add_used(mem, head, len).is_err() {
+                return false;
+            }
+            used = true;
+            true
+        });
+        if used {
+            self.signal(SIGNAL_CTRL);
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Host to guest: one readv from the backend straight into the guest's RX
+//! buffers. We cannot know a frame's size before reading it, so RX chains
+//! are popped ahead into a pool: one chain per frame, or, with merged
+//! buffers, as many as the largest possible frame needs. Chains a frame
+//! did not fill stay in the pool for the next one.
+
+use std::io::ErrorKind;
+
+use virtio_queue::QueueT;
+
+use super::chain::{self, MAX_IOV};
+use super::stats::bump;
+use super::worker::{Worker, SIGNAL_RX};
+use super::HDR_LEN;
+
+/// Most chains kept popped at once.
+const MAX_POOL_CHAINS: usize = 64;
+
+impl Worker {
+    pub(super) fn process_rx(&mut self) {
+        let mut used = false;
+        while self.tap_readable {
+            used |= self.refill_pool();
+            if self.pool.chains.is_empty() {
+                // No buffers: wait for the driver's kick (enable_notification
+                // in refill_pool asked for one).
+                break;
+            }
+            match self.read_frame() {
+                Ok(()) => used = true,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => self.tap_readable = false,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Typically a frame larger than the buffers (EFAULT or
+                    // EMSGSIZE): the kernel dropped it. Go on with the next.
+                    bump(&self.stats.rx_dropped, 1);
+                    log::debug!("virtio-net: RX read failed: {e}");
+                    if e.raw_os_error() == Some(libc::EBADFD) || e.raw_os_error() == Some(libc::EIO)
+                    {
+                        // The TAP went away or down: wait for the next event.
+                        self.tap_readable = false;
+                    }
+                }
+            }
+        }
+        if used {
+            self.signal(SIGNAL_RX);
+        }
+    }
+
+    /// How many bytes of buffers to hold before reading a frame.
+    fn wanted(&self) -> u64 {
+        if self.mergeable {
+            self.max_frame as u64
+        } else {
+            1 // any one chain
+        }
+    }
+
+    /// Pops RX chains until the pool can hold the largest frame; refuses
+    /// malformed ones. Returns true if anything went to the used ring.
+    fn refill_pool(&mut self) -> bool {
+        let mut used = false;
+        let want = self.wanted();
+        let q = &mut self.rx.queue;
+        let mem = &self.mem;
+        loop {
+            while self.pool.bytes < want && self.pool.chains.len() < MAX_POOL_CHAINS {
+                let Some(c) = q.pop_descriptor_chain(mem) else {
+                    break;
+                };
+                let head = c.head_index();
+                self.segs.clear();
+                match chain::collect(c, mem, true, &mut self.segs) {
+                    Ok(len) if len as usize > HDR_LEN => {
+                        if self.pool.segs.len() + self.segs.len() > MAX_IOV {
+                            Worker::unpop(q, 1);
+                            break;
+                        }
+                        self.pool.chains.push_back((head, len, self.segs.len()));
+                        self.pool.segs.extend(self.segs.iter().copied());
+                        self.pool.bytes += u64::from(len);
+                    }
+                    r => {
+                        let why = r.map_or_else(|e| e.to_string(), |_| "too short".into());
+                        log::debug!("virtio-net: RX chain {head} refused: {why}");
+                        bump(&self.stats.malformed, 1);
+                        if q.add_used(mem, head, 0).is_ok() {
+                            used = true;
+                        }
+                    }
+                }
+            }
+            if !self.pool.chains.is_empty() {
+                return used;
+            }
+            // Empty: ask for a kick, unless buffers arrived meanwhile.
+            match q.enable_notification(mem) {
+                Ok(true) => continue,
+                _ => return used,
+            }
+        }
+    }
+
+    /// Reads one frame into the pool's first chain(s) and hands them to
+    /// the driver.
+    fn read_frame(&mut self) -> std::io::Result<()> {
+        let segs = self.pool.segs.make_contiguous();
+        let nsegs = if self.mergeable {
+            segs.len()
+        } else {
+            self.pool.chains.front().map_or(0, |c| c.2)
+        };
+        let segs = &segs[..nsegs];
+        let vnet = self.backend.vnet_hdr();
+        // The backend writes the header itself, or we do and it writes after it.
+        let skip = if vnet { 0 } else { HDR_LEN };
+        if !chain::iovecs_skipping(segs, skip, &mut self.iov) {
+            return Err(std::io::Error::from(ErrorKind::InvalidData));
+        }
+        let n = self.backend.readv(&self.iov)? + skip;
+
+        // Which chains the frame filled, and how much of each.
+        let mut rest = n as u64;
+        let mut chains = 0u16;
+        for &(_, len, _) in &self.pool.chains {
+            if rest == 0 {
+                break;
+            }
+            rest = rest.saturating_sub(u64::from(len));
+            chains += 1;
+            if !self.mergeable {
+                break;
+            }
+        }
+        let first_segs = self.pool.chains.front().map_or(0, |c| c.2);
+        let mut hdr = [0u8; HDR_LEN];
+        let written = if vnet {
+            // num_buffers, after the 10 bytes the TAP wrote.
+            chain::write_at(&self.mem, &segs[..first_segs], 10, &chains.to_le_bytes())
+        } else {
+            hdr[10..12].copy_from_slice(&chains.to_le_bytes());
+            chain::write_at(&self.mem, &segs[..first_segs], 0, &hdr)
+        };
+        if !written {
+            bump(&self.stats.rx_dropped, 1);
+        }
+
+        let mut rest = n as u64;
+        for _ in 0..chains {
+            let Some((head, len, nsegs)) = self.pool.chains.pop_front() else {
+                break;
+            };
+            self.pool.segs.drain(..nsegs);
+            self.pool.bytes -= u64::from(len);
+            let filled = rest.min(u64::from(len));
+            rest -= filled;
+            let _ = self.rx.queue.add_used(&self.mem, head, filled as u32);
+        }
+        bump(&self.stats.rx_frames, 1);
+        bump(&self.stats.rx_bytes, (n - HDR_LEN.min(n)) as u64);
+        Ok(())
+    }
+}

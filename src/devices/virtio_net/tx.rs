@@ -1,0 +1,67 @@
+//! Guest to host: each TX chain is a virtio-net header and a frame; both go
+//! to the backend with one writev straight from guest memory.
+
+use virtio_queue::QueueT;
+
+use super::chain::{self, ChainError};
+use super::stats::bump;
+use super::worker::{drain, Worker, SIGNAL_TX};
+use super::HDR_LEN;
+
+impl Worker {
+    pub(super) fn process_tx(&mut self) {
+        let mut used = false;
+        let strip = !self.backend.vnet_hdr();
+        let (backend, stats, segs, iov) =
+            (&self.backend, &self.stats, &mut self.segs, &mut self.iov);
+        drain(&self.mem, &mut self.tx.queue, |q, mem| {
+            let Some(c) = q.pop_descriptor_chain(mem) else {
+                return false;
+            };
+            let head = c.head_index();
+            segs.clear();
+            let frame = chain::collect(c, mem, false, segs).and_then(|len| {
+                if (len as usize) < HDR_LEN {
+                    return Err(ChainError::TooShort);
+                }
+                Ok(len)
+            });
+            match frame {
+                Ok(len) => {
+                    // Without a vnet header on the TAP the header stays behind.
+                    let skip = if strip { HDR_LEN } else { 0 };
+                    let wrote = if chain::iovecs_skipping(segs, skip, iov) {
+                        backend.writev(iov)
+                    } else {
+                        Ok(0) // a header and nothing after it: nothing to send
+                    };
+                    match wrote {
+                        Ok(_) => {
+                            bump(&stats.tx_frames, 1);
+                            bump(&stats.tx_bytes, u64::from(len) - HDR_LEN as u64);
+                        }
+                        Err(e) => {
+                            // A full TAP queue or a header the host refused:
+                            // the frame is lost, as on a wire.
+                            bump(&stats.tx_dropped, 1);
+                            log::debug!("virtio-net: TX frame dropped: {e}");
+                        }
+                    }
+                }
+                Err(e) => {
+                    bump(&stats.malformed, 1);
+                    log::debug!("virtio-net: TX chain {head} refused: {e}");
+                }
+            }
+            // TX buffers are only read: the used length is 0.
+            if q.add_used(mem, head, 0).is_err() {
+                return false;
+            }
+            used = true;
+            true
+        });
+        if used {
+            self.signal(SIGNAL_TX);
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! The NIC's thread: one event loop (event-manager) per activated device,
+//! woken by the TAP becoming readable and by the guest's queue kicks.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::chain::Segment;
+use super::features::{CTRL_VQ, GUEST_TSO4, GUEST_TSO6, MRG_RXBUF};
+use super::stats::NetStats;
+use crate::net::backend::NetBackend;
+use crate::virtio::{Activation, Interrupt};
+
+const TAP: u32 = 0;
+const RX_KICK: u32 = 1;
+const TX_KICK: u32 = 2;
+const CTRL_KICK: u32 = 3;
+const STOP: u32 = 4;
+
+/// VRING_AVAIL_F_NO_INTERRUPT: the driver asks not to be interrupted.
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+pub(super) struct QueueCtx {
+    pub queue: Queue,
+    pub kick: EventFd,
+    pub vector: u16,
+}
+
+/// RX buffers popped from the queue and not yet filled, in ring order.
+#[derive(Default)]
+pub(super) struct RxPool {
+    /// (head index, total length, number of segments) per chain.
+    pub chains: VecDeque<(u16, u32, usize)>,
+    pub segs: VecDeque<Segment>,
+    pub bytes: u64,
+}
+
+pub struct Worker {
+    pub(super) mem: GuestMemoryMmap,
+    pub(super) rx: QueueCtx,
+    pub(super) tx: QueueCtx,
+    pub(super) ctrl: Option<QueueCtx>,
+    pub(super) interrupt: Arc<dyn Interrupt>,
+    pub(super) backend: Arc<dyn NetBackend>,
+    pub(super) stats: Arc<NetStats>,
+    pub(super) stop: EventFd,
+    pub(super) stopped: bool,
+    /// The TAP may have frames we have not read (edge-triggered epoll).
+    pub(super) tap_readable: bool,
+    pub(super) mergeable: bool,
+    /// The largest frame (with header) the backend can hand us.
+    pub(super) max_frame: usize,
+    pub(super) pool: RxPool,
+    /// Scratch space reused for every frame: no allocation per frame.
+    pub(super) segs: Vec<Segment>,
+    pub(super) iov: Vec<libc::iovec>,
+}
+
+// SAFETY: the iovecs in `iov` point into guest memory that `mem` keeps
+// mapped; the worker is the only user of them once moved to its thread.
+unsafe impl Send for Worker {}
+
+impl Worker {
+    pub fn new(
+        a: Activation,
+        backend: Arc<dyn NetBackend>,
+        stats: Arc<NetStats>,
+        stop: EventFd,
+    ) -> Self {
+        let mut queues = a.queues.into_iter().map(|q| QueueCtx {
+            queue: q.queue,
+            kick: q.kick,
+            vector: q.vector,
+        });
+        // The device checked the count (2, or 3 with CTRL_VQ) before this.
+        let (rx, tx) = (queues.next(), queues.next());
+        let ctrl = if a.features & CTRL_VQ != 0 {
+            queues.next()
+        } else {
+            None
+        };
+        let big = a.features & (GUEST_TSO4 | GUEST_TSO6) != 0;
+        Worker {
+            mem: a.mem,
+            rx: rx.expect("virtio-net activated without an RX queue"),
+            tx: tx.expect("virtio-net activated without a TX queue"),
+            ctrl,
+            interrupt: a.interrupt,
+            backend,
+            stats,
+            stop,
+            stopped: false,
+            tap_readable: true,
+            mergeable: a.features & MRG_RXBUF != 0,
+            // A GSO frame is up to 64 KiB of IP plus Ethernet and VLAN.
+            max_frame: super::HDR_LEN + if big { 65_550 } else { 9_018 },
+            pool: RxPool::default(),
+            segs: Vec::with_capacity(super::chain::MAX_IOV),
+            iov: Vec::with_capacity(super::chain::MAX_IOV),
+        }
+    }
+
+    /// Runs the event loop until the device is reset or the VM stops.
+    pub fn run(self) {
+        let mut em = match EventManager::<Worker>::new() {
+            Ok(em) => em,
+            Err(e) => {
+                log::error!("virtio-net: no event loop: {e:?}");
+                return;
+            }
+        };
+        let id = em.add_subscriber(self);
+        loop {
+            if let Err(e) = em.run() {
+                log::error!("virtio-net: event loop failed: {e:?}");
+                break;
+            }
+            if em.subscriber_mut(id).map_or(true, |w| w.stopped) {
+                break;
+            }
+        }
+    }
+
+    /// Whether the driver wants an interrupt for what was just used.
+    pub(super) fn should_interrupt(mem: &GuestMemoryMmap, q: &mut Queue) -> bool {
+        if q.event_idx_enabled() {
+            return q.needs_notification(mem).unwrap_or(true);
+        }
+        let flags: u16 = mem.read_obj(GuestAddress(q.avail_ring())).unwrap_or(0);
+        flags & AVAIL_F_NO_INTERRUPT == 0
+    }
+
+    pub(super) fn signal(&mut self, which: u32) {
+        let ctx = match which {
+            RX_KICK => &mut self.rx,
+            TX_KICK => &mut self.tx,
+            _ => match self.ctrl.as_mut() {
+                Some(c) => c,
+                None => return,
+            },
+        };
+        if Self::should_interrupt(&self.mem, &mut ctx.queue) {
+            self.interrupt.queue(ctx.vector);
+        }
+    }
+
+    /// Puts back `n` chains popped but not consumed: the driver cannot
+    /// tell, as nothing was written to the used ring.
+    pub(super) fn unpop(q: &mut Queue, n: u16) {
+        q.set_next_avail(q.next_avail().wrapping_sub(n));
+    }
+}
+
+pub(super) const SIGNAL_RX: u32 = RX_KICK;
+pub(super) const SIGNAL_TX: u32 = TX_KICK;
+pub(super) const SIGNAL_CTRL: u32 = CTRL_KICK;
+
+impl MutEventSubscriber for Worker {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut add = |fd: &dyn std::os::fd::AsRawFd, data, set| {
+            if let Err(e) = ops.add(Events::with_data_raw(fd.as_raw_fd(), data, set)) {
+                log::error!("virtio-net: cannot watch fd {}: {e:?}", fd.as_raw_fd());
+            }
+        };
+        add(&*self.backend, TAP, EventSet::IN | EventSet::EDGE_TRIGGERED);
+        add(&self.rx.kick, RX_KICK, EventSet::IN);
+        add(&self.tx.kick, TX_KICK, EventSet::IN);
+        if let Some(c) = &self.ctrl {
+            add(&c.kick, CTRL_KICK, EventSet::IN);
+        }
+        add(&self.stop, STOP, EventSet::IN);
+        // Frames may have been queued before the driver came up.
+        self.process_tx();
+        self.process_rx();
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            TAP => {
+                self.tap_readable = true;
+                self.process_rx();
+            }
+            RX_KICK => {
+                let _ = self.rx.kick.read();
+                self.process_rx();
+            }
+            TX_KICK => {
+                let _ = self.tx.kick.read();
+                self.process_tx();
+            }
+            CTRL_KICK => {
+                if let Some(c) = &self.ctrl {
+                    let _ = c.kick.read();
+                }
+                self.process_ctrl();
+            }
+            STOP => {
+                let _ = self.stop.read();
+                self.stopped = true;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Drains a queue's chains with notifications off, then re-enables them
+/// and goes again if the driver added more meanwhile (the event-idx
+/// protocol; also correct without event idx).
+pub(super) fn drain<F>(mem: &GuestMemoryMmap, q: &mut Queue, mut each: F)
+where
+    F: FnMut(&mut Queue, &GuestMemoryMmap) -> bool,
+{
+    loop {
+        let _ = q.disable_notification(mem);
+        while each(q, mem) {}
+        match q.enable_notification(mem) {
+            Ok(true) => continue,
+            _ => break,
+        }
+    }
+}
