@@ -3,6 +3,7 @@
 //! and the status machine; the device owns what the queues carry.
 
 pub mod pci;
+pub mod sim;
 
 use std::sync::Arc;
 

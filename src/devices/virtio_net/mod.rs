@@ -13,6 +13,8 @@ pub mod chain;
 pub mod ctrl;
 pub mod rx;
 pub mod stats;
+#[cfg(test)]
+mod tests;
 pub mod tx;
 pub mod worker;
 
