@@ -432,6 +432,12 @@ impl VirtioPciDevice {
             .store(NO_VECTOR, Ordering::Release);
     }
 
+    /// Stops the device for good (the VM is ending).
+    pub fn shutdown(&mut self) {
+        self.device.reset();
+        self.move_ioeventfds(None);
+    }
+
     fn notify(&mut self, offset: u64) {
         // Reached only when no ioeventfd caught the write.
         let q = offset / NOTIFY_MULTIPLIER;

@@ -24,9 +24,14 @@ use crate::bus::Bus;
 use crate::config::VmConfig;
 use crate::devices::i8042::{self, I8042};
 use crate::devices::serial::{self, Console, SerialDevice, SerialInput};
+use crate::devices::virtio_net::{NetParams, NetStats, VirtioNet};
 use crate::devices::IrqLine;
 use crate::error::{Error, Result};
-use crate::pci::{root, HostBridge, PciRoot};
+use crate::net::backend::NetBackend;
+use crate::pci::msix::{MsixTable, MsixVectors};
+use crate::pci::{root, BarKind, HostBridge, PciAllocator, PciRoot};
+use crate::virtio::pci::{self as virtio_pci, VirtioPciDevice};
+use irq::GsiRouter;
 use vcpu::Vcpu;
 
 /// Where KVM puts the TSS and identity-map pages it needs on Intel: in the
@@ -45,6 +50,16 @@ pub struct Vm {
     exit: Arc<ExitSignal>,
     serial: Arc<Mutex<SerialDevice>>,
     vcpu_count: usize,
+    pci: Arc<Mutex<PciRoot>>,
+    pci_alloc: PciAllocator,
+    gsi: Arc<GsiRouter>,
+    nics: Vec<NicHandle>,
+}
+
+/// A NIC plugged into the VM: its counters and the device to stop at exit.
+struct NicHandle {
+    stats: Arc<NetStats>,
+    device: Arc<Mutex<VirtioPciDevice>>,
 }
 
 impl Vm {
@@ -85,7 +100,7 @@ impl Vm {
             )));
         }
 
-        let fd = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+        let fd = Arc::new(kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?);
         fd.set_tss_address(KVM_TSS_ADDR)
             .map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
@@ -135,12 +150,9 @@ impl Vm {
 
         let mut pci = PciRoot::new(pio.clone(), mmio.clone());
         pci.add(Arc::new(Mutex::new(HostBridge::new())));
-        pio.insert(
-            root::CONFIG_ADDRESS_PORT,
-            root::PORT_LEN,
-            Arc::new(Mutex::new(pci)),
-        )
-        .map_err(|e| Error::Device(format!("PCI config ports: {e}")))?;
+        let pci = Arc::new(Mutex::new(pci));
+        pio.insert(root::CONFIG_ADDRESS_PORT, root::PORT_LEN, pci.clone())
+            .map_err(|e| Error::Device(format!("PCI config ports: {e}")))?;
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -162,7 +174,8 @@ impl Vm {
 
         Ok(Vm {
             _kvm: kvm,
-            fd: Arc::new(fd),
+            gsi: Arc::new(GsiRouter::new(fd.clone())),
+            fd,
             memory,
             vcpu_count: vcpus.len(),
             vcpus,
@@ -170,7 +183,58 @@ impl Vm {
             mmio,
             exit,
             serial,
+            pci,
+            pci_alloc: PciAllocator::new(),
+            nics: Vec::new(),
         })
+    }
+
+    /// Plugs a virtio-net-pci NIC whose frames go to and come from
+    /// `backend`. Returns its counters. Call before [`Vm::start`].
+    pub fn add_virtio_net(
+        &mut self,
+        backend: Arc<dyn NetBackend>,
+        mac: [u8; 6],
+        mtu: u16,
+    ) -> Result<Arc<NetStats>> {
+        let index = self.nics.len();
+        let net = VirtioNet::new(
+            NetParams {
+                mac,
+                mtu,
+                name: format!("net{index}"),
+            },
+            backend,
+        );
+        let stats = net.stats();
+        // One vector per queue and one for configuration changes.
+        let vectors = (0..=crate::devices::virtio_net::QUEUE_SIZES.len())
+            .map(|_| self.gsi.msi_irqfd())
+            .collect::<Result<Vec<_>>>()?;
+        let msix = MsixTable::new(Arc::new(MsixVectors::new(vectors)), self.gsi.clone());
+        let bar = self
+            .pci_alloc
+            .allocate(BarKind::Memory32, virtio_pci::BAR_SIZE)
+            .map_err(|e| Error::Device(format!("virtio-net: {e}")))?;
+        let dev = VirtioPciDevice::new(
+            Box::new(net),
+            self.memory.clone(),
+            Some(self.fd.clone()),
+            bar,
+            msix,
+        )
+        .map_err(|e| Error::Device(e.to_string()))?;
+        let dev = Arc::new(Mutex::new(dev));
+        self.pci
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(dev.clone())
+            .ok_or_else(|| Error::Device("the PCI bus is full (32 devices)".into()))?;
+        self.nics.push(NicHandle {
+            stats: stats.clone(),
+            device: dev,
+        });
+        Ok(stats)
     }
 
     /// Starts one thread per vCPU and returns at once.
@@ -204,6 +268,7 @@ impl Vm {
             exit: self.exit,
             serial: self.serial,
             memory: self.memory,
+            nics: self.nics,
             _fd: self.fd,
         })
     }
@@ -242,6 +307,7 @@ pub struct RunningVm {
     exit: Arc<ExitSignal>,
     serial: Arc<Mutex<SerialDevice>>,
     memory: GuestMemoryMmap,
+    nics: Vec<NicHandle>,
     _fd: Arc<VmFd>,
 }
 
@@ -252,6 +318,13 @@ impl RunningVm {
     pub fn wait(&mut self) -> ExitReason {
         let reason = self.exit.wait();
         stop_vcpus(std::mem::take(&mut self.threads));
+        // Stop the NICs' threads before their backends are torn down.
+        for nic in &self.nics {
+            nic.device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .shutdown();
+        }
         reason
     }
 
@@ -263,6 +336,11 @@ impl RunningVm {
     /// The exit signal, for owners that stop the VM from another thread.
     pub fn exit_signal(&self) -> Arc<ExitSignal> {
         self.exit.clone()
+    }
+
+    /// Each NIC's counters, in the order the NICs were added.
+    pub fn nic_stats(&self) -> Vec<Arc<NetStats>> {
+        self.nics.iter().map(|n| n.stats.clone()).collect()
     }
 
     /// A handle that feeds input to the guest's serial console.
