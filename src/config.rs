@@ -31,6 +31,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Guest memory in MiB.
     pub mem_mib: u64,
+    /// NICs, in PCI slot order.
+    pub nics: Vec<crate::net::NetConfig>,
 }
 
 impl VmConfig {
@@ -42,6 +44,7 @@ impl VmConfig {
             cmdline: DEFAULT_CMDLINE.to_string(),
             vcpus: 1,
             mem_mib: 256,
+            nics: Vec::new(),
         }
     }
 
@@ -73,6 +76,22 @@ impl VmConfig {
                 )));
             }
         }
+        for nic in &self.nics {
+            if nic.model == crate::net::NicModel::E1000 {
+                return Err(Error::InvalidConfig(format!(
+                    "NIC {}: model=e1000 is not yet supported; use model=virtio",
+                    nic.label()
+                )));
+            }
+            if nic.vhost == crate::net::VhostMode::On {
+                return Err(Error::InvalidConfig(format!(
+                    "NIC {}: vhost=on is not yet supported; use vhost=off or auto",
+                    nic.label()
+                )));
+            }
+        }
+        crate::net::config::validate_all(&mut self.nics.clone())
+            .map_err(|e| Error::InvalidConfig(e.to_string()))?;
         if self.cmdline.as_bytes().contains(&0) {
             return Err(Error::Cmdline("it contains a NUL byte".to_string()));
         }

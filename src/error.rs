@@ -54,6 +54,9 @@ pub enum Error {
     #[error("writing boot data into guest memory failed: {0}")]
     BootSetup(String),
 
+    #[error("{0}")]
+    HostNic(#[from] crate::net::HostNicError),
+
     #[error("device setup failed: {0}")]
     Device(String),
 

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use clap::{Parser, Subcommand};
+use rvm::net::NetConfig;
 use rvm::{parse_mem_size, ExitReason, Vm, VmConfig, DEFAULT_CMDLINE};
 
 #[derive(Parser, Debug)]
@@ -43,6 +44,30 @@ struct RunArgs {
     /// Guest memory: MiB, or a size with a K, M or G suffix.
     #[arg(long, value_name = "SIZE", default_value = "256", value_parser = parse_mem_size)]
     mem: u64,
+    /// A NIC (repeatable): tap=NAME|fd=N[,bridge=BR][,mac=MAC][,model=virtio|e1000]
+    /// [,vhost=on|off|auto][,vnet_hdr=on|off][,sndbuf=BYTES][,mtu=N]
+    /// [,script=PATH|no][,downscript=PATH|no]
+    #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
+    nets: Vec<NetConfig>,
+    /// One NIC on host TAP NAME (created if missing, removed at exit).
+    #[arg(long, value_name = "NAME")]
+    tap: Option<String>,
+    /// Enslave --tap's TAP to this existing bridge.
+    #[arg(long, value_name = "BR", requires = "tap")]
+    bridge: Option<String>,
+    /// --tap's MAC address (default: 52:54:00 plus a hash of the TAP name).
+    #[arg(long, value_name = "MAC", requires = "tap")]
+    mac: Option<String>,
+    /// --tap's NIC model: virtio or e1000.
+    #[arg(long, value_name = "MODEL", requires = "tap")]
+    model: Option<String>,
+    /// --tap's vhost-net use: on, off or auto.
+    #[arg(long, value_name = "MODE", requires = "tap")]
+    vhost: Option<String>,
+}
+
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    s.parse::<NetConfig>().map_err(|e| e.to_string())
 }
 
 impl RunArgs {
@@ -54,12 +79,30 @@ impl RunArgs {
                 rvm::config::MAX_VCPUS
             )
         })?;
+        let mut nics = Vec::new();
+        if let Some(tap) = &self.tap {
+            // The shorthands are one --net spec.
+            let mut spec = format!("tap={tap}");
+            for (key, v) in [
+                ("bridge", &self.bridge),
+                ("mac", &self.mac),
+                ("model", &self.model),
+                ("vhost", &self.vhost),
+            ] {
+                if let Some(v) = v {
+                    spec.push_str(&format!(",{key}={v}"));
+                }
+            }
+            nics.push(spec.parse::<NetConfig>().map_err(|e| e.to_string())?);
+        }
+        nics.extend(self.nets);
         Ok(VmConfig {
             kernel: self.kernel,
             initrd: self.initrd,
             cmdline: self.cmdline,
             vcpus,
             mem_mib: self.mem,
+            nics,
         })
     }
 }
@@ -157,7 +200,37 @@ fn run(args: RunArgs) -> Result<ExitReason, String> {
     Ok(reason)
 }
 
+/// Library log records on stderr: warnings always, more with RVM_LOG=info
+/// or RVM_LOG=debug.
+struct StderrLog(log::LevelFilter);
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= self.0
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            let level = r.level().as_str().to_ascii_lowercase();
+            eprintln!("rvm: {level}: {}", r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn init_log() {
+    let level = match std::env::var("RVM_LOG").as_deref() {
+        Ok("debug") => log::LevelFilter::Debug,
+        Ok("info") => log::LevelFilter::Info,
+        _ => log::LevelFilter::Warn,
+    };
+    let logger: &'static StderrLog = Box::leak(Box::new(StderrLog(level)));
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
 fn main() -> ExitCode {
+    init_log();
     let cli = Cli::parse();
     let Command::Run(args) = cli.command;
     match run(args) {

@@ -1,1 +1,15 @@
+//! The host side of a NIC: the TAP (our own ioctls, because the `tun-tap`
+//! crate cannot set IFF_VNET_HDR, the vnet header size, offloads or the
+//! send buffer), bridge membership, ifup/ifdown scripts, and the NIC
+//! options as the user writes them.
+
 pub mod backend;
+pub mod bridge;
+pub mod config;
+pub mod host_nic;
+pub mod script;
+pub mod sys;
+pub mod tap;
+
+pub use config::{MacAddr, NetConfig, NicModel, VhostMode};
+pub use host_nic::{HostNic, HostNicError};

@@ -28,6 +28,7 @@ use crate::devices::virtio_net::{NetParams, NetStats, VirtioNet};
 use crate::devices::IrqLine;
 use crate::error::{Error, Result};
 use crate::net::backend::NetBackend;
+use crate::net::HostNic;
 use crate::pci::msix::{MsixTable, MsixVectors};
 use crate::pci::{root, BarKind, HostBridge, PciAllocator, PciRoot};
 use crate::virtio::pci::{self as virtio_pci, VirtioPciDevice};
@@ -54,6 +55,8 @@ pub struct Vm {
     pci_alloc: PciAllocator,
     gsi: Arc<GsiRouter>,
     nics: Vec<NicHandle>,
+    /// TAPs and bridge ports; dropped after the NIC threads stopped.
+    host_nics: Vec<HostNic>,
 }
 
 /// A NIC plugged into the VM: its counters and the device to stop at exit.
@@ -76,6 +79,16 @@ impl Vm {
                 source,
             })?;
         }
+
+        // The host side of each NIC first: a bad TAP, bridge or script
+        // fails here, before KVM is touched, and nothing is left behind.
+        let mut nic_configs = config.nics.clone();
+        crate::net::config::validate_all(&mut nic_configs)
+            .map_err(|e| Error::InvalidConfig(e.to_string()))?;
+        let host_nics = nic_configs
+            .iter()
+            .map(HostNic::setup)
+            .collect::<std::result::Result<Vec<_>, _>>()?;
 
         let kvm =
             Kvm::new().map_err(|e| Error::KvmOpen(std::io::Error::from_raw_os_error(e.errno())))?;
@@ -186,6 +199,29 @@ impl Vm {
             pci,
             pci_alloc: PciAllocator::new(),
             nics: Vec::new(),
+            host_nics: Vec::new(),
+        })
+        .and_then(|mut vm| {
+            for (cfg, host) in nic_configs.iter().zip(host_nics) {
+                let mtu = match cfg.mtu {
+                    Some(m) => m,
+                    None => host
+                        .tap()
+                        .mtu()
+                        .map(|m| m.min(65535) as u16)
+                        .unwrap_or(1500),
+                };
+                let mac = cfg.mac.map(|m| m.0).unwrap_or([0x52, 0x54, 0, 0, 0, 1]);
+                if cfg.vhost == crate::net::VhostMode::Auto {
+                    log::info!(
+                        "{}: vhost-net not implemented yet; using the userspace data path",
+                        cfg.label()
+                    );
+                }
+                vm.add_virtio_net(host.tap().clone(), mac, mtu)?;
+                vm.host_nics.push(host);
+            }
+            Ok(vm)
         })
     }
 
@@ -269,6 +305,7 @@ impl Vm {
             serial: self.serial,
             memory: self.memory,
             nics: self.nics,
+            host_nics: self.host_nics,
             _fd: self.fd,
         })
     }
@@ -308,6 +345,7 @@ pub struct RunningVm {
     serial: Arc<Mutex<SerialDevice>>,
     memory: GuestMemoryMmap,
     nics: Vec<NicHandle>,
+    host_nics: Vec<HostNic>,
     _fd: Arc<VmFd>,
 }
 
@@ -336,6 +374,14 @@ impl RunningVm {
     /// The exit signal, for owners that stop the VM from another thread.
     pub fn exit_signal(&self) -> Arc<ExitSignal> {
         self.exit.clone()
+    }
+
+    /// The host TAP of each NIC from the configuration, in order.
+    pub fn tap_names(&self) -> Vec<String> {
+        self.host_nics
+            .iter()
+            .map(|h| h.tap().name().to_string())
+            .collect()
     }
 
     /// Each NIC's counters, in the order the NICs were added.

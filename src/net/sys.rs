@@ -1,0 +1,111 @@
+//! The few interface ioctls rvm needs (index, MTU, up, bridge ports), on a
+//! throwaway datagram socket of the calling thread's network namespace.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+const SIOCBRADDIF: libc::c_ulong = 0x89a2;
+const SIOCBRDELIF: libc::c_ulong = 0x89a3;
+
+/// struct ifreq: a name and a 24-byte union (flags, index, MTU...).
+#[repr(C)]
+pub struct Ifreq {
+    name: [u8; libc::IFNAMSIZ],
+    data: [u8; 24],
+}
+
+impl Ifreq {
+    /// `name` must already be valid (see `tap::valid_ifname`); longer
+    /// names are cut, never overflow.
+    pub fn new(name: &str) -> Self {
+        let mut r = Ifreq {
+            name: [0; libc::IFNAMSIZ],
+            data: [0; 24],
+        };
+        let n = name.len().min(libc::IFNAMSIZ - 1);
+        r.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        r
+    }
+
+    pub fn name(&self) -> String {
+        let end = self
+            .name
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(self.name.len());
+        String::from_utf8_lossy(&self.name[..end]).into_owned()
+    }
+
+    pub fn set_flags(&mut self, f: libc::c_short) {
+        self.data[..2].copy_from_slice(&f.to_ne_bytes());
+    }
+
+    pub fn flags(&self) -> libc::c_short {
+        libc::c_short::from_ne_bytes([self.data[0], self.data[1]])
+    }
+
+    fn set_int(&mut self, v: libc::c_int) {
+        self.data[..4].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    fn int(&self) -> libc::c_int {
+        libc::c_int::from_ne_bytes([self.data[0], self.data[1], self.data[2], self.data[3]])
+    }
+}
+
+fn socket() -> std::io::Result<OwnedFd> {
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just created and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn ioctl(req: libc::c_ulong, ifr: &mut Ifreq) -> std::io::Result<()> {
+    let s = socket()?;
+    // SAFETY: every request used here reads and/or writes one ifreq.
+    if unsafe { libc::ioctl(s.as_raw_fd(), req, ifr as *mut Ifreq) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn ifindex(name: &str) -> std::io::Result<i32> {
+    let mut r = Ifreq::new(name);
+    ioctl(libc::SIOCGIFINDEX, &mut r)?;
+    Ok(r.int())
+}
+
+pub fn mtu(name: &str) -> std::io::Result<u32> {
+    let mut r = Ifreq::new(name);
+    ioctl(libc::SIOCGIFMTU, &mut r)?;
+    Ok(r.int() as u32)
+}
+
+pub fn set_mtu(name: &str, mtu: u32) -> std::io::Result<()> {
+    let mut r = Ifreq::new(name);
+    r.set_int(mtu as libc::c_int);
+    ioctl(libc::SIOCSIFMTU, &mut r)
+}
+
+pub fn set_up(name: &str) -> std::io::Result<()> {
+    let mut r = Ifreq::new(name);
+    ioctl(libc::SIOCGIFFLAGS, &mut r)?;
+    let f = r.flags() | libc::IFF_UP as libc::c_short;
+    r.set_flags(f);
+    ioctl(libc::SIOCSIFFLAGS, &mut r)
+}
+
+/// Adds (or removes) interface `port` to (from) bridge `bridge`.
+pub fn bridge_port(bridge: &str, port: i32, add: bool) -> std::io::Result<()> {
+    let mut r = Ifreq::new(bridge);
+    r.set_int(port);
+    ioctl(if add { SIOCBRADDIF } else { SIOCBRDELIF }, &mut r)
+}
+
+/// Whether `name` is a bridge in this network namespace: SIOCBRADDIF of
+/// a non-bridge fails with EOPNOTSUPP, which `bridge_port` reports.
+pub fn exists(name: &str) -> bool {
+    ifindex(name).is_ok()
+}
