@@ -58,9 +58,9 @@ require_packages() {
 case "$target" in
     stock) need=() ;;
     minimal) need=("$linux_pkg" bc flex bison libelf-dev libssl-dev make gcc xz-utils) ;;
-    initramfs) need=(busybox-static cpio gzip xz-utils) ;;
+    initramfs) need=(busybox-static cpio gzip xz-utils ethtool iperf3) ;;
     all) need=("$linux_pkg" bc flex bison libelf-dev libssl-dev make gcc xz-utils
-               busybox-static cpio gzip) ;;
+               busybox-static cpio gzip ethtool iperf3) ;;
 esac
 [ ${#need[@]} -eq 0 ] || require_packages "${need[@]}"
 
@@ -184,11 +184,27 @@ build_minimal() {
 
 # --- initramfs -----------------------------------------------------------------
 
+udhcpc_script="$here/udhcpc.script"
+
+# copy_binary ROOT NAME: the host's NAME and every library ldd lists for it
+# (the dynamic loader included), at the same paths under ROOT. Libraries are
+# 0755: the kernel refuses to map an ELF interpreter that is not executable.
+copy_binary() {
+    local root=$1 path lib
+    path=$(command -v "$2") || die "$2 is not installed (scripts/install-deps installs it)"
+    path=$(readlink -f "$path")
+    install -D -m 0755 "$path" "$root/usr/bin/$2"
+    for lib in $(ldd "$path" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do
+        [ -e "$root$lib" ] || install -D -m 0755 "$(readlink -f "$lib")" "$root$lib"
+    done
+}
+
 build_initramfs() {
     local img="$out/initramfs.cpio.gz" stamp="$out/initramfs.cpio.gz.stamp" hash
     hash=$(hash_inputs "script $(file_hash "$self")" "init $(file_hash "$init_script")" \
         "busybox-static $(pkg_version busybox-static)" "busybox $(file_hash /bin/busybox)" \
-        "stock $stock_version")
+        "stock $stock_version" "ethtool $(pkg_version ethtool)" "iperf3 $(pkg_version iperf3)" \
+        "udhcpc $(file_hash "$udhcpc_script")")
     if stamp_ok "$stamp" "$hash" "$img"; then
         cached+=("initramfs")
         return
@@ -224,6 +240,14 @@ build_initramfs() {
             *) cp "$f" "$moddir/$m.ko" ;;
         esac
     done
+
+    # Host tools the network scenarios use: the offloads the guest sees
+    # (ethtool -k) and throughput (iperf3), with their shared libraries.
+    local bin
+    for bin in ethtool iperf3; do
+        copy_binary "$root" "$bin"
+    done
+    install -D -m 0755 "$udhcpc_script" "$root/usr/share/udhcpc/default.script"
 
     # Reproducible archive: sorted names, root-owned, fixed mtimes.
     find "$root" -exec touch -h -d @0 {} +

@@ -10,9 +10,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{
-    images, placement, reexec_nested, run_guest_retrying, rvm_bin, GuestRun, Images, Placement,
-};
+use common::{images, run_guest_retrying, rvm_bin, GuestRun, Images};
 
 const DEADLINE: Duration = Duration::from_secs(420);
 
@@ -222,58 +220,14 @@ fn cases() -> Vec<Case> {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    if std::env::args().any(|a| a == "--list") {
-        for (name, _) in cases() {
-            println!("{name}: test");
-        }
-        return;
-    }
-    match placement() {
-        Placement::Direct(why) => println!("guest tests: running directly ({why})"),
-        Placement::Nested(why) => {
-            println!("guest tests: running inside the nested host ({why})");
-            reexec_nested(&["--mem", "6144", "--idle-timeout", "180"]);
-        }
-    }
-
-    let selected: Vec<Case> = cases()
+    let cases = cases()
         .into_iter()
-        .filter(|(n, _)| args.is_empty() || args.iter().any(|a| n.contains(a.as_str())))
+        .map(|(n, f)| (n.to_string(), f))
         .collect();
-    println!("\nrunning {} tests", selected.len());
-    let img = images();
-    let (mut passed, mut failed) = (0, Vec::new());
-    for (name, f) in &selected {
-        let t = std::time::Instant::now();
-        let result = match &img {
-            Ok(img) => f(img),
-            Err(e) => Err(e.clone()),
-        };
-        match result {
-            Ok(()) => {
-                passed += 1;
-                println!("test {name} ... ok ({:.1} s)", t.elapsed().as_secs_f64());
-            }
-            Err(e) => {
-                println!(
-                    "test {name} ... FAILED ({:.1} s)\n{e}",
-                    t.elapsed().as_secs_f64()
-                );
-                failed.push(*name);
-            }
-        }
-    }
-    let verdict = if failed.is_empty() { "ok" } else { "FAILED" };
-    println!(
-        "\ntest result: {verdict}. {passed} passed; {} failed; 0 ignored; 0 measured; 0 filtered out",
-        failed.len()
+    common::run_suite(
+        "guest tests",
+        cases,
+        &["--mem", "6144", "--idle-timeout", "180"],
+        images,
     );
-    if !failed.is_empty() {
-        println!("failures: {}", failed.join(", "));
-        std::process::exit(101);
-    }
 }

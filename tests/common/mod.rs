@@ -2,6 +2,8 @@
 //! the guest images, and running one rvm (or QEMU) guest with a deadline.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -227,5 +229,72 @@ pub fn run_guest_retrying(name: &str, make: impl Fn() -> Command, deadline: Dura
             continue;
         }
         return run;
+    }
+}
+
+/// A named guest test: Ok, or Err with what went wrong and the console.
+pub type Case<I> = (String, Box<dyn Fn(&I) -> Result<(), String>>);
+
+/// The runner the guest test binaries share (harness = false): prints where
+/// guests run, re-executes inside the nested host when needed, filters by
+/// the free arguments, and prints a libtest-style summary.
+pub fn run_suite<I>(
+    what: &str,
+    cases: Vec<Case<I>>,
+    nested_args: &[&str],
+    setup: impl Fn() -> Result<I, String>,
+) {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    if std::env::args().any(|a| a == "--list") {
+        for (name, _) in &cases {
+            println!("{name}: test");
+        }
+        return;
+    }
+    match placement() {
+        Placement::Direct(why) => println!("{what}: running directly ({why})"),
+        Placement::Nested(why) => {
+            println!("{what}: running inside the nested host ({why})");
+            reexec_nested(nested_args);
+        }
+    }
+    let selected: Vec<Case<I>> = cases
+        .into_iter()
+        .filter(|(n, _)| args.is_empty() || args.iter().any(|a| n.contains(a.as_str())))
+        .collect();
+    println!("\nrunning {} tests", selected.len());
+    let ctx = setup();
+    let (mut passed, mut failed) = (0, Vec::new());
+    for (name, f) in &selected {
+        let t = Instant::now();
+        let result = match &ctx {
+            Ok(c) => f(c),
+            Err(e) => Err(e.clone()),
+        };
+        match result {
+            Ok(()) => {
+                passed += 1;
+                println!("test {name} ... ok ({:.1} s)", t.elapsed().as_secs_f64());
+            }
+            Err(e) => {
+                println!(
+                    "test {name} ... FAILED ({:.1} s)\n{e}",
+                    t.elapsed().as_secs_f64()
+                );
+                failed.push(name.clone());
+            }
+        }
+    }
+    let verdict = if failed.is_empty() { "ok" } else { "FAILED" };
+    println!(
+        "\ntest result: {verdict}. {passed} passed; {} failed; 0 ignored; 0 measured; 0 filtered out",
+        failed.len()
+    );
+    if !failed.is_empty() {
+        println!("failures: {}", failed.join(", "));
+        std::process::exit(101);
     }
 }
