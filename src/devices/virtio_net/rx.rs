@@ -3,6 +3,11 @@
 //! are popped ahead into a pool: one chain per frame, or, with merged
 //! buffers, as many as the largest possible frame needs. Chains a frame
 //! did not fill stay in the pool for the next one.
+//!
+//! A read into a pool smaller than the frame loses the frame (the TAP
+//! drops what does not fit), so with merged buffers we wait for the driver
+//! to post enough, unless the pool cannot grow: it holds as many chains
+//! as we keep, or as many descriptors as the ring has.
 
 use std::io::ErrorKind;
 
@@ -21,9 +26,9 @@ impl Worker {
         let mut used = false;
         while self.tap_readable {
             used |= self.refill_pool();
-            if self.pool.chains.is_empty() {
-                // No buffers: wait for the driver's kick (enable_notification
-                // in refill_pool asked for one).
+            if !self.pool_ready() {
+                // Not enough buffers: wait for the driver's kick
+                // (enable_notification in refill_pool asked for one).
                 break;
             }
             match self.read_frame() {
@@ -57,14 +62,25 @@ impl Worker {
         }
     }
 
-    /// Pops RX chains until the pool can hold the largest frame; refuses
-    /// malformed ones. Returns true if anything went to the used ring.
+    /// Whether the pool may take a frame now: it can hold the largest one,
+    /// or it cannot grow any more.
+    fn pool_ready(&self) -> bool {
+        let p = &self.pool;
+        !p.chains.is_empty()
+            && (p.bytes >= self.wanted()
+                || p.chains.len() >= MAX_POOL_CHAINS
+                || p.iov_full
+                || p.segs.len() >= usize::from(self.rx.queue.size()))
+    }
+
+    /// Pops RX chains until the pool is ready; refuses malformed ones.
+    /// Returns true if anything went to the used ring.
     fn refill_pool(&mut self) -> bool {
         let mut used = false;
         let want = self.wanted();
-        let q = &mut self.rx.queue;
-        let mem = &self.mem;
         loop {
+            let q = &mut self.rx.queue;
+            let mem = &self.mem;
             while self.pool.bytes < want && self.pool.chains.len() < MAX_POOL_CHAINS {
                 let Some(c) = q.pop_descriptor_chain(mem) else {
                     break;
@@ -75,7 +91,9 @@ impl Worker {
                     Ok(len) if len as usize > HDR_LEN => {
                         if self.pool.segs.len() + self.segs.len() > MAX_IOV {
                             Worker::unpop(q, 1);
-                            break;
+                            // Full: the pool takes frames as it is.
+                            self.pool.iov_full = true;
+                            return used;
                         }
                         self.pool.chains.push_back((head, len, self.segs.len()));
                         self.pool.segs.extend(self.segs.iter().copied());
@@ -91,10 +109,11 @@ impl Worker {
                     }
                 }
             }
-            if !self.pool.chains.is_empty() {
+            if self.pool_ready() {
                 return used;
             }
-            // Empty: ask for a kick, unless buffers arrived meanwhile.
+            // Short: ask for a kick, unless buffers arrived meanwhile.
+            let (q, mem) = (&mut self.rx.queue, &self.mem);
             match q.enable_notification(mem) {
                 Ok(true) => continue,
                 _ => return used,
@@ -152,6 +171,7 @@ impl Worker {
                 break;
             };
             self.pool.segs.drain(..nsegs);
+            self.pool.iov_full = false;
             self.pool.bytes -= u64::from(len);
             let filled = rest.min(u64::from(len));
             rest -= filled;

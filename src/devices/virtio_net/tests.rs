@@ -268,7 +268,9 @@ fn post_rx(r: &mut Rig, n: usize, size: u32) -> Vec<u64> {
 fn rx_frame_spans_merged_buffers_with_num_buffers_set() {
     let mut r = rig(true);
     r.drv.init(all_features(true), &[256, 256, 64]);
-    let addrs = post_rx(&mut r, 8, 1536);
+    // Room for the largest GSO frame (43 x 1536 > 65562) even after the
+    // first frame took two buffers: Linux keeps its ring full.
+    let addrs = post_rx(&mut r, 45, 1536);
     // A header as the TAP writes it (10 bytes + 2 the device fills in).
     let mut pkt = vec![0u8; HDR_LEN];
     pkt[0] = 1; // NEEDS_CSUM, passed through untouched
@@ -425,6 +427,50 @@ fn control_commands_are_acknowledged() {
     }
 }
 
+/// With merged buffers a frame is read only once the pool can hold the
+/// largest one: reading into less would make the TAP drop a big frame.
+#[test]
+fn rx_waits_for_room_for_the_largest_frame_instead_of_dropping() {
+    let mut r = rig(true);
+    r.drv.init(all_features(true), &[256, 256, 64]);
+    post_rx(&mut r, 4, 1536);
+    let mut pkt = vec![0u8; HDR_LEN];
+    pkt.extend(pattern(5000, 3));
+    peer_send(&r.peer, &pkt);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        r.drv.queues[RXQ].pop_used(&r.drv.mem).is_none(),
+        "read too early"
+    );
+    // More buffers: now 44 x 1536 bytes; the frame arrives whole.
+    let base = DATA_START + 0x80_0000;
+    for i in 0..40u64 {
+        r.drv.queues[RXQ].add_chain(&r.drv.mem, &[(base + i * 0x800, 1536)], true);
+    }
+    r.drv.kick(RXQ as u16);
+    let mut total = 0;
+    for _ in 0..4 {
+        let (_, len) = r.drv.queues[RXQ].wait_used(&r.drv.mem, T).expect("used");
+        total += len as usize;
+    }
+    assert_eq!(total, pkt.len());
+    assert_eq!(r.stats.snapshot().rx_dropped, 0);
+}
+
+/// A ring too small to ever hold the largest frame still gets frames: the
+/// pool takes them once it holds every descriptor the ring has.
+#[test]
+fn a_ring_smaller_than_the_largest_frame_still_receives() {
+    let mut r = rig(true);
+    r.drv.init(all_features(true), &[16, 256, 64]);
+    post_rx(&mut r, 16, 1536);
+    let mut pkt = vec![0u8; HDR_LEN];
+    pkt.extend(pattern(1000, 4));
+    peer_send(&r.peer, &pkt);
+    let (id, len) = r.drv.queues[RXQ].wait_used(&r.drv.mem, T).expect("used");
+    assert_eq!((id, len as usize), (0, pkt.len()));
+}
+
 #[test]
 fn reset_stops_the_device_and_a_reloaded_driver_works() {
     let mut r = rig(true);
@@ -439,7 +485,7 @@ fn reset_stops_the_device_and_a_reloaded_driver_works() {
     // The driver comes back (rmmod/modprobe) with fresh rings.
     let s = r.drv.init(all_features(true), &[128, 128, 64]);
     assert_eq!(s & status::NEEDS_RESET, 0);
-    post_rx(&mut r, 2, 2048);
+    post_rx(&mut r, 33, 2048);
     let (_, len) = r.drv.queues[RXQ]
         .wait_used(&r.drv.mem, T)
         .expect("frame after reload");

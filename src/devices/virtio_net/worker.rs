@@ -37,6 +37,8 @@ pub(super) struct RxPool {
     pub chains: VecDeque<(u16, u32, usize)>,
     pub segs: VecDeque<Segment>,
     pub bytes: u64,
+    /// One more chain would pass MAX_IOV segments.
+    pub iov_full: bool,
 }
 
 pub struct Worker {
