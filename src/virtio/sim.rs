@@ -76,6 +76,18 @@ impl SimQueue {
     /// Posts a well-formed chain of buffers (addr, len), all device-
     /// writable or all device-readable. Returns the head index.
     pub fn add_chain(&mut self, mem: &GuestMemoryMmap, bufs: &[(u64, u32)], writable: bool) -> u16 {
+        let head = self.write_chain(mem, bufs, writable);
+        self.publish(mem, head);
+        head
+    }
+
+    /// Writes a well-formed chain into the table without publishing it.
+    pub fn write_chain(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        bufs: &[(u64, u32)],
+        writable: bool,
+    ) -> u16 {
         let first = self.next_desc;
         let descs: Vec<_> = bufs
             .iter()
@@ -89,19 +101,46 @@ impl SimQueue {
                 (addr, len, flags, (first + i as u16 + 1) % self.size)
             })
             .collect();
-        let head = self.write_descs(mem, &descs);
-        self.publish(mem, head);
-        head
+        self.write_descs(mem, &descs)
     }
 
     /// Puts `head` on the available ring.
     pub fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
+        self.stage(mem, head);
+        self.flush(mem);
+    }
+
+    /// Fills the next available-ring slot without moving the index: the
+    /// device cannot see it before [`SimQueue::flush`].
+    pub fn stage(&mut self, mem: &GuestMemoryMmap, head: u16) {
         let slot = self.avail_idx % self.size;
         mem.write_obj(head, GuestAddress(self.avail + 4 + 2 * u64::from(slot)))
             .unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
+    }
+
+    /// Publishes every staged slot with one index write.
+    pub fn flush(&mut self, mem: &GuestMemoryMmap) {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
         mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
             .unwrap();
+    }
+
+    /// With EVENT_IDX: ask for an interrupt once the used index passes
+    /// `idx` (the used_event field after the available ring).
+    pub fn set_used_event(&mut self, mem: &GuestMemoryMmap, idx: u16) {
+        let at = self.avail + 4 + 2 * u64::from(self.size);
+        mem.write_obj(idx, GuestAddress(at)).unwrap();
+    }
+
+    /// The driver's available index (staged slots included).
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// Used elements the driver has consumed so far (its used index).
+    pub fn used_seen(&self) -> u16 {
+        self.used_seen
     }
 
     /// The next used element (id, len), if the device returned one.

@@ -1,0 +1,482 @@
+//! Data-path benchmark, no guest: the virtio-net device behind its
+//! virtio-pci transport, driven by the simulated driver in process, moving
+//! frames to and from a real TAP in a private network namespace; against
+//! the raw rate of writev/readv on the same TAP with the same frames.
+//!
+//! `cargo bench --bench net_datapath` (root: it unshares a network
+//! namespace for itself; it needs no KVM). RVM_BENCH_SECS sets the timed
+//! seconds per measurement (default 2).
+//!
+//! What is timed, in rounds that alternate raw and device on the same TAP:
+//! - TX: the driver streams N frames through a 256-entry ring as a busy
+//!   Linux guest does (reposting as chains come back, kicking only when the
+//!   device asks via EVENT_IDX), until the device has written all N to the
+//!   TAP. Raw: N writev calls of the same frames.
+//! - RX: N frames wait in the TAP (put there beforehand by an AF_PACKET
+//!   socket on it); the driver streams buffers until the device has read
+//!   all N into them. Raw: N readv calls.
+//!
+//! Frames are Ethernet/IPv4/TCP addressed to a MAC nobody has, so the host
+//! stack drops what the TAP delivers at once. A 1514-byte frame travels in
+//! one descriptor (TX) or one 2 KiB merged buffer (RX); a 64 KiB TSO frame
+//! (vnet header with GSO TCPv4) in one indirect table of 4 KiB pieces (TX)
+//! or 16 merged 4 KiB buffers (RX), as a Linux guest sends and posts them.
+//! The driver runs on its own thread, as a guest's vCPU would.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rvm::devices::virtio_net::features::*;
+use rvm::devices::virtio_net::{NetParams, VirtioNet, HDR_LEN};
+use rvm::net::backend::{offload, NetBackend};
+use rvm::net::tap::Tap;
+use rvm::virtio::features::{RING_EVENT_IDX, RING_INDIRECT_DESC, VERSION_1};
+use rvm::virtio::sim::{SimDriver, DATA_START, DESC_F_INDIRECT, DESC_F_NEXT};
+use vm_memory::{Bytes, GuestAddress};
+
+const TAP_NAME: &str = "rvmbench0";
+const RXQ: usize = 0;
+const TXQ: usize = 1;
+const QSIZE: u16 = 256;
+/// Where the RX buffers and the TX indirect table live in the simulated
+/// guest's memory (the TX frame itself is at DATA_START).
+const RX_BUFS: u64 = DATA_START + (8 << 20);
+const TX_TABLE: u64 = DATA_START + (4 << 20);
+
+#[derive(Clone, Copy)]
+enum Shape {
+    Mtu,
+    Tso,
+}
+
+impl Shape {
+    fn name(self) -> &'static str {
+        match self {
+            Shape::Mtu => "1514-byte frames",
+            Shape::Tso => "64 KiB TSO frames",
+        }
+    }
+    /// Ethernet frame length, without the vnet header.
+    fn frame_len(self) -> usize {
+        match self {
+            Shape::Mtu => 1514,
+            // 45 segments of 1448 bytes: the frame stays under the TAP's
+            // gso_max_size (64 KiB), as a real TSO frame does.
+            Shape::Tso => 54 + 45 * 1448,
+        }
+    }
+    /// TX descriptor buffers of one chain (header + frame, split in 4 KiB).
+    fn tx_bufs(self, at: u64) -> Vec<(u64, u32)> {
+        let total = (HDR_LEN + self.frame_len()) as u64;
+        match self {
+            Shape::Mtu => vec![(at, total as u32)],
+            Shape::Tso => (0..total)
+                .step_by(4096)
+                .map(|o| (at + o, (total - o).min(4096) as u32))
+                .collect(),
+        }
+    }
+    fn rx_buf_len(self) -> u32 {
+        match self {
+            Shape::Mtu => 2048,
+            Shape::Tso => 4096,
+        }
+    }
+    /// Frames per timed round (the TAP queues this many for RX).
+    fn round(self) -> usize {
+        match self {
+            Shape::Mtu => 2048,
+            Shape::Tso => 512,
+        }
+    }
+}
+
+/// virtio_net_hdr_v1 (12 bytes) followed by an Ethernet/IPv4/TCP frame.
+fn packet(shape: Shape) -> Vec<u8> {
+    let len = shape.frame_len();
+    let mut p = vec![0u8; HDR_LEN + len];
+    if let Shape::Tso = shape {
+        p[0] = 1; // VIRTIO_NET_HDR_F_NEEDS_CSUM
+        p[1] = 1; // VIRTIO_NET_HDR_GSO_TCPV4
+        p[2..4].copy_from_slice(&54u16.to_le_bytes()); // hdr_len
+        p[4..6].copy_from_slice(&1448u16.to_le_bytes()); // gso_size
+        p[6..8].copy_from_slice(&34u16.to_le_bytes()); // csum_start
+        p[8..10].copy_from_slice(&16u16.to_le_bytes()); // csum_offset
+    }
+    let f = &mut p[HDR_LEN..];
+    f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]); // nobody's MAC
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((len - 14) as u16).to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&[10, 0, 0, 2]);
+    ip[16..20].copy_from_slice(&[10, 0, 0, 1]);
+    let sum = ip
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum::<u32>();
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    let tcp = &mut f[34..54];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&5001u16.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x10; // ACK
+    tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    for (i, b) in f[54..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    p
+}
+
+fn check(what: &str, r: libc::c_int) {
+    if r < 0 {
+        panic!("{what}: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// A private network namespace for this process: the TAP and everything
+/// it delivers stay in it.
+fn enter_private_netns() {
+    // SAFETY: unshare takes no pointers; we are still single-threaded.
+    check("unshare(CLONE_NEWNET) (run as root)", unsafe {
+        libc::unshare(libc::CLONE_NEWNET)
+    });
+    // No IPv6 autoconfiguration chatter on the TAP.
+    let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
+}
+
+/// An AF_PACKET socket on the TAP: what it sends comes out of the TAP's fd,
+/// GSO frames included (PACKET_VNET_HDR takes a 10-byte virtio_net_hdr).
+fn injector(ifindex: i32) -> OwnedFd {
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    check("AF_PACKET socket", fd);
+    // SAFETY: fd was just created and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // SAFETY: PACKET_VNET_HDR reads one int from a live local.
+    check("PACKET_VNET_HDR", unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_VNET_HDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    });
+    // SAFETY: sockaddr_ll is plain data; zero is a valid start.
+    let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sa.sll_family = libc::AF_PACKET as u16;
+    sa.sll_ifindex = ifindex;
+    // SAFETY: bind reads a sockaddr_ll of the size given.
+    check("bind AF_PACKET", unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    });
+    fd
+}
+
+fn inject(sock: &OwnedFd, pkt: &[u8], n: usize) {
+    // The socket's virtio_net_hdr is the first 10 bytes of ours.
+    let mut p = pkt[..10].to_vec();
+    p.extend_from_slice(&pkt[HDR_LEN..]);
+    for _ in 0..n {
+        // SAFETY: p is a live buffer of the given length.
+        let r = unsafe { libc::send(sock.as_raw_fd(), p.as_ptr().cast(), p.len(), 0) };
+        check("send on the TAP", r as i32);
+    }
+}
+
+/// Reads and discards whatever waits in the TAP.
+fn drain(tap: &Tap) -> usize {
+    let mut buf = vec![0u8; 70_000];
+    let iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    let mut n = 0;
+    while tap.readv(&iov).is_ok() {
+        n += 1;
+    }
+    n
+}
+
+fn open_tap() -> Arc<Tap> {
+    let tap = Tap::open(TAP_NAME, true).expect("TAP");
+    tap.set_up().expect("TAP up");
+    // A TAP queues up to txqueuelen frames for its reader: room for a round.
+    let ok = std::process::Command::new("ip")
+        .args(["link", "set", TAP_NAME, "txqueuelen", "4096"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "ip link set {TAP_NAME} txqueuelen 4096 failed");
+    tap.configure_offloads(HDR_LEN, offload::CSUM | offload::TSO4 | offload::TSO6)
+        .expect("offloads");
+    Arc::new(tap)
+}
+
+#[derive(Default)]
+struct Figures {
+    frames: u64,
+    bytes: u64,
+    time: Duration,
+}
+
+impl Figures {
+    fn add(&mut self, shape: Shape, frames: usize, time: Duration) {
+        self.frames += frames as u64;
+        self.bytes += (frames * shape.frame_len()) as u64;
+        self.time += time;
+    }
+    fn fps(&self) -> f64 {
+        self.frames as f64 / self.time.as_secs_f64()
+    }
+    fn gbps(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.time.as_secs_f64() / 1e9
+    }
+}
+
+fn budget() -> Duration {
+    let secs = std::env::var("RVM_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2.0);
+    Duration::from_secs_f64(secs)
+}
+
+fn raw_tx_round(tap: &Tap, shape: Shape, pkt: &[u8]) -> Duration {
+    let iov = [
+        libc::iovec {
+            iov_base: pkt.as_ptr() as *mut _,
+            iov_len: HDR_LEN,
+        },
+        libc::iovec {
+            iov_base: pkt[HDR_LEN..].as_ptr() as *mut _,
+            iov_len: shape.frame_len(),
+        },
+    ];
+    let t = Instant::now();
+    for _ in 0..shape.round() {
+        let n = tap.writev(&iov).expect("raw writev");
+        assert_eq!(n, pkt.len(), "short write");
+    }
+    t.elapsed()
+}
+
+fn raw_rx_round(tap: &Tap, shape: Shape, pkt: &[u8], sock: &OwnedFd) -> Duration {
+    let mut buf = vec![0u8; HDR_LEN + 65_550];
+    let iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    inject(sock, pkt, shape.round());
+    let t = Instant::now();
+    for _ in 0..shape.round() {
+        let n = tap
+            .readv(&iov)
+            .expect("raw readv: a frame should be waiting");
+        assert_eq!(n, pkt.len(), "frame of the wrong size");
+    }
+    t.elapsed()
+}
+
+/// The device with the features a Linux guest takes, initialised.
+fn device(tap: &Arc<Tap>) -> (SimDriver, Arc<rvm::devices::virtio_net::NetStats>) {
+    let params = NetParams {
+        mac: [0x52, 0x54, 0, 0xbe, 0x9c, 0x01],
+        mtu: 1500,
+        name: "net-bench".into(),
+    };
+    let net = VirtioNet::new(params, tap.clone());
+    let stats = net.stats();
+    let mut drv = SimDriver::new(Box::new(net), 64);
+    let features = VERSION_1
+        | RING_EVENT_IDX
+        | RING_INDIRECT_DESC
+        | MAC
+        | STATUS
+        | MTU
+        | MRG_RXBUF
+        | CTRL_VQ
+        | CSUM
+        | GUEST_CSUM
+        | HOST_TSO4
+        | HOST_TSO6
+        | GUEST_TSO4
+        | GUEST_TSO6;
+    let s = drv.init(features, &[QSIZE, QSIZE, 64]);
+    assert_ne!(s & rvm::virtio::status::DRIVER_OK, 0, "driver init failed");
+    (drv, stats)
+}
+
+/// A busy guest's driver loop on queue `q`: keeps the ring full with
+/// `post(k)` for chains k = 0..total, reaps used chains, kicks only when
+/// the device's avail_event asks for it. Returns the time from the first
+/// kick to the last used chain, and the total used length.
+fn stream(
+    drv: &mut SimDriver,
+    q: usize,
+    total: usize,
+    mut post: impl FnMut(&mut SimDriver, usize) -> u16,
+) -> (Duration, u64) {
+    let mem = drv.mem.clone();
+    let size = drv.queues[q].size;
+    let avail_event = GuestAddress(drv.queues[q].used + 4 + 8 * u64::from(size));
+    let mut posted = 0;
+    while posted < total.min(usize::from(size)) {
+        let head = post(drv, posted);
+        drv.queues[q].stage(&mem, head);
+        posted += 1;
+    }
+    let (mut reaped, mut bytes) = (0, 0u64);
+    let t = Instant::now();
+    let mut flushed = drv.queues[q].avail_idx();
+    drv.queues[q].flush(&mem);
+    drv.kick(q as u16);
+    while reaped < total {
+        let mut more = false;
+        while let Some((_, len)) = drv.queues[q].pop_used(&mem) {
+            reaped += 1;
+            bytes += u64::from(len);
+            if posted < total {
+                let head = post(drv, posted);
+                drv.queues[q].stage(&mem, head);
+                posted += 1;
+                more = true;
+            }
+        }
+        if more {
+            let new = drv.queues[q].avail_idx();
+            drv.queues[q].flush(&mem);
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            let event: u16 = mem.read_obj(avail_event).expect("avail_event");
+            // vring_need_event: did the index pass the one the device named?
+            if new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(flushed) {
+                drv.kick(q as u16);
+            }
+            flushed = new;
+        } else {
+            assert!(t.elapsed() < Duration::from_secs(10), "the device stalled");
+            std::hint::spin_loop();
+        }
+    }
+    (t.elapsed(), bytes)
+}
+
+fn device_tx_round(drv: &mut SimDriver, shape: Shape) -> Duration {
+    let bufs = shape.tx_bufs(DATA_START);
+    let (took, _) = stream(drv, TXQ, shape.round(), |drv, _| {
+        let mem = drv.mem.clone();
+        match shape {
+            Shape::Mtu => drv.queues[TXQ].write_chain(&mem, &bufs, false),
+            Shape::Tso => {
+                let len = (16 * bufs.len()) as u32;
+                drv.queues[TXQ].write_descs(&mem, &[(TX_TABLE, len, DESC_F_INDIRECT, 0)])
+            }
+        }
+    });
+    took
+}
+
+/// The indirect table every TSO chain points at: the frame in 4 KiB pieces.
+fn write_tx_table(drv: &SimDriver, shape: Shape) {
+    let bufs = shape.tx_bufs(DATA_START);
+    for (i, &(addr, len)) in bufs.iter().enumerate() {
+        let at = TX_TABLE + 16 * i as u64;
+        let flags = if i + 1 < bufs.len() { DESC_F_NEXT } else { 0 };
+        drv.mem.write_obj(addr, GuestAddress(at)).unwrap();
+        drv.mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+        drv.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+        drv.mem
+            .write_obj(i as u16 + 1, GuestAddress(at + 14))
+            .unwrap();
+    }
+}
+
+fn device_rx_round(drv: &mut SimDriver, shape: Shape, pkt: &[u8], sock: &OwnedFd) -> Duration {
+    let len = shape.rx_buf_len();
+    let per_frame = (pkt.len() as u32).div_ceil(len) as usize;
+    // Exactly the buffers the round needs: none is left for a raw round.
+    let total = shape.round() * per_frame;
+    inject(sock, pkt, shape.round());
+    let (took, bytes) = stream(drv, RXQ, total, |drv, k| {
+        let mem = drv.mem.clone();
+        let at = RX_BUFS + (k % usize::from(QSIZE)) as u64 * u64::from(len);
+        drv.queues[RXQ].write_chain(&mem, &[(at, len)], true)
+    });
+    assert_eq!(bytes, (shape.round() * pkt.len()) as u64, "bytes read");
+    took
+}
+
+/// Alternating raw and device rounds until each has `budget()` of time.
+fn measure(tap: &Arc<Tap>, shape: Shape, dir: &str) -> (Figures, Figures) {
+    let pkt = packet(shape);
+    let sock = injector(tap.ifindex().expect("ifindex"));
+    let (mut drv, stats) = device(tap);
+    drv.mem
+        .write_slice(&pkt, GuestAddress(DATA_START))
+        .expect("frame in guest memory");
+    write_tx_table(&drv, shape);
+    let (mut raw, mut dev) = (Figures::default(), Figures::default());
+    drain(tap);
+    while raw.time < budget() || dev.time < budget() {
+        let n = shape.round();
+        if dir == "TX" {
+            raw.add(shape, n, raw_tx_round(tap, shape, &pkt));
+            dev.add(shape, n, device_tx_round(&mut drv, shape));
+        } else {
+            raw.add(shape, n, raw_rx_round(tap, shape, &pkt, &sock));
+            dev.add(shape, n, device_rx_round(&mut drv, shape, &pkt, &sock));
+        }
+    }
+    let c = stats.snapshot();
+    let (frames, lost) = if dir == "TX" {
+        (c.tx_frames, c.tx_dropped + c.malformed)
+    } else {
+        (c.rx_frames, c.rx_dropped + c.malformed)
+    };
+    assert_eq!(frames, dev.frames, "frames the device moved");
+    assert_eq!(lost, 0, "frames the device dropped or refused");
+    (raw, dev)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    enter_private_netns();
+    let tap = open_tap();
+    println!(
+        "virtio-net data path vs raw readv/writev on one TAP ({} s timed per figure)\n",
+        budget().as_secs_f64()
+    );
+    println!(
+        "{:<4} {:<18} {:>14} {:>10} {:>14} {:>10} {:>7}",
+        "dir", "frames", "raw frames/s", "raw Gb/s", "rvm frames/s", "rvm Gb/s", "rvm/raw"
+    );
+    for shape in [Shape::Mtu, Shape::Tso] {
+        for dir in ["TX", "RX"] {
+            let (raw, dev) = measure(&tap, shape, dir);
+            println!(
+                "{:<4} {:<18} {:>14.0} {:>10.2} {:>14.0} {:>10.2} {:>6.1}%",
+                dir,
+                shape.name(),
+                raw.fps(),
+                raw.gbps(),
+                dev.fps(),
+                dev.gbps(),
+                100.0 * dev.fps() / raw.fps()
+            );
+        }
+    }
+}
