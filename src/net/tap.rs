@@ -259,3 +259,253 @@ pub fn take_fd(fd: RawFd) -> Result<OwnedFd, TapError> {
     // with fd=N, so nothing else in rvm owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::backend::offload;
+    use crate::net::test_util::*;
+    use std::io::ErrorKind;
+
+    #[test]
+    fn bad_names_are_refused_and_nothing_is_made() {
+        assert!(valid_ifname("exactly15-bytes"));
+        assert!(valid_ifname("rvm%d"));
+        in_fresh_netns(|| {
+            for name in [
+                "",
+                "sixteen-bytes-xx",
+                "a/b",
+                "a b",
+                "a:b",
+                ".",
+                "..",
+                "a\tb",
+            ] {
+                assert!(!valid_ifname(name), "{name:?}");
+                let err = expect_err(Tap::open(name, false));
+                assert!(matches!(err, TapError::BadName(_)), "{name:?}: {err}");
+                assert!(err.to_string().contains(&format!("{name:?}")), "{err}");
+            }
+            // Only lo: no interface was made under a cut or odd name.
+            assert_eq!(ip(&["-o", "link"]).lines().count(), 1);
+        });
+    }
+
+    #[test]
+    fn created_tap_works_and_is_deleted_on_drop() {
+        in_fresh_netns(|| {
+            for vnet_hdr in [false, true] {
+                let tap = Tap::open("rvmtap0", vnet_hdr).unwrap();
+                assert_eq!(tap.name(), "rvmtap0");
+                assert!(tap.created());
+                assert_eq!(tap.vnet_hdr(), vnet_hdr);
+                let kind = tun_details("rvmtap0");
+                assert!(kind.starts_with("tun type tap pi off"), "{kind}");
+                let want = if vnet_hdr {
+                    "vnet_hdr on"
+                } else {
+                    "vnet_hdr off"
+                };
+                assert!(kind.contains(want), "{kind}");
+                assert!(kind.contains("persist off"), "{kind}");
+                assert_eq!(tap.ifindex().unwrap(), index_of("rvmtap0"));
+
+                assert!(!is_up("rvmtap0"));
+                tap.set_up().unwrap();
+                assert!(is_up("rvmtap0"));
+                tap.set_mtu(9000).unwrap();
+                assert_eq!(tap.mtu().unwrap(), 9000);
+                assert_eq!(mtu_of("rvmtap0"), 9000);
+                tap.set_sndbuf(1 << 20).unwrap();
+                if vnet_hdr {
+                    tap.set_vnet_hdr_size(12).unwrap();
+                    let all = offload::CSUM | offload::TSO4 | offload::TSO6 | offload::TSO_ECN;
+                    tap.set_offload(all).unwrap();
+                    tap.set_offload(0).unwrap();
+                    tap.configure_offloads(12, offload::CSUM).unwrap();
+                }
+                drop(tap);
+                assert!(gone_soon("rvmtap0"), "vnet_hdr={vnet_hdr}: TAP remains");
+            }
+        });
+    }
+
+    #[test]
+    fn percent_d_names_are_numbered_by_the_kernel() {
+        in_fresh_netns(|| {
+            let a = Tap::open("rvm%d", false).unwrap();
+            let b = Tap::open("rvm%d", false).unwrap();
+            assert_eq!(a.name(), "rvm0");
+            assert_eq!(b.name(), "rvm1");
+            assert!(a.created() && b.created());
+            assert!(exists("rvm0") && exists("rvm1"));
+            assert_eq!(b.ifindex().unwrap(), index_of("rvm1"));
+        });
+    }
+
+    #[test]
+    fn kernel_rejections_name_the_tap_and_the_operation() {
+        in_fresh_netns(|| {
+            let tap = Tap::open("rvmtap1", true).unwrap();
+            for (err, op) in [
+                (tap.set_vnet_hdr_size(4).unwrap_err(), "TUNSETVNETHDRSZ"),
+                (tap.set_sndbuf(0).unwrap_err(), "TUNSETSNDBUF"),
+                (tap.set_mtu(70000).unwrap_err(), "SIOCSIFMTU"),
+                (tap.set_mtu(u32::MAX).unwrap_err(), "SIOCSIFMTU"),
+            ] {
+                let msg = err.to_string();
+                assert!(
+                    msg.starts_with(&format!("TAP rvmtap1: {op} failed")),
+                    "{msg}"
+                );
+            }
+            assert_eq!(mtu_of("rvmtap1"), 1500);
+            let err = tap.configure_offloads(4, 0).unwrap_err();
+            assert!(err.to_string().contains("rvmtap1"), "{err}");
+        });
+    }
+
+    #[test]
+    fn persistent_tap_is_attached_and_survives_drop() {
+        in_fresh_netns(|| {
+            add_persistent_tap("rvmpers0");
+            let tap = Tap::open("rvmpers0", true).unwrap();
+            assert!(!tap.created());
+            assert!(tap.vnet_hdr());
+            assert!(tun_details("rvmpers0").contains("vnet_hdr on"));
+            tap.set_vnet_hdr_size(12).unwrap();
+            drop(tap);
+            assert!(exists("rvmpers0"));
+            assert!(tun_details("rvmpers0").contains("persist on"));
+            // Released, it can be attached again.
+            let tap = Tap::open("rvmpers0", false).unwrap();
+            assert!(!tap.created());
+        });
+    }
+
+    #[test]
+    fn second_open_is_busy() {
+        in_fresh_netns(|| {
+            let first = Tap::open("rvmbusy0", false).unwrap();
+            let err = expect_err(Tap::open("rvmbusy0", false));
+            assert!(matches!(err, TapError::Busy(_)), "{err}");
+            // tests/net.rs looks for "in use by another process".
+            assert_eq!(err.to_string(), "TAP rvmbusy0 is in use by another process");
+            // The holder is unharmed.
+            assert!(exists("rvmbusy0"));
+            assert_eq!(first.ifindex().unwrap(), index_of("rvmbusy0"));
+        });
+    }
+
+    #[test]
+    fn existing_non_tap_device_is_named() {
+        in_fresh_netns(|| {
+            let err = expect_err(Tap::open("lo", false));
+            assert!(matches!(err, TapError::NotTap(_)), "{err}");
+            // tests/net.rs looks for "not a TAP".
+            assert!(
+                err.to_string()
+                    .starts_with("lo exists and is not a TAP device"),
+                "{err}"
+            );
+            add_bridge("rvmbr0");
+            let err = expect_err(Tap::open("rvmbr0", true));
+            assert!(matches!(err, TapError::NotTap(_)), "{err}");
+            assert!(exists("rvmbr0"));
+            // A TUN is not a TAP either.
+            let _tun = raw_tun("rvmtun0", libc::IFF_TUN | libc::IFF_NO_PI);
+            let err = expect_err(Tap::open("rvmtun0", false));
+            assert!(matches!(err, TapError::NotTap(_)), "{err}");
+        });
+    }
+
+    #[test]
+    fn no_cap_net_admin_gives_the_permission_hint() {
+        in_fresh_netns(|| {
+            drop_cap_net_admin();
+            let err = expect_err(Tap::open("rvmperm0", false));
+            assert!(matches!(err, TapError::Permission(_)), "{err}");
+            let msg = err.to_string();
+            assert!(msg.contains("CAP_NET_ADMIN"), "{msg}");
+            assert!(
+                msg.contains("`ip tuntap add rvmperm0 mode tap user $USER`"),
+                "{msg}"
+            );
+            assert!(!exists("rvmperm0"));
+        });
+    }
+
+    #[test]
+    fn from_fd_learns_name_and_vnet_hdr() {
+        in_fresh_netns(|| {
+            let vnet = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+            let tap = Tap::from_fd(raw_tun("rvmfd0", vnet), true).unwrap();
+            assert_eq!(tap.name(), "rvmfd0");
+            assert!(tap.vnet_hdr());
+            assert!(!tap.created());
+            let (_, fl) = fd_flags(&tap);
+            assert_ne!(fl & libc::O_NONBLOCK, 0, "the data path relies on EAGAIN");
+            let mut buf = [0u8; 64];
+            let err = tap.readv(&[iov_mut(&mut buf)]).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::WouldBlock);
+
+            // A vnet header the fd has is used even when not asked for.
+            let tap = Tap::from_fd(raw_tun("rvmfd1", vnet), false).unwrap();
+            assert!(tap.vnet_hdr());
+
+            let fd = raw_tun("rvmfd2", libc::IFF_TAP | libc::IFF_NO_PI);
+            let raw = fd.as_raw_fd();
+            let err = expect_err(Tap::from_fd(fd, true));
+            assert!(
+                matches!(err, TapError::FdWithoutVnetHdr(n) if n == raw),
+                "{err}"
+            );
+            assert!(err.to_string().contains("vnet_hdr=off"), "{err}");
+
+            let fd = raw_tun("rvmfd3", libc::IFF_TUN | libc::IFF_NO_PI);
+            let err = expect_err(Tap::from_fd(fd, false));
+            assert!(matches!(err, TapError::BadFd(..)), "{err}");
+            assert!(err.to_string().contains("a TUN, not a TAP"), "{err}");
+
+            // /dev/net/tun before TUNSETIFF, and something else entirely.
+            for path in ["/dev/net/tun", "/dev/null"] {
+                let fd: OwnedFd = File::open(path).unwrap().into();
+                let err = expect_err(Tap::from_fd(fd, false));
+                assert!(matches!(err, TapError::BadFd(..)), "{path}: {err}");
+            }
+        });
+    }
+
+    #[test]
+    fn take_fd_refuses_descriptors_that_are_not_open() {
+        for fd in [-1, 1 << 30] {
+            let err = take_fd(fd).unwrap_err();
+            assert!(matches!(err, TapError::BadFd(n, _) if n == fd), "{err}");
+        }
+        let f = File::open("/dev/null").unwrap();
+        let raw = std::os::fd::IntoRawFd::into_raw_fd(f);
+        assert_eq!(take_fd(raw).unwrap().as_raw_fd(), raw);
+    }
+
+    #[test]
+    fn writev_sends_one_whole_frame_and_readv_would_block() {
+        in_fresh_netns(|| {
+            let tap = Tap::open("rvmdp0", false).unwrap();
+            tap.set_up().unwrap();
+            let before = rx_stats("rvmdp0");
+            let frame = test_frame(0x5a);
+            let (head, tail) = frame.split_at(6);
+            assert_eq!(tap.writev(&[iov(head), iov(tail)]).unwrap(), frame.len());
+            // The host received it as one frame of that length.
+            let after = rx_stats("rvmdp0");
+            assert_eq!(after.1, before.1 + 1);
+            assert_eq!(after.0, before.0 + frame.len() as u64);
+            // Nothing is queued for the guest: the namespace sends nothing
+            // to a TAP without addresses so soon.
+            let mut buf = [0u8; 128];
+            let err = tap.readv(&[iov_mut(&mut buf)]).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::WouldBlock);
+        });
+    }
+}
