@@ -10,11 +10,13 @@
 //! What the tests check is read back with `ip`, not with the code under
 //! test, so a bug in `sys` cannot hide itself.
 
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use super::sys::{self, Ifreq};
@@ -155,6 +157,18 @@ pub fn tun_details(name: &str) -> String {
     l[at..].to_string()
 }
 
+/// The names of the ports of `bridge`, one per line.
+pub fn ports_of(bridge: &str) -> String {
+    ip(&["-o", "link", "show", "master", bridge])
+}
+
+/// Whether `tap` is a port of `bridge`.
+pub fn in_bridge(tap: &str, bridge: &str) -> bool {
+    ports_of(bridge)
+        .lines()
+        .any(|l| l.split(':').nth(1).map(str::trim) == Some(tap))
+}
+
 /// A bridge, up, with STP off (ports forward at once).
 pub fn add_bridge(name: &str) {
     ip(&["link", "add", name, "type", "bridge"]);
@@ -259,6 +273,41 @@ pub fn test_frame(fill: u8) -> Vec<u8> {
     f.extend_from_slice(&[0x88, 0xb5]);
     f.extend(std::iter::repeat_n(fill, 46));
     f
+}
+
+thread_local! {
+    static WARNINGS: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+}
+
+/// A logger that keeps warnings and errors of threads that asked for them.
+struct Capture;
+
+impl log::Log for Capture {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            WARNINGS.with(|w| {
+                if let Some(v) = w.borrow_mut().as_mut() {
+                    v.push(r.args().to_string());
+                }
+            });
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// Runs `f` and returns the warnings (and errors) it logged on this thread.
+pub fn warnings_of(f: impl FnOnce()) -> Vec<String> {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        log::set_logger(&Capture).expect("another logger is installed in the unit tests");
+        log::set_max_level(log::LevelFilter::Warn);
+    });
+    WARNINGS.with(|w| *w.borrow_mut() = Some(Vec::new()));
+    f();
+    WARNINGS.with(|w| w.borrow_mut().take().unwrap_or_default())
 }
 
 /// A scratch directory for test scripts, removed on drop.
