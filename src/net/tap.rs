@@ -14,6 +14,7 @@ use super::sys::{self, Ifreq};
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_PERSIST: libc::c_short = 0x0800;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 
 // _IOW('T', n, int) and _IOR('T', n, unsigned int) from <linux/if_tun.h>.
@@ -71,7 +72,6 @@ impl Tap {
         if !valid_ifname(name) {
             return Err(TapError::BadName(name.into()));
         }
-        let existed = sys::ifindex(name).is_ok();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -102,10 +102,21 @@ impl Tap {
                 },
             });
         }
+        let name = req.name();
+        // The TAP itself says whether it is rvm's. One rvm just made is
+        // never persistent, and one that existed without IFF_PERSIST has a
+        // holder, so TUNSETIFF would have failed with EBUSY. Looking the
+        // name up beforehand would race with whoever makes or deletes a
+        // persistent TAP of that name in between.
+        let flags = tun_flags(file.as_raw_fd()).map_err(|e| TapError::Ioctl {
+            name: name.clone(),
+            op: "TUNGETIFF",
+            source: e,
+        })?;
         Ok(Tap {
             file,
-            name: req.name(),
-            created: !existed,
+            name,
+            created: flags & IFF_PERSIST == 0,
             vnet_hdr,
         })
     }
@@ -114,11 +125,7 @@ impl Tap {
     /// use). Its name and flags come from TUNGETIFF.
     pub fn from_fd(fd: OwnedFd, vnet_hdr: bool) -> Result<Tap, TapError> {
         let raw = fd.as_raw_fd();
-        let mut req = Ifreq::new("");
-        // SAFETY: TUNGETIFF writes an ifreq into `req`.
-        if unsafe { libc::ioctl(raw, TUNGETIFF, &mut req) } < 0 {
-            return Err(TapError::BadFd(raw, std::io::Error::last_os_error()));
-        }
+        let req = tun_getiff(raw).map_err(|e| TapError::BadFd(raw, e))?;
         if req.flags() & IFF_TAP == 0 {
             return Err(TapError::BadFd(
                 raw,
@@ -207,6 +214,20 @@ impl Tap {
     pub fn created(&self) -> bool {
         self.created
     }
+}
+
+/// TUNGETIFF: the name and TUN flags of an attached /dev/net/tun fd.
+fn tun_getiff(fd: RawFd) -> std::io::Result<Ifreq> {
+    let mut req = Ifreq::new("");
+    // SAFETY: TUNGETIFF writes one ifreq, which `req` is.
+    if unsafe { libc::ioctl(fd, TUNGETIFF, &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(req)
+}
+
+fn tun_flags(fd: RawFd) -> std::io::Result<libc::c_short> {
+    tun_getiff(fd).map(|r| r.flags())
 }
 
 impl AsRawFd for Tap {
@@ -381,6 +402,60 @@ mod tests {
             // Released, it can be attached again.
             let tap = Tap::open("rvmpers0", false).unwrap();
             assert!(!tap.created());
+        });
+    }
+
+    /// Whether a TAP is rvm's must come from the TAP itself: looking the
+    /// name up first races with a program that makes or deletes a
+    /// persistent TAP of that name in between.
+    #[test]
+    fn created_matches_the_kernel_while_the_name_comes_and_goes() {
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+        use std::time::{Duration, Instant};
+        in_fresh_netns(|| {
+            let stop = AtomicBool::new(false);
+            let (mut ours, mut theirs, mut wrong) = (0, 0, Vec::new());
+            std::thread::scope(|s| {
+                // Threads share the namespace of the thread that made them.
+                s.spawn(|| {
+                    while !stop.load(Relaxed) {
+                        toggle_persistent_tap("rvmrace0");
+                    }
+                });
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_secs(2) && ours + theirs < 40 {
+                    match Tap::open("rvmrace0", false) {
+                        Ok(tap) => {
+                            // Held by `tap`, the persistence cannot change.
+                            let persistent = tun_flags_of(&tap) & libc::IFF_PERSIST != 0;
+                            if persistent {
+                                theirs += 1
+                            } else {
+                                ours += 1
+                            }
+                            if tap.created() == persistent {
+                                wrong.push((tap.created(), persistent));
+                            }
+                        }
+                        Err(TapError::Busy(_)) => {}
+                        Err(e) => {
+                            stop.store(true, Relaxed);
+                            panic!("{e}");
+                        }
+                    }
+                }
+                stop.store(true, Relaxed);
+            });
+            assert!(
+                wrong.is_empty(),
+                "created() wrong {} times in {} opens; first (created, persistent): {:?}",
+                wrong.len(),
+                ours + theirs,
+                wrong[0]
+            );
+            // Other tests cover each case without a race; this one
+            // needs enough opens to meet the race at all.
+            assert!(ours + theirs >= 20, "only {ours} + {theirs} opens");
         });
     }
 

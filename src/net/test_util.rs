@@ -202,6 +202,50 @@ pub fn raw_tun(name: &str, flags: libc::c_int) -> OwnedFd {
     file.into()
 }
 
+/// The TUN flags of an attached /dev/net/tun descriptor (TUNGETIFF).
+pub fn tun_flags_of(fd: &impl AsRawFd) -> libc::c_int {
+    let mut req = Ifreq::new("");
+    // SAFETY: TUNGETIFF writes one ifreq, which `req` is.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF, &mut req) };
+    assert!(r == 0, "TUNGETIFF: {}", std::io::Error::last_os_error());
+    // The flags are a C short whose sign bit is a TUN flag too.
+    libc::c_int::from(req.flags() as u16)
+}
+
+/// What another program does to TAP `name` in one go: creates it and
+/// makes it persistent if it is missing, or makes it non-persistent (and
+/// so deletes it) if it exists. False if someone holds the TAP.
+pub fn toggle_persistent_tap(name: &str) -> bool {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .expect("open /dev/net/tun");
+    let mut req = Ifreq::new(name);
+    req.set_flags((libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short);
+    // SAFETY: TUNSETIFF reads and writes one ifreq, which `req` is.
+    if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) } != 0 {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.raw_os_error(), Some(libc::EBUSY), "TUNSETIFF {name}: {e}");
+        return false;
+    }
+    let persist = tun_flags_of(&file) & libc::IFF_PERSIST != 0;
+    // SAFETY: TUNSETPERSIST takes its argument by value.
+    let r = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            libc::TUNSETPERSIST,
+            libc::c_ulong::from(!persist),
+        )
+    };
+    assert!(
+        r == 0,
+        "TUNSETPERSIST {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    true
+}
+
 fn clear_cloexec(f: &File) {
     // SAFETY: F_SETFD takes an integer argument.
     assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, 0) }, 0);
