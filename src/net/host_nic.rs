@@ -195,12 +195,20 @@ mod tests {
         in_fresh_netns(|| {
             let vnet = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
             let fd = raw_tun("rvmnic5", vnet).into_raw_fd();
+            let dir = TempDir::new();
+            let fds = dir.path("fds");
+            let up = dir.script("up", &format!("ls -l /proc/$$/fd/ > '{}'", fds.display()));
             let nic = HostNic::setup(&NetConfig {
                 tap: None,
                 fd: Some(fd),
+                script: Some(up),
                 ..NetConfig::tap("")
             })
             .unwrap();
+            // The script must not hold the TAP: it could outlive rvm.
+            let seen = dir.read("fds");
+            assert!(seen.contains("/dev/null"), "{seen}");
+            assert!(!seen.contains("/dev/net/tun"), "{seen}");
             assert_eq!(nic.tap().name(), "rvmnic5");
             assert_eq!(nic.tap().as_raw_fd(), fd);
             assert!(!nic.tap().created());

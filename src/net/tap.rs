@@ -135,14 +135,15 @@ impl Tap {
         if vnet_hdr && req.flags() & IFF_VNET_HDR == 0 {
             return Err(TapError::FdWithoutVnetHdr(raw));
         }
-        // SAFETY: fcntl on an fd we own, with plain integer flags.
-        unsafe {
-            let fl = libc::fcntl(raw, libc::F_GETFL);
-            libc::fcntl(raw, libc::F_SETFL, fl | libc::O_NONBLOCK);
-        }
+        let name = req.name();
+        nonblocking_cloexec(raw).map_err(|e| TapError::Ioctl {
+            name: name.clone(),
+            op: "fcntl",
+            source: e,
+        })?;
         Ok(Tap {
             file: File::from(fd),
-            name: req.name(),
+            name,
             created: false,
             // A vnet header the fd has must be used even if not asked for.
             vnet_hdr: req.flags() & IFF_VNET_HDR != 0,
@@ -214,6 +215,23 @@ impl Tap {
     pub fn created(&self) -> bool {
         self.created
     }
+}
+
+/// An fd handed to rvm (fd=N) arrives blocking and inheritable, since it
+/// had to survive the exec into rvm. The data path needs EAGAIN, and the
+/// TAP must not leak into ifup/ifdown scripts or anything else rvm runs:
+/// a holder that outlives rvm keeps a non-persistent TAP alive.
+fn nonblocking_cloexec(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: F_GETFL takes no argument.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: F_SETFL and F_SETFD take plain integer arguments.
+    if fl < 0
+        || unsafe { libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0
+        || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// TUNGETIFF: the name and TUN flags of an attached /dev/net/tun fd.
@@ -519,8 +537,10 @@ mod tests {
             assert_eq!(tap.name(), "rvmfd0");
             assert!(tap.vnet_hdr());
             assert!(!tap.created());
-            let (_, fl) = fd_flags(&tap);
+            let (fd_fl, fl) = fd_flags(&tap);
             assert_ne!(fl & libc::O_NONBLOCK, 0, "the data path relies on EAGAIN");
+            // raw_tun leaves the fd inheritable, as a caller passing fd=N must.
+            assert_ne!(fd_fl & libc::FD_CLOEXEC, 0, "scripts would inherit the TAP");
             let mut buf = [0u8; 64];
             let err = tap.readv(&[iov_mut(&mut buf)]).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::WouldBlock);
