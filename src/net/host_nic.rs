@@ -27,6 +27,30 @@ pub struct HostNic {
     tap: Arc<Tap>,
 }
 
+/// What setup changed on a TAP rvm did not create, to put back when a
+/// later step fails: that TAP outlives the failure. (One rvm created needs
+/// nothing: closing it deletes it.) The send buffer belongs to rvm's fd.
+#[derive(Default)]
+struct Undo {
+    mtu: Option<u32>,
+    take_down: bool,
+}
+
+impl Undo {
+    fn apply(&self, tap: &Tap) {
+        if self.take_down {
+            if let Err(e) = tap.set_down() {
+                log::warn!("undoing the setup of {}: {e}", tap.name());
+            }
+        }
+        if let Some(mtu) = self.mtu {
+            if let Err(e) = tap.set_mtu(mtu) {
+                log::warn!("undoing the setup of {}: {e}", tap.name());
+            }
+        }
+    }
+}
+
 impl HostNic {
     /// Opens the TAP, sets its buffers and MTU, enslaves it, brings it
     /// up and runs the ifup script. On any failure what was done is undone.
@@ -36,28 +60,19 @@ impl HostNic {
             (Some(name), None) => Tap::open(name, cfg.vnet_hdr)?,
             (None, None) => return Err(TapError::BadName(String::new()).into()),
         };
-        if let Some(bytes) = cfg.sndbuf {
-            tap.set_sndbuf(bytes)?;
+        let mut undo = Undo::default();
+        match configure(&tap, cfg, &mut undo) {
+            Ok(port) => Ok(HostNic {
+                downscript: cfg.downscript.clone(),
+                port,
+                tap: Arc::new(tap),
+            }),
+            Err(e) => {
+                // The bridge port is gone already; the TAP closes after this.
+                undo.apply(&tap);
+                Err(e)
+            }
         }
-        if let Some(mtu) = cfg.mtu {
-            tap.set_mtu(u32::from(mtu))?;
-        }
-        let port = match &cfg.bridge {
-            Some(br) => Some(bridge::enslave(br, &tap)?),
-            None => None,
-        };
-        tap.set_up()?;
-        let mut nic = HostNic {
-            downscript: None,
-            port,
-            tap: Arc::new(tap),
-        };
-        if let Some(up) = &cfg.script {
-            // On failure `nic` drops here: off the bridge, TAP closed.
-            script::run(up, nic.tap.name(), "script")?;
-        }
-        nic.downscript = cfg.downscript.clone();
-        Ok(nic)
     }
 
     pub fn tap(&self) -> &Arc<Tap> {
@@ -67,6 +82,39 @@ impl HostNic {
     pub fn bridge(&self) -> Option<&str> {
         self.port.as_ref().map(|p| p.bridge())
     }
+}
+
+/// The steps after opening the TAP. An early return drops the bridge
+/// port, taking the TAP off the bridge; `undo` collects the rest.
+fn configure(
+    tap: &Tap,
+    cfg: &NetConfig,
+    undo: &mut Undo,
+) -> Result<Option<BridgePort>, HostNicError> {
+    if let Some(bytes) = cfg.sndbuf {
+        tap.set_sndbuf(bytes)?;
+    }
+    if let Some(mtu) = cfg.mtu.map(u32::from) {
+        if !tap.created() {
+            let old = tap.mtu()?;
+            if old != mtu {
+                undo.mtu = Some(old);
+            }
+        }
+        tap.set_mtu(mtu)?;
+    }
+    let port = match &cfg.bridge {
+        Some(br) => Some(bridge::enslave(br, tap)?),
+        None => None,
+    };
+    if !tap.created() && !tap.is_up()? {
+        undo.take_down = true;
+    }
+    tap.set_up()?;
+    if let Some(up) = &cfg.script {
+        script::run(up, tap.name(), "script")?;
+    }
+    Ok(port)
 }
 
 impl Drop for HostNic {
@@ -187,6 +235,53 @@ mod tests {
             assert_eq!(ports_of("rvmbr3"), "");
             // The ifup never succeeded: nothing for the ifdown to undo.
             assert!(!dir.path("ran").exists());
+        });
+    }
+
+    /// A TAP rvm did not create outlives a failed setup, so it gets back
+    /// what setup changed: MTU, link state and bridge membership.
+    #[test]
+    fn failed_setup_puts_a_persistent_tap_back_as_it_was() {
+        in_fresh_netns(|| {
+            add_bridge("rvmbr4");
+            let dir = TempDir::new();
+            let fail = dir.script("up", "exit 1");
+            add_persistent_tap("rvmnic4");
+            let old_mtu = mtu_of("rvmnic4");
+            let new_mtu = u16::try_from(old_mtu).unwrap() + 100;
+            for (bridge, script) in [
+                // Fails after MTU, bridge and link up.
+                (Some("rvmbr4"), Some(fail.clone())),
+                // Fails right after the MTU.
+                (Some("rvmnobr"), None),
+            ] {
+                assert!(!is_up("rvmnic4"));
+                let err = expect_err(HostNic::setup(&NetConfig {
+                    bridge: bridge.map(String::from),
+                    mtu: Some(new_mtu),
+                    script,
+                    vnet_hdr: false,
+                    ..NetConfig::tap("rvmnic4")
+                }));
+                assert!(
+                    matches!(err, HostNicError::Script(_) | HostNicError::Bridge(_)),
+                    "{err}"
+                );
+                assert!(exists("rvmnic4"));
+                assert_eq!(mtu_of("rvmnic4"), old_mtu, "{err}");
+                assert!(!is_up("rvmnic4"), "{err}");
+                assert_eq!(ports_of("rvmbr4"), "", "{err}");
+            }
+            // A link that was up before stays up.
+            ip(&["link", "set", "rvmnic4", "up"]);
+            expect_err(HostNic::setup(&NetConfig {
+                mtu: Some(new_mtu),
+                script: Some(fail),
+                vnet_hdr: false,
+                ..NetConfig::tap("rvmnic4")
+            }));
+            assert!(is_up("rvmnic4"));
+            assert_eq!(mtu_of("rvmnic4"), old_mtu);
         });
     }
 

@@ -89,12 +89,31 @@ pub fn set_mtu(name: &str, mtu: u32) -> std::io::Result<()> {
     ioctl(libc::SIOCSIFMTU, &mut r)
 }
 
-pub fn set_up(name: &str) -> std::io::Result<()> {
+/// Whether the link is administratively up (IFF_UP).
+pub fn is_up(name: &str) -> std::io::Result<bool> {
     let mut r = Ifreq::new(name);
     ioctl(libc::SIOCGIFFLAGS, &mut r)?;
-    let f = r.flags() | libc::IFF_UP as libc::c_short;
+    Ok(r.flags() & libc::IFF_UP as libc::c_short != 0)
+}
+
+fn set_up_flag(name: &str, up: bool) -> std::io::Result<()> {
+    let mut r = Ifreq::new(name);
+    ioctl(libc::SIOCGIFFLAGS, &mut r)?;
+    let f = if up {
+        r.flags() | libc::IFF_UP as libc::c_short
+    } else {
+        r.flags() & !(libc::IFF_UP as libc::c_short)
+    };
     r.set_flags(f);
     ioctl(libc::SIOCSIFFLAGS, &mut r)
+}
+
+pub fn set_up(name: &str) -> std::io::Result<()> {
+    set_up_flag(name, true)
+}
+
+pub fn set_down(name: &str) -> std::io::Result<()> {
+    set_up_flag(name, false)
 }
 
 /// Adds (or removes) interface `port` to (from) bridge `bridge`.
@@ -141,8 +160,12 @@ mod tests {
             set_mtu("lo", 1400).unwrap();
             assert_eq!(t::mtu_of("lo"), 1400);
             assert!(!t::is_up("lo"));
+            assert!(!is_up("lo").unwrap());
             set_up("lo").unwrap();
             assert!(t::is_up("lo"));
+            assert!(is_up("lo").unwrap());
+            set_down("lo").unwrap();
+            assert!(!t::is_up("lo"));
         });
     }
 

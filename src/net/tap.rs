@@ -203,6 +203,15 @@ impl Tap {
         sys::set_up(&self.name).map_err(|e| self.err("SIOCSIFFLAGS", e))
     }
 
+    /// Takes the link down: undoes `set_up` on a TAP rvm did not create.
+    pub fn set_down(&self) -> Result<(), TapError> {
+        sys::set_down(&self.name).map_err(|e| self.err("SIOCSIFFLAGS", e))
+    }
+
+    pub fn is_up(&self) -> Result<bool, TapError> {
+        sys::is_up(&self.name).map_err(|e| self.err("SIOCGIFFLAGS", e))
+    }
+
     pub fn ifindex(&self) -> Result<i32, TapError> {
         sys::ifindex(&self.name).map_err(|e| self.err("SIOCGIFINDEX", e))
     }
@@ -351,8 +360,13 @@ mod tests {
                 assert_eq!(tap.ifindex().unwrap(), index_of("rvmtap0"));
 
                 assert!(!is_up("rvmtap0"));
+                assert!(!tap.is_up().unwrap());
                 tap.set_up().unwrap();
                 assert!(is_up("rvmtap0"));
+                assert!(tap.is_up().unwrap());
+                tap.set_down().unwrap();
+                assert!(!is_up("rvmtap0"));
+                tap.set_up().unwrap();
                 tap.set_mtu(9000).unwrap();
                 assert_eq!(tap.mtu().unwrap(), 9000);
                 assert_eq!(mtu_of("rvmtap0"), 9000);
