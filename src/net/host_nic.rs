@@ -27,6 +27,30 @@ pub struct HostNic {
     tap: Arc<Tap>,
 }
 
+/// What setup changed on a TAP rvm did not create, to put back when a
+/// later step fails: that TAP outlives the failure. (One rvm created needs
+/// nothing: closing it deletes it.) The send buffer belongs to rvm's fd.
+#[derive(Default)]
+struct Undo {
+    mtu: Option<u32>,
+    take_down: bool,
+}
+
+impl Undo {
+    fn apply(&self, tap: &Tap) {
+        if self.take_down {
+            if let Err(e) = tap.set_down() {
+                log::warn!("undoing the setup of {}: {e}", tap.name());
+            }
+        }
+        if let Some(mtu) = self.mtu {
+            if let Err(e) = tap.set_mtu(mtu) {
+                log::warn!("undoing the setup of {}: {e}", tap.name());
+            }
+        }
+    }
+}
+
 impl HostNic {
     /// Opens the TAP, sets its buffers and MTU, enslaves it, brings it
     /// up and runs the ifup script. On any failure what was done is undone.
@@ -36,28 +60,19 @@ impl HostNic {
             (Some(name), None) => Tap::open(name, cfg.vnet_hdr)?,
             (None, None) => return Err(TapError::BadName(String::new()).into()),
         };
-        if let Some(bytes) = cfg.sndbuf {
-            tap.set_sndbuf(bytes)?;
+        let mut undo = Undo::default();
+        match configure(&tap, cfg, &mut undo) {
+            Ok(port) => Ok(HostNic {
+                downscript: cfg.downscript.clone(),
+                port,
+                tap: Arc::new(tap),
+            }),
+            Err(e) => {
+                // The bridge port is gone already; the TAP closes after this.
+                undo.apply(&tap);
+                Err(e)
+            }
         }
-        if let Some(mtu) = cfg.mtu {
-            tap.set_mtu(u32::from(mtu))?;
-        }
-        let port = match &cfg.bridge {
-            Some(br) => Some(bridge::enslave(br, &tap)?),
-            None => None,
-        };
-        tap.set_up()?;
-        let mut nic = HostNic {
-            downscript: None,
-            port,
-            tap: Arc::new(tap),
-        };
-        if let Some(up) = &cfg.script {
-            // On failure `nic` drops here: off the bridge, TAP closed.
-            script::run(up, nic.tap.name(), "script")?;
-        }
-        nic.downscript = cfg.downscript.clone();
-        Ok(nic)
     }
 
     pub fn tap(&self) -> &Arc<Tap> {
@@ -69,6 +84,39 @@ impl HostNic {
     }
 }
 
+/// The steps after opening the TAP. An early return drops the bridge
+/// port, taking the TAP off the bridge; `undo` collects the rest.
+fn configure(
+    tap: &Tap,
+    cfg: &NetConfig,
+    undo: &mut Undo,
+) -> Result<Option<BridgePort>, HostNicError> {
+    if let Some(bytes) = cfg.sndbuf {
+        tap.set_sndbuf(bytes)?;
+    }
+    if let Some(mtu) = cfg.mtu.map(u32::from) {
+        if !tap.created() {
+            let old = tap.mtu()?;
+            if old != mtu {
+                undo.mtu = Some(old);
+            }
+        }
+        tap.set_mtu(mtu)?;
+    }
+    let port = match &cfg.bridge {
+        Some(br) => Some(bridge::enslave(br, tap)?),
+        None => None,
+    };
+    if !tap.created() && !tap.is_up()? {
+        undo.take_down = true;
+    }
+    tap.set_up()?;
+    if let Some(up) = &cfg.script {
+        script::run(up, tap.name(), "script")?;
+    }
+    Ok(port)
+}
+
 impl Drop for HostNic {
     fn drop(&mut self) {
         if let Some(down) = &self.downscript {
@@ -76,5 +124,237 @@ impl Drop for HostNic {
                 log::warn!("{e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::backend::NetBackend;
+    use crate::net::test_util::*;
+    use std::os::fd::{AsRawFd, IntoRawFd};
+
+    #[test]
+    fn full_setup_and_teardown() {
+        in_fresh_netns(|| {
+            add_bridge("rvmbr0");
+            let dir = TempDir::new();
+            // The scripts record $1 and the link as they see it, to show
+            // that they run with the TAP up and in the bridge.
+            let show =
+                |file: &str| format!("ip -o link show \"$1\" > '{}'", dir.path(file).display());
+            let nic = HostNic::setup(&NetConfig {
+                bridge: Some("rvmbr0".into()),
+                sndbuf: Some(1 << 20),
+                mtu: Some(1400),
+                script: Some(dir.script("ifup", &show("up"))),
+                downscript: Some(dir.script("ifdown", &show("down"))),
+                ..NetConfig::tap("rvmnic0")
+            })
+            .unwrap();
+            assert!(nic.tap().created());
+            assert!(nic.tap().vnet_hdr());
+            assert_eq!(nic.bridge(), Some("rvmbr0"));
+            assert_eq!(mtu_of("rvmnic0"), 1400);
+            assert!(is_up("rvmnic0"));
+            assert!(in_bridge("rvmnic0", "rvmbr0"));
+            let up = dir.read("up");
+            assert!(
+                up.starts_with(&format!("{}: rvmnic0:", index_of("rvmnic0"))),
+                "{up}"
+            );
+            assert!(up.contains(",UP"), "{up}");
+            assert!(up.contains("master rvmbr0"), "{up}");
+            assert_eq!(dir.read("down"), "");
+
+            drop(nic);
+            // The downscript saw the NIC as it was.
+            let down = dir.read("down");
+            assert!(down.contains(",UP"), "{down}");
+            assert!(down.contains("master rvmbr0"), "{down}");
+            assert!(gone_soon("rvmnic0"));
+            assert_eq!(ports_of("rvmbr0"), "");
+        });
+    }
+
+    #[test]
+    fn persistent_tap_stays_but_leaves_the_bridge() {
+        in_fresh_netns(|| {
+            add_bridge("rvmbr1");
+            add_persistent_tap("rvmnic1");
+            let nic = HostNic::setup(&NetConfig {
+                bridge: Some("rvmbr1".into()),
+                vnet_hdr: false,
+                ..NetConfig::tap("rvmnic1")
+            })
+            .unwrap();
+            assert!(!nic.tap().created());
+            assert!(in_bridge("rvmnic1", "rvmbr1"));
+            drop(nic);
+            assert!(exists("rvmnic1"));
+            assert!(!in_bridge("rvmnic1", "rvmbr1"));
+        });
+    }
+
+    #[test]
+    fn missing_bridge_leaves_no_tap_behind() {
+        in_fresh_netns(|| {
+            let err = expect_err(HostNic::setup(&NetConfig {
+                bridge: Some("rvmnobr".into()),
+                ..NetConfig::tap("rvmnic2")
+            }));
+            assert!(matches!(err, HostNicError::Bridge(_)), "{err}");
+            assert!(
+                err.to_string()
+                    .contains("`ip link add rvmnobr type bridge && ip link set rvmnobr up`"),
+                "{err}"
+            );
+            assert!(gone_soon("rvmnic2"));
+        });
+    }
+
+    #[test]
+    fn failing_script_undoes_everything() {
+        in_fresh_netns(|| {
+            add_bridge("rvmbr3");
+            let dir = TempDir::new();
+            let up = dir.script("up", "exit 7");
+            let down = dir.script("down", &format!("touch '{}'", dir.path("ran").display()));
+            let err = expect_err(HostNic::setup(&NetConfig {
+                bridge: Some("rvmbr3".into()),
+                script: Some(up.clone()),
+                downscript: Some(down),
+                ..NetConfig::tap("rvmnic3")
+            }));
+            assert!(matches!(err, HostNicError::Script(_)), "{err}");
+            assert_eq!(
+                err.to_string(),
+                format!("script {} rvmnic3 failed: exit status: 7", up.display())
+            );
+            assert!(gone_soon("rvmnic3"));
+            assert_eq!(ports_of("rvmbr3"), "");
+            // The ifup never succeeded: nothing for the ifdown to undo.
+            assert!(!dir.path("ran").exists());
+        });
+    }
+
+    /// A TAP rvm did not create outlives a failed setup, so it gets back
+    /// what setup changed: MTU, link state and bridge membership.
+    #[test]
+    fn failed_setup_puts_a_persistent_tap_back_as_it_was() {
+        in_fresh_netns(|| {
+            add_bridge("rvmbr4");
+            let dir = TempDir::new();
+            let fail = dir.script("up", "exit 1");
+            add_persistent_tap("rvmnic4");
+            let old_mtu = mtu_of("rvmnic4");
+            let new_mtu = u16::try_from(old_mtu).unwrap() + 100;
+            for (bridge, script) in [
+                // Fails after MTU, bridge and link up.
+                (Some("rvmbr4"), Some(fail.clone())),
+                // Fails right after the MTU.
+                (Some("rvmnobr"), None),
+            ] {
+                assert!(!is_up("rvmnic4"));
+                let err = expect_err(HostNic::setup(&NetConfig {
+                    bridge: bridge.map(String::from),
+                    mtu: Some(new_mtu),
+                    script,
+                    vnet_hdr: false,
+                    ..NetConfig::tap("rvmnic4")
+                }));
+                assert!(
+                    matches!(err, HostNicError::Script(_) | HostNicError::Bridge(_)),
+                    "{err}"
+                );
+                assert!(exists("rvmnic4"));
+                assert_eq!(mtu_of("rvmnic4"), old_mtu, "{err}");
+                assert!(!is_up("rvmnic4"), "{err}");
+                assert_eq!(ports_of("rvmbr4"), "", "{err}");
+            }
+            // A link that was up before stays up.
+            ip(&["link", "set", "rvmnic4", "up"]);
+            expect_err(HostNic::setup(&NetConfig {
+                mtu: Some(new_mtu),
+                script: Some(fail),
+                vnet_hdr: false,
+                ..NetConfig::tap("rvmnic4")
+            }));
+            assert!(is_up("rvmnic4"));
+            assert_eq!(mtu_of("rvmnic4"), old_mtu);
+        });
+    }
+
+    #[test]
+    fn tap_from_an_inherited_fd() {
+        in_fresh_netns(|| {
+            let vnet = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+            let fd = raw_tun("rvmnic5", vnet).into_raw_fd();
+            let dir = TempDir::new();
+            let fds = dir.path("fds");
+            let up = dir.script("up", &format!("ls -l /proc/$$/fd/ > '{}'", fds.display()));
+            let nic = HostNic::setup(&NetConfig {
+                tap: None,
+                fd: Some(fd),
+                script: Some(up),
+                ..NetConfig::tap("")
+            })
+            .unwrap();
+            // The script must not hold the TAP: it could outlive rvm.
+            let seen = dir.read("fds");
+            assert!(seen.contains("/dev/null"), "{seen}");
+            assert!(!seen.contains("/dev/net/tun"), "{seen}");
+            assert_eq!(nic.tap().name(), "rvmnic5");
+            assert_eq!(nic.tap().as_raw_fd(), fd);
+            assert!(!nic.tap().created());
+            assert!(is_up("rvmnic5"));
+            drop(nic);
+            // The fd was the TAP's only holder and the TAP is not
+            // persistent, so closing it deletes the TAP.
+            assert!(gone_soon("rvmnic5"));
+        });
+    }
+
+    #[test]
+    fn a_nic_needs_a_tap_or_an_open_fd() {
+        in_fresh_netns(|| {
+            let none = NetConfig {
+                tap: None,
+                ..NetConfig::tap("")
+            };
+            let err = expect_err(HostNic::setup(&none));
+            assert!(
+                matches!(err, HostNicError::Tap(TapError::BadName(_))),
+                "{err}"
+            );
+            let err = expect_err(HostNic::setup(&NetConfig {
+                fd: Some(1 << 30),
+                ..none
+            }));
+            assert!(
+                matches!(err, HostNicError::Tap(TapError::BadFd(..))),
+                "{err}"
+            );
+            assert_eq!(ip(&["-o", "link"]).lines().count(), 1, "only lo");
+        });
+        // Both at once never reach setup: the option parser refuses them.
+        let err = "tap=rvmnic6,fd=3".parse::<NetConfig>().unwrap_err();
+        assert!(
+            matches!(err, crate::net::config::NetConfigError::TapAndFd(_)),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_mtu_leaves_no_tap_behind() {
+        in_fresh_netns(|| {
+            let err = expect_err(HostNic::setup(&NetConfig {
+                mtu: Some(10),
+                ..NetConfig::tap("rvmnic7")
+            }));
+            assert!(matches!(err, HostNicError::Tap(_)), "{err}");
+            assert!(err.to_string().contains("rvmnic7"), "{err}");
+            assert!(gone_soon("rvmnic7"));
+        });
     }
 }

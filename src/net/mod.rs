@@ -10,6 +10,8 @@ pub mod host_nic;
 pub mod script;
 pub mod sys;
 pub mod tap;
+#[cfg(test)]
+mod test_util;
 
 pub use config::{MacAddr, NetConfig, NicModel, VhostMode};
 pub use host_nic::{HostNic, HostNicError};

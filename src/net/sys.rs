@@ -89,12 +89,31 @@ pub fn set_mtu(name: &str, mtu: u32) -> std::io::Result<()> {
     ioctl(libc::SIOCSIFMTU, &mut r)
 }
 
-pub fn set_up(name: &str) -> std::io::Result<()> {
+/// Whether the link is administratively up (IFF_UP).
+pub fn is_up(name: &str) -> std::io::Result<bool> {
     let mut r = Ifreq::new(name);
     ioctl(libc::SIOCGIFFLAGS, &mut r)?;
-    let f = r.flags() | libc::IFF_UP as libc::c_short;
+    Ok(r.flags() & libc::IFF_UP as libc::c_short != 0)
+}
+
+fn set_up_flag(name: &str, up: bool) -> std::io::Result<()> {
+    let mut r = Ifreq::new(name);
+    ioctl(libc::SIOCGIFFLAGS, &mut r)?;
+    let f = if up {
+        r.flags() | libc::IFF_UP as libc::c_short
+    } else {
+        r.flags() & !(libc::IFF_UP as libc::c_short)
+    };
     r.set_flags(f);
     ioctl(libc::SIOCSIFFLAGS, &mut r)
+}
+
+pub fn set_up(name: &str) -> std::io::Result<()> {
+    set_up_flag(name, true)
+}
+
+pub fn set_down(name: &str) -> std::io::Result<()> {
+    set_up_flag(name, false)
 }
 
 /// Adds (or removes) interface `port` to (from) bridge `bridge`.
@@ -108,4 +127,72 @@ pub fn bridge_port(bridge: &str, port: i32, add: bool) -> std::io::Result<()> {
 /// a non-bridge fails with EOPNOTSUPP, which `bridge_port` reports.
 pub fn exists(name: &str) -> bool {
     ifindex(name).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::test_util::{self as t, add_bridge, in_bridge, in_fresh_netns, index_of};
+
+    #[test]
+    fn ifreq_names_are_cut_never_overflowed() {
+        assert_eq!(Ifreq::new("rvm0").name(), "rvm0");
+        assert_eq!(Ifreq::new("").name(), "");
+        // IFNAMSIZ - 1 bytes are kept, leaving room for the NUL.
+        assert_eq!(Ifreq::new("0123456789abcdefghij").name(), "0123456789abcde");
+        let mut r = Ifreq::new("x");
+        r.set_flags(-2);
+        assert_eq!(r.flags(), -2);
+        assert_eq!(r.name(), "x");
+    }
+
+    #[test]
+    fn interface_ioctls_act_in_the_thread_namespace() {
+        in_fresh_netns(|| {
+            assert!(exists("lo"));
+            assert!(!exists("rvmnone"));
+            assert_eq!(
+                ifindex("rvmnone").unwrap_err().raw_os_error(),
+                Some(libc::ENODEV)
+            );
+            assert_eq!(ifindex("lo").unwrap(), index_of("lo"));
+            assert_eq!(mtu("lo").unwrap(), t::mtu_of("lo"));
+            set_mtu("lo", 1400).unwrap();
+            assert_eq!(t::mtu_of("lo"), 1400);
+            assert!(!t::is_up("lo"));
+            assert!(!is_up("lo").unwrap());
+            set_up("lo").unwrap();
+            assert!(t::is_up("lo"));
+            assert!(is_up("lo").unwrap());
+            set_down("lo").unwrap();
+            assert!(!t::is_up("lo"));
+        });
+    }
+
+    #[test]
+    fn bridge_port_adds_removes_and_reports_errno() {
+        in_fresh_netns(|| {
+            add_bridge("rvmbr5");
+            t::add_persistent_tap("rvmt5");
+            let idx = index_of("rvmt5");
+            bridge_port("rvmbr5", idx, true).unwrap();
+            assert!(in_bridge("rvmt5", "rvmbr5"));
+            bridge_port("rvmbr5", idx, false).unwrap();
+            assert!(!in_bridge("rvmt5", "rvmbr5"));
+            // What bridge.rs turns into its messages.
+            let errno = |br: &str, add| bridge_port(br, idx, add).unwrap_err().raw_os_error();
+            assert!(
+                matches!(
+                    errno("lo", true),
+                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+                ),
+                "{:?}",
+                errno("lo", true)
+            );
+            assert_eq!(errno("rvmnobr", true), Some(libc::ENODEV));
+            assert_eq!(errno("rvmnobr", false), Some(libc::ENODEV));
+            // Not a port (any more): EINVAL, which BridgePort::drop ignores.
+            assert_eq!(errno("rvmbr5", false), Some(libc::EINVAL));
+        });
+    }
 }

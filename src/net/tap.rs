@@ -14,6 +14,7 @@ use super::sys::{self, Ifreq};
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_PERSIST: libc::c_short = 0x0800;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 
 // _IOW('T', n, int) and _IOR('T', n, unsigned int) from <linux/if_tun.h>.
@@ -71,7 +72,6 @@ impl Tap {
         if !valid_ifname(name) {
             return Err(TapError::BadName(name.into()));
         }
-        let existed = sys::ifindex(name).is_ok();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -102,10 +102,21 @@ impl Tap {
                 },
             });
         }
+        let name = req.name();
+        // The TAP itself says whether it is rvm's. One rvm just made is
+        // never persistent, and one that existed without IFF_PERSIST has a
+        // holder, so TUNSETIFF would have failed with EBUSY. Looking the
+        // name up beforehand would race with whoever makes or deletes a
+        // persistent TAP of that name in between.
+        let flags = tun_flags(file.as_raw_fd()).map_err(|e| TapError::Ioctl {
+            name: name.clone(),
+            op: "TUNGETIFF",
+            source: e,
+        })?;
         Ok(Tap {
             file,
-            name: req.name(),
-            created: !existed,
+            name,
+            created: flags & IFF_PERSIST == 0,
             vnet_hdr,
         })
     }
@@ -114,11 +125,7 @@ impl Tap {
     /// use). Its name and flags come from TUNGETIFF.
     pub fn from_fd(fd: OwnedFd, vnet_hdr: bool) -> Result<Tap, TapError> {
         let raw = fd.as_raw_fd();
-        let mut req = Ifreq::new("");
-        // SAFETY: TUNGETIFF writes an ifreq into `req`.
-        if unsafe { libc::ioctl(raw, TUNGETIFF, &mut req) } < 0 {
-            return Err(TapError::BadFd(raw, std::io::Error::last_os_error()));
-        }
+        let req = tun_getiff(raw).map_err(|e| TapError::BadFd(raw, e))?;
         if req.flags() & IFF_TAP == 0 {
             return Err(TapError::BadFd(
                 raw,
@@ -128,14 +135,15 @@ impl Tap {
         if vnet_hdr && req.flags() & IFF_VNET_HDR == 0 {
             return Err(TapError::FdWithoutVnetHdr(raw));
         }
-        // SAFETY: fcntl on an fd we own, with plain integer flags.
-        unsafe {
-            let fl = libc::fcntl(raw, libc::F_GETFL);
-            libc::fcntl(raw, libc::F_SETFL, fl | libc::O_NONBLOCK);
-        }
+        let name = req.name();
+        nonblocking_cloexec(raw).map_err(|e| TapError::Ioctl {
+            name: name.clone(),
+            op: "fcntl",
+            source: e,
+        })?;
         Ok(Tap {
             file: File::from(fd),
-            name: req.name(),
+            name,
             created: false,
             // A vnet header the fd has must be used even if not asked for.
             vnet_hdr: req.flags() & IFF_VNET_HDR != 0,
@@ -195,6 +203,15 @@ impl Tap {
         sys::set_up(&self.name).map_err(|e| self.err("SIOCSIFFLAGS", e))
     }
 
+    /// Takes the link down: undoes `set_up` on a TAP rvm did not create.
+    pub fn set_down(&self) -> Result<(), TapError> {
+        sys::set_down(&self.name).map_err(|e| self.err("SIOCSIFFLAGS", e))
+    }
+
+    pub fn is_up(&self) -> Result<bool, TapError> {
+        sys::is_up(&self.name).map_err(|e| self.err("SIOCGIFFLAGS", e))
+    }
+
     pub fn ifindex(&self) -> Result<i32, TapError> {
         sys::ifindex(&self.name).map_err(|e| self.err("SIOCGIFINDEX", e))
     }
@@ -207,6 +224,37 @@ impl Tap {
     pub fn created(&self) -> bool {
         self.created
     }
+}
+
+/// An fd handed to rvm (fd=N) arrives blocking and inheritable, since it
+/// had to survive the exec into rvm. The data path needs EAGAIN, and the
+/// TAP must not leak into ifup/ifdown scripts or anything else rvm runs:
+/// a holder that outlives rvm keeps a non-persistent TAP alive.
+fn nonblocking_cloexec(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: F_GETFL takes no argument.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: F_SETFL and F_SETFD take plain integer arguments.
+    if fl < 0
+        || unsafe { libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0
+        || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// TUNGETIFF: the name and TUN flags of an attached /dev/net/tun fd.
+fn tun_getiff(fd: RawFd) -> std::io::Result<Ifreq> {
+    let mut req = Ifreq::new("");
+    // SAFETY: TUNGETIFF writes one ifreq, which `req` is.
+    if unsafe { libc::ioctl(fd, TUNGETIFF, &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(req)
+}
+
+fn tun_flags(fd: RawFd) -> std::io::Result<libc::c_short> {
+    tun_getiff(fd).map(|r| r.flags())
 }
 
 impl AsRawFd for Tap {
@@ -258,4 +306,315 @@ pub fn take_fd(fd: RawFd) -> Result<OwnedFd, TapError> {
     // SAFETY: the fd is open (checked above) and the user handed it to rvm
     // with fd=N, so nothing else in rvm owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::backend::offload;
+    use crate::net::test_util::*;
+    use std::io::ErrorKind;
+
+    #[test]
+    fn bad_names_are_refused_and_nothing_is_made() {
+        assert!(valid_ifname("exactly15-bytes"));
+        assert!(valid_ifname("rvm%d"));
+        in_fresh_netns(|| {
+            for name in [
+                "",
+                "sixteen-bytes-xx",
+                "a/b",
+                "a b",
+                "a:b",
+                ".",
+                "..",
+                "a\tb",
+            ] {
+                assert!(!valid_ifname(name), "{name:?}");
+                let err = expect_err(Tap::open(name, false));
+                assert!(matches!(err, TapError::BadName(_)), "{name:?}: {err}");
+                assert!(err.to_string().contains(&format!("{name:?}")), "{err}");
+            }
+            // Only lo: no interface was made under a cut or odd name.
+            assert_eq!(ip(&["-o", "link"]).lines().count(), 1);
+        });
+    }
+
+    #[test]
+    fn created_tap_works_and_is_deleted_on_drop() {
+        in_fresh_netns(|| {
+            for vnet_hdr in [false, true] {
+                let tap = Tap::open("rvmtap0", vnet_hdr).unwrap();
+                assert_eq!(tap.name(), "rvmtap0");
+                assert!(tap.created());
+                assert_eq!(tap.vnet_hdr(), vnet_hdr);
+                let kind = tun_details("rvmtap0");
+                assert!(kind.starts_with("tun type tap pi off"), "{kind}");
+                let want = if vnet_hdr {
+                    "vnet_hdr on"
+                } else {
+                    "vnet_hdr off"
+                };
+                assert!(kind.contains(want), "{kind}");
+                assert!(kind.contains("persist off"), "{kind}");
+                assert_eq!(tap.ifindex().unwrap(), index_of("rvmtap0"));
+
+                assert!(!is_up("rvmtap0"));
+                assert!(!tap.is_up().unwrap());
+                tap.set_up().unwrap();
+                assert!(is_up("rvmtap0"));
+                assert!(tap.is_up().unwrap());
+                tap.set_down().unwrap();
+                assert!(!is_up("rvmtap0"));
+                tap.set_up().unwrap();
+                tap.set_mtu(9000).unwrap();
+                assert_eq!(tap.mtu().unwrap(), 9000);
+                assert_eq!(mtu_of("rvmtap0"), 9000);
+                tap.set_sndbuf(1 << 20).unwrap();
+                if vnet_hdr {
+                    tap.set_vnet_hdr_size(12).unwrap();
+                    let all = offload::CSUM | offload::TSO4 | offload::TSO6 | offload::TSO_ECN;
+                    tap.set_offload(all).unwrap();
+                    tap.set_offload(0).unwrap();
+                    tap.configure_offloads(12, offload::CSUM).unwrap();
+                }
+                drop(tap);
+                assert!(gone_soon("rvmtap0"), "vnet_hdr={vnet_hdr}: TAP remains");
+            }
+        });
+    }
+
+    #[test]
+    fn percent_d_names_are_numbered_by_the_kernel() {
+        in_fresh_netns(|| {
+            let a = Tap::open("rvm%d", false).unwrap();
+            let b = Tap::open("rvm%d", false).unwrap();
+            assert_eq!(a.name(), "rvm0");
+            assert_eq!(b.name(), "rvm1");
+            assert!(a.created() && b.created());
+            assert!(exists("rvm0") && exists("rvm1"));
+            assert_eq!(b.ifindex().unwrap(), index_of("rvm1"));
+        });
+    }
+
+    #[test]
+    fn kernel_rejections_name_the_tap_and_the_operation() {
+        in_fresh_netns(|| {
+            let tap = Tap::open("rvmtap1", true).unwrap();
+            for (err, op) in [
+                (tap.set_vnet_hdr_size(4).unwrap_err(), "TUNSETVNETHDRSZ"),
+                (tap.set_sndbuf(0).unwrap_err(), "TUNSETSNDBUF"),
+                (tap.set_mtu(70000).unwrap_err(), "SIOCSIFMTU"),
+                (tap.set_mtu(u32::MAX).unwrap_err(), "SIOCSIFMTU"),
+            ] {
+                let msg = err.to_string();
+                assert!(
+                    msg.starts_with(&format!("TAP rvmtap1: {op} failed")),
+                    "{msg}"
+                );
+            }
+            assert_eq!(mtu_of("rvmtap1"), 1500);
+            let err = tap.configure_offloads(4, 0).unwrap_err();
+            assert!(err.to_string().contains("rvmtap1"), "{err}");
+        });
+    }
+
+    #[test]
+    fn persistent_tap_is_attached_and_survives_drop() {
+        in_fresh_netns(|| {
+            add_persistent_tap("rvmpers0");
+            let tap = Tap::open("rvmpers0", true).unwrap();
+            assert!(!tap.created());
+            assert!(tap.vnet_hdr());
+            assert!(tun_details("rvmpers0").contains("vnet_hdr on"));
+            tap.set_vnet_hdr_size(12).unwrap();
+            drop(tap);
+            assert!(exists("rvmpers0"));
+            assert!(tun_details("rvmpers0").contains("persist on"));
+            // Released, it can be attached again.
+            let tap = Tap::open("rvmpers0", false).unwrap();
+            assert!(!tap.created());
+        });
+    }
+
+    /// Whether a TAP is rvm's must come from the TAP itself: looking the
+    /// name up first races with a program that makes or deletes a
+    /// persistent TAP of that name in between.
+    #[test]
+    fn created_matches_the_kernel_while_the_name_comes_and_goes() {
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+        use std::time::{Duration, Instant};
+        in_fresh_netns(|| {
+            let stop = AtomicBool::new(false);
+            let (mut ours, mut theirs, mut wrong) = (0, 0, Vec::new());
+            std::thread::scope(|s| {
+                // Threads share the namespace of the thread that made them.
+                s.spawn(|| {
+                    while !stop.load(Relaxed) {
+                        toggle_persistent_tap("rvmrace0");
+                    }
+                });
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_secs(2) && ours + theirs < 40 {
+                    match Tap::open("rvmrace0", false) {
+                        Ok(tap) => {
+                            // Held by `tap`, the persistence cannot change.
+                            let persistent = tun_flags_of(&tap) & libc::IFF_PERSIST != 0;
+                            if persistent {
+                                theirs += 1
+                            } else {
+                                ours += 1
+                            }
+                            if tap.created() == persistent {
+                                wrong.push((tap.created(), persistent));
+                            }
+                        }
+                        Err(TapError::Busy(_)) => {}
+                        Err(e) => {
+                            stop.store(true, Relaxed);
+                            panic!("{e}");
+                        }
+                    }
+                }
+                stop.store(true, Relaxed);
+            });
+            assert!(
+                wrong.is_empty(),
+                "created() wrong {} times in {} opens; first (created, persistent): {:?}",
+                wrong.len(),
+                ours + theirs,
+                wrong[0]
+            );
+            // Other tests cover each case without a race; this one
+            // needs enough opens to meet the race at all.
+            assert!(ours + theirs >= 20, "only {ours} + {theirs} opens");
+        });
+    }
+
+    #[test]
+    fn second_open_is_busy() {
+        in_fresh_netns(|| {
+            let first = Tap::open("rvmbusy0", false).unwrap();
+            let err = expect_err(Tap::open("rvmbusy0", false));
+            assert!(matches!(err, TapError::Busy(_)), "{err}");
+            // tests/net.rs looks for "in use by another process".
+            assert_eq!(err.to_string(), "TAP rvmbusy0 is in use by another process");
+            // The holder is unharmed.
+            assert!(exists("rvmbusy0"));
+            assert_eq!(first.ifindex().unwrap(), index_of("rvmbusy0"));
+        });
+    }
+
+    #[test]
+    fn existing_non_tap_device_is_named() {
+        in_fresh_netns(|| {
+            let err = expect_err(Tap::open("lo", false));
+            assert!(matches!(err, TapError::NotTap(_)), "{err}");
+            // tests/net.rs looks for "not a TAP".
+            assert!(
+                err.to_string()
+                    .starts_with("lo exists and is not a TAP device"),
+                "{err}"
+            );
+            add_bridge("rvmbr0");
+            let err = expect_err(Tap::open("rvmbr0", true));
+            assert!(matches!(err, TapError::NotTap(_)), "{err}");
+            assert!(exists("rvmbr0"));
+            // A TUN is not a TAP either.
+            let _tun = raw_tun("rvmtun0", libc::IFF_TUN | libc::IFF_NO_PI);
+            let err = expect_err(Tap::open("rvmtun0", false));
+            assert!(matches!(err, TapError::NotTap(_)), "{err}");
+        });
+    }
+
+    #[test]
+    fn no_cap_net_admin_gives_the_permission_hint() {
+        in_fresh_netns(|| {
+            drop_cap_net_admin();
+            let err = expect_err(Tap::open("rvmperm0", false));
+            assert!(matches!(err, TapError::Permission(_)), "{err}");
+            let msg = err.to_string();
+            assert!(msg.contains("CAP_NET_ADMIN"), "{msg}");
+            assert!(
+                msg.contains("`ip tuntap add rvmperm0 mode tap user $USER`"),
+                "{msg}"
+            );
+            assert!(!exists("rvmperm0"));
+        });
+    }
+
+    #[test]
+    fn from_fd_learns_name_and_vnet_hdr() {
+        in_fresh_netns(|| {
+            let vnet = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+            let tap = Tap::from_fd(raw_tun("rvmfd0", vnet), true).unwrap();
+            assert_eq!(tap.name(), "rvmfd0");
+            assert!(tap.vnet_hdr());
+            assert!(!tap.created());
+            let (fd_fl, fl) = fd_flags(&tap);
+            assert_ne!(fl & libc::O_NONBLOCK, 0, "the data path relies on EAGAIN");
+            // raw_tun leaves the fd inheritable, as a caller passing fd=N must.
+            assert_ne!(fd_fl & libc::FD_CLOEXEC, 0, "scripts would inherit the TAP");
+            let mut buf = [0u8; 64];
+            let err = tap.readv(&[iov_mut(&mut buf)]).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::WouldBlock);
+
+            // A vnet header the fd has is used even when not asked for.
+            let tap = Tap::from_fd(raw_tun("rvmfd1", vnet), false).unwrap();
+            assert!(tap.vnet_hdr());
+
+            let fd = raw_tun("rvmfd2", libc::IFF_TAP | libc::IFF_NO_PI);
+            let raw = fd.as_raw_fd();
+            let err = expect_err(Tap::from_fd(fd, true));
+            assert!(
+                matches!(err, TapError::FdWithoutVnetHdr(n) if n == raw),
+                "{err}"
+            );
+            assert!(err.to_string().contains("vnet_hdr=off"), "{err}");
+
+            let fd = raw_tun("rvmfd3", libc::IFF_TUN | libc::IFF_NO_PI);
+            let err = expect_err(Tap::from_fd(fd, false));
+            assert!(matches!(err, TapError::BadFd(..)), "{err}");
+            assert!(err.to_string().contains("a TUN, not a TAP"), "{err}");
+
+            // /dev/net/tun before TUNSETIFF, and something else entirely.
+            for path in ["/dev/net/tun", "/dev/null"] {
+                let fd: OwnedFd = File::open(path).unwrap().into();
+                let err = expect_err(Tap::from_fd(fd, false));
+                assert!(matches!(err, TapError::BadFd(..)), "{path}: {err}");
+            }
+        });
+    }
+
+    #[test]
+    fn take_fd_refuses_descriptors_that_are_not_open() {
+        for fd in [-1, 1 << 30] {
+            let err = take_fd(fd).unwrap_err();
+            assert!(matches!(err, TapError::BadFd(n, _) if n == fd), "{err}");
+        }
+        let f = File::open("/dev/null").unwrap();
+        let raw = std::os::fd::IntoRawFd::into_raw_fd(f);
+        assert_eq!(take_fd(raw).unwrap().as_raw_fd(), raw);
+    }
+
+    #[test]
+    fn writev_sends_one_whole_frame_and_readv_would_block() {
+        in_fresh_netns(|| {
+            let tap = Tap::open("rvmdp0", false).unwrap();
+            tap.set_up().unwrap();
+            let before = rx_stats("rvmdp0");
+            let frame = test_frame(0x5a);
+            let (head, tail) = frame.split_at(6);
+            assert_eq!(tap.writev(&[iov(head), iov(tail)]).unwrap(), frame.len());
+            // The host received it as one frame of that length.
+            let after = rx_stats("rvmdp0");
+            assert_eq!(after.1, before.1 + 1);
+            assert_eq!(after.0, before.0 + frame.len() as u64);
+            // Nothing is queued for the guest: the namespace sends nothing
+            // to a TAP without addresses so soon.
+            let mut buf = [0u8; 128];
+            let err = tap.readv(&[iov_mut(&mut buf)]).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::WouldBlock);
+        });
+    }
 }
