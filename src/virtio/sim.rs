@@ -258,6 +258,10 @@ impl SimDriver {
         self.queues.clear();
         for (i, &size) in sizes.iter().enumerate() {
             let q = SimQueue::new(i as u64, size);
+            // Fresh rings: nothing left from a driver before a reset.
+            self.mem
+                .write_slice(&[0u8; RING_STRIDE as usize], GuestAddress(q.desc))
+                .unwrap();
             self.write(0x16, &(i as u16).to_le_bytes());
             self.write(0x18, &size.to_le_bytes());
             self.write(0x1a, &(i as u16).to_le_bytes());
