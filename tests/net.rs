@@ -8,6 +8,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::netns::Netns;
@@ -48,7 +50,9 @@ fn rvm(
     mem: &str,
 ) -> Command {
     let mut c = ns.command(rvm_bin());
-    c.arg("run")
+    // NIC counters at exit land in the failure report (stderr).
+    c.env("RVM_LOG", "info")
+        .arg("run")
         .arg("--kernel")
         .arg(k.path(img))
         .arg("--initrd")
@@ -280,27 +284,28 @@ fn tcp(k: Kernel, vnet_hdr: bool) -> impl Fn(&Images) -> Result<(), String> {
             "tap=rvmtcp,bridge=br0,vnet_hdr={}",
             if vnet_hdr { "on" } else { "off" }
         );
-        // The host's view of the TAP's offloads, read while the guest runs.
+        // The host's view of the TAP's offloads, read while the guest runs
+        // (they are programmed when the guest's driver is up).
+        let done = Arc::new(AtomicBool::new(false));
         let ns_name = ns.name.clone();
-        let probe = std::thread::spawn(move || {
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_secs(120) {
-                let o = Command::new("ip")
-                    .args(["netns", "exec", &ns_name, "ethtool", "-k", "rvmtcp"])
-                    .output();
-                if let Ok(o) = o {
-                    let s = String::from_utf8_lossy(&o.stdout).into_owned();
-                    // Offloads are programmed when the guest's driver is up.
-                    if o.status.success() && s.contains("tcp-segmentation-offload: on") {
-                        return s;
+        let probe = std::thread::spawn({
+            let done = done.clone();
+            move || {
+                let mut seen = String::new();
+                while !done.load(Ordering::Relaxed) {
+                    let o = Command::new("ip")
+                        .args(["netns", "exec", &ns_name, "ethtool", "-k", "rvmtcp"])
+                        .output();
+                    if let Some(o) = o.ok().filter(|o| o.status.success()) {
+                        seen = String::from_utf8_lossy(&o.stdout).into_owned();
+                        if seen.contains("tcp-segmentation-offload: on") {
+                            break;
+                        }
                     }
-                    if o.status.success() && t.elapsed() > Duration::from_secs(60) {
-                        return s;
-                    }
+                    std::thread::sleep(Duration::from_millis(500));
                 }
-                std::thread::sleep(Duration::from_millis(500));
+                seen
             }
-            String::new()
         });
         let r = run(
             "tcp",
@@ -311,6 +316,7 @@ fn tcp(k: Kernel, vnet_hdr: bool) -> impl Fn(&Images) -> Result<(), String> {
             &format!("size={TCP_MIB}"),
             &net,
         );
+        done.store(true, Ordering::Relaxed);
         let _ = sender.kill();
         let _ = server.wait();
         let host_view = probe.join().unwrap_or_default();

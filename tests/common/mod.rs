@@ -211,6 +211,8 @@ impl GuestRun {
     }
 }
 
+const HEARTBEAT: Duration = Duration::from_secs(60);
+
 /// Spawns `cmd`, collects its console, timestamps the first line holding
 /// `marker`, and kills it if `deadline` passes.
 pub fn run_with_deadline(mut cmd: Command, deadline: Duration, marker: &str) -> GuestRun {
@@ -245,6 +247,7 @@ pub fn run_with_deadline(mut cmd: Command, deadline: Duration, marker: &str) -> 
     let mut console = String::new();
     let mut marker_at = None;
     let mut status = None;
+    let mut next_beat = HEARTBEAT;
     loop {
         while let Ok((t, line)) = rx.try_recv() {
             if marker_at.is_none() && line.contains(marker) {
@@ -260,6 +263,15 @@ pub fn run_with_deadline(mut cmd: Command, deadline: Duration, marker: &str) -> 
             let _ = child.kill();
             let _ = child.wait();
             break;
+        }
+        // A heartbeat, so that a long guest is never mistaken for a silent
+        // (hung) nested host, whose idle timeout is shorter than `deadline`.
+        if start.elapsed() >= next_beat {
+            println!(
+                "    (a guest is still running after {} s)",
+                next_beat.as_secs()
+            );
+            next_beat += HEARTBEAT;
         }
         std::thread::sleep(Duration::from_millis(5));
     }

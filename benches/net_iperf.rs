@@ -1,0 +1,393 @@
+//! TCP throughput of a real guest over virtio-net-pci on a bridge: rvm
+//! against QEMU (`-device virtio-net-pci -netdev tap,vhost=off`), same
+//! kernel, same initramfs, same guest size, in the same run. The guest runs
+//! an iperf3 server; the host runs the client, so both figures come from
+//! the host's clock (the guest's is unreliable in the nested host):
+//! host->guest is the client's sent rate, guest->host (`-R`) its received
+//! rate.
+//!
+//! `cargo bench --bench net_iperf` (inside the nested host when the host
+//! has no VT-x/AMD-V). RVM_BENCH_RUNS: runs per VMM and setup (default 2,
+//! interleaved); RVM_IPERF_SECS: seconds per direction (default 10);
+//! RVM_IPERF_KERNELS: `stock`, `minimal` or `stock,minimal` (default stock).
+//! Free arguments pick setups by name (`offloads`, `vnet_hdr_off`).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::netns::Netns;
+use common::{images, placement, reexec_nested, rvm_bin, Images, Placement};
+
+const BOOT_DEADLINE: Duration = Duration::from_secs(240);
+const MEM: &str = "512";
+const GUEST: &str = "10.0.0.2";
+
+#[derive(Clone, Copy, PartialEq)]
+enum Vmm {
+    Rvm,
+    Qemu,
+}
+
+impl Vmm {
+    fn name(self) -> &'static str {
+        match self {
+            Vmm::Rvm => "rvm",
+            Vmm::Qemu => "qemu",
+        }
+    }
+}
+
+/// One NIC setup both VMMs are measured with.
+struct Setup {
+    name: &'static str,
+    vnet_hdr: bool,
+}
+
+const SETUPS: [Setup; 2] = [
+    Setup {
+        name: "offloads",
+        vnet_hdr: true,
+    },
+    Setup {
+        name: "vnet_hdr_off",
+        vnet_hdr: false,
+    },
+];
+
+fn cmdline(reboot: &str) -> String {
+    format!("console=ttyS0 reboot={reboot} panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd quiet rvm.scenario=net_iperf_server")
+}
+
+fn vmm_command(vmm: Vmm, ns: &Netns, kernel: &Path, img: &Images, setup: &Setup) -> Command {
+    let onoff = if setup.vnet_hdr { "on" } else { "off" };
+    match vmm {
+        Vmm::Rvm => {
+            let mut c = ns.command(rvm_bin());
+            c.args(["run", "--cpus", "1", "--mem", MEM])
+                .arg("--kernel")
+                .arg(kernel)
+                .arg("--initrd")
+                .arg(&img.initramfs)
+                .arg("--cmdline")
+                .arg(cmdline("k"))
+                .arg("--net")
+                .arg(format!("tap=rvmtap0,bridge=br0,vnet_hdr={onoff}"));
+            c
+        }
+        Vmm::Qemu => {
+            let mut c = ns.command("qemu-system-x86_64");
+            c.args(["-enable-kvm", "-cpu", "host", "-smp", "1", "-m", MEM])
+                .args(["-nodefaults", "-no-user-config", "-display", "none"])
+                .args(["-serial", "stdio", "-no-reboot"])
+                .arg("-kernel")
+                .arg(kernel)
+                .arg("-initrd")
+                .arg(&img.initramfs)
+                .arg("-append")
+                .arg(cmdline("k"))
+                .arg("-netdev")
+                .arg(format!(
+                    "tap,id=n0,ifname=qtap0,script=no,downscript=no,vhost=off,vnet_hdr={onoff}"
+                ))
+                .args(["-device", "virtio-net-pci,netdev=n0"]);
+            c
+        }
+    }
+}
+
+/// A VMM whose guest has its iperf3 server up.
+struct Guest {
+    child: Child,
+    console: mpsc::Receiver<String>,
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our child's pid (`ip netns exec` exec'd the VMM).
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+enum Boot {
+    Up(Guest, Vec<String>),
+    /// The VMM exited 0 before the guest was up: the nested host's reset flake.
+    ResetFlake(String),
+    Failed(String),
+}
+
+fn boot(mut cmd: Command) -> Boot {
+    let mut child = match cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return Boot::Failed(format!("cannot start {cmd:?}: {e}")),
+    };
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < BOOT_DEADLINE {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) => {
+                let up = l.contains("rvm-init: idle");
+                seen.push(l);
+                if up {
+                    return Boot::Up(Guest { child, console: rx }, seen);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait().ok();
+                let tail = seen[seen.len().saturating_sub(15)..].join("\n");
+                return if status.is_some_and(|s| s.success())
+                    && std::env::var_os("RVM_NESTED").is_some()
+                {
+                    Boot::ResetFlake(tail)
+                } else {
+                    Boot::Failed(format!("the VMM exited ({status:?}) first:\n{tail}"))
+                };
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Boot::Failed(format!(
+        "the guest's iperf3 server was not up within {BOOT_DEADLINE:?}:\n{}",
+        seen[seen.len().saturating_sub(15)..].join("\n")
+    ))
+}
+
+/// `"key": number` after the first `"section":` of iperf3's JSON.
+fn json_number(json: &str, section: &str, key: &str) -> Option<f64> {
+    let at = json.find(&format!("\"{section}\":"))?;
+    let rest = &json[at..];
+    let k = rest.find(&format!("\"{key}\":"))?;
+    let v = rest[k + key.len() + 3..].trim_start();
+    let end = v
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == 'e' || c == '+' || c == '-'))
+        .unwrap_or(v.len());
+    v[..end].parse().ok()
+}
+
+/// One iperf3 client run from the host; Mbit/s on the host's clock.
+fn iperf(ns: &Netns, secs: u64, reverse: bool) -> Result<f64, String> {
+    let mut c = ns.command("iperf3");
+    c.args(["-c", GUEST, "-J", "-t", &secs.to_string()]);
+    if reverse {
+        c.arg("-R");
+    }
+    // The server may need a moment after eth0 came up.
+    let mut last = String::new();
+    for _ in 0..10 {
+        let o = c.output().map_err(|e| format!("cannot run iperf3: {e}"))?;
+        let json = String::from_utf8_lossy(&o.stdout).into_owned();
+        // The host sends (normal) or receives (-R): its own side's figure.
+        let (section, key) = if reverse {
+            ("sum_received", "bits_per_second")
+        } else {
+            ("sum_sent", "bits_per_second")
+        };
+        if o.status.success() {
+            if let Some(bps) = json_number(&json, section, key) {
+                return Ok(bps / 1e6);
+            }
+        }
+        last = json;
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    Err(format!("iperf3 to the guest failed:\n{last}"))
+}
+
+struct Figures {
+    to_guest: Vec<f64>,
+    from_guest: Vec<f64>,
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+fn fmt(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Boots `vmm` in a fresh namespace and measures both directions.
+fn measure(
+    vmm: Vmm,
+    kernel: &Path,
+    img: &Images,
+    setup: &Setup,
+    secs: u64,
+) -> Result<(f64, f64, String), String> {
+    let mut attempt = 0;
+    loop {
+        let ns = Netns::new("iperf")?;
+        ns.bridge("10.0.0.1/24", 1500)?;
+        if vmm == Vmm::Qemu {
+            ns.sh("ip tuntap add qtap0 mode tap && ip link set qtap0 master br0 up")?;
+        }
+        match boot(vmm_command(vmm, &ns, kernel, img, setup)) {
+            Boot::Up(guest, console) => {
+                let tso = console
+                    .iter()
+                    .find_map(|l| l.strip_prefix("rvm-result: tso="))
+                    .unwrap_or("?")
+                    .to_string();
+                let to_guest = iperf(&ns, secs, false)?;
+                let from_guest = iperf(&ns, secs, true)?;
+                // Nothing else may have been printed: a guest oops would be.
+                let extra: Vec<String> = guest.console.try_iter().collect();
+                drop(guest);
+                if extra
+                    .iter()
+                    .any(|l| l.contains("BUG") || l.contains("Oops"))
+                {
+                    return Err(format!("the guest complained:\n{}", extra.join("\n")));
+                }
+                return Ok((to_guest, from_guest, tso));
+            }
+            Boot::ResetFlake(tail) if attempt < common::MAX_FLAKE_RETRIES => {
+                attempt += 1;
+                println!(
+                    "  RETRY {attempt}/{}: {} {}: the guest reset during boot and the VMM exited 0 (known nested-host flake, not a VMM failure)\n{tail}",
+                    common::MAX_FLAKE_RETRIES,
+                    vmm.name(),
+                    setup.name
+                );
+            }
+            Boot::ResetFlake(tail) => return Err(format!("reset during boot, every try:\n{tail}")),
+            Boot::Failed(e) => return Err(e),
+        }
+    }
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("iperf benchmark: not run under cargo test; run `cargo bench --bench net_iperf`");
+        return;
+    }
+    match placement() {
+        Placement::Direct(why) => println!("iperf benchmark: running directly ({why})"),
+        Placement::Nested(why) => {
+            println!("iperf benchmark: running inside the nested host ({why})");
+            reexec_nested(&["--mem", "4096", "--idle-timeout", "400"]);
+        }
+    }
+    let img = images().unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(1)
+    });
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (runs, secs) = (env("RVM_BENCH_RUNS", 2), env("RVM_IPERF_SECS", 10));
+    let kernels = std::env::var("RVM_IPERF_KERNELS").unwrap_or_else(|_| "stock".into());
+    let picks: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    println!(
+        "iperf3 TCP, {secs} s per direction, {runs} run(s) per VMM, guest: 1 vCPU, {MEM} MiB; Mbit/s on the host's clock"
+    );
+    let mut failures = 0;
+    let mut summary = Vec::new();
+    for kname in kernels.split(',') {
+        let kernel = match kname {
+            "minimal" => img.minimal.clone(),
+            _ => img.stock.clone(),
+        };
+        for setup in SETUPS
+            .iter()
+            .filter(|s| picks.is_empty() || picks.iter().any(|p| s.name.contains(p.as_str())))
+        {
+            let mut figs = [
+                Figures {
+                    to_guest: vec![],
+                    from_guest: vec![],
+                },
+                Figures {
+                    to_guest: vec![],
+                    from_guest: vec![],
+                },
+            ];
+            for i in 0..runs {
+                for (k, vmm) in [Vmm::Rvm, Vmm::Qemu].into_iter().enumerate() {
+                    match measure(vmm, &kernel, &img, setup, secs) {
+                        Ok((to, from, tso)) => {
+                            println!(
+                                "  {kname} {:12} {:4} run {i}: host->guest {to:8.1}  guest->host {from:8.1}  (guest TSO {tso})",
+                                setup.name,
+                                vmm.name()
+                            );
+                            figs[k].to_guest.push(to);
+                            figs[k].from_guest.push(from);
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            println!(
+                                "  {kname} {} {} run {i}: FAILED: {e}",
+                                setup.name,
+                                vmm.name()
+                            );
+                        }
+                    }
+                }
+            }
+            let [r, q] = &figs;
+            summary.push(format!(
+                "{kname} {:12} host->guest: rvm {:8.1} [{}] qemu {:8.1} [{}] rvm/qemu {:.2}\n{kname} {:12} guest->host: rvm {:8.1} [{}] qemu {:8.1} [{}] rvm/qemu {:.2}",
+                setup.name,
+                mean(&r.to_guest),
+                fmt(&r.to_guest),
+                mean(&q.to_guest),
+                fmt(&q.to_guest),
+                mean(&r.to_guest) / mean(&q.to_guest),
+                setup.name,
+                mean(&r.from_guest),
+                fmt(&r.from_guest),
+                mean(&q.from_guest),
+                fmt(&q.from_guest),
+                mean(&r.from_guest) / mean(&q.from_guest),
+            ));
+        }
+    }
+    println!("\nmeans in Mbit/s (each run in brackets):");
+    for s in summary {
+        println!("{s}");
+    }
+    if failures > 0 {
+        println!("{failures} measurements failed");
+        std::process::exit(1);
+    }
+}
