@@ -155,3 +155,31 @@ fn help_lists_the_run_options() {
     }
     assert!(s.contains("reboot=k"), "the default cmdline is documented");
 }
+
+/// NIC specs that are wrong on their face fail before anything is opened
+/// or created (these never reach a TAP, so they touch no namespace).
+#[test]
+fn bad_nic_specs_name_the_problem() {
+    let dir = tmpdir("nics");
+    let k = fake_bzimage(&dir);
+    let k = k.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--net", "tap=t0,colour=red"], "unknown key \"colour\""),
+        (&["--net", "tap=t0,mac=zz:11"], "bad MAC"),
+        (&["--net", "tap=t0,mac=01:00:00:00:00:01"], "multicast"),
+        (&["--net", "bridge=br0"], "give tap=NAME or fd=N"),
+        (&["--net", "tap=t0,fd=3"], "exclusive"),
+        (&["--net", "tap=waytoolongforatap"], "not an interface name"),
+        (&["--net", "tap=t0", "--net", "tap=t0"], "given to two NICs"),
+        (&["--tap", "t0", "--model", "e1000"], "not yet supported"),
+        (&["--tap", "t0", "--vhost", "on"], "not yet supported"),
+        (&["--bridge", "br0"], "--tap"),
+    ];
+    for (args, want) in cases {
+        let mut all = vec!["run", "--kernel", k];
+        all.extend_from_slice(args);
+        let out = rvm(&all);
+        assert_error(&out, want);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
