@@ -492,9 +492,13 @@ fn bad_host_options(img: &Images) -> Result<(), String> {
         no_taps_left(&ns)
     };
     fail("tap=rvmbad,bridge=nobr", "ip link add nobr type bridge")?;
-    ns.sh("ip link add dummy0 type dummy")?;
-    fail("tap=rvmbad,bridge=dummy0", "is not a bridge")?;
-    fail("tap=dummy0", "not a TAP")?;
+    // Devices that exist but are the wrong kind (no dummy module needed).
+    ns.sh("ip tuntap add notabr mode tap")?;
+    let r = fail_keep(&ns, img, "tap=rvmbad,bridge=notabr", "is not a bridge");
+    ns.sh("ip tuntap del notabr mode tap")?;
+    r?;
+    no_taps_left(&ns)?;
+    fail("tap=lo", "not a TAP")?;
     fail(
         "tap=rvmbad,script=/bin/false",
         "script /bin/false rvmbad failed",

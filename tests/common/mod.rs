@@ -213,6 +213,39 @@ impl GuestRun {
 
 const HEARTBEAT: Duration = Duration::from_secs(60);
 
+/// Where each thread of a process that overran its deadline is: name,
+/// state and the top of its kernel stack (are the vCPUs inside KVM_RUN?).
+fn thread_report(pid: u32) -> String {
+    let mut out = format!("\n--- threads of pid {pid} at the deadline ---\n");
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let p = t.path();
+        let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+        let stat = read("stat");
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next()
+            .unwrap_or("?");
+        let stack: Vec<String> = read("stack")
+            .lines()
+            .take(4)
+            .map(|l| l.split_whitespace().nth(1).unwrap_or(l).to_string())
+            .collect();
+        out.push_str(&format!(
+            "{} {} state {state} stack {}\n",
+            t.file_name().to_string_lossy(),
+            read("comm").trim(),
+            stack.join(" < ")
+        ));
+    }
+    out
+}
+
 /// Spawns `cmd`, collects its console, timestamps the first line holding
 /// `marker`, and kills it if `deadline` passes.
 pub fn run_with_deadline(mut cmd: Command, deadline: Duration, marker: &str) -> GuestRun {
@@ -248,6 +281,7 @@ pub fn run_with_deadline(mut cmd: Command, deadline: Duration, marker: &str) -> 
     let mut marker_at = None;
     let mut status = None;
     let mut next_beat = HEARTBEAT;
+    let mut hung_threads = String::new();
     loop {
         while let Ok((t, line)) = rx.try_recv() {
             if marker_at.is_none() && line.contains(marker) {
@@ -260,6 +294,7 @@ pub fn run_with_deadline(mut cmd: Command, deadline: Duration, marker: &str) -> 
             break;
         }
         if start.elapsed() > deadline {
+            hung_threads = thread_report(child.id());
             let _ = child.kill();
             let _ = child.wait();
             break;
@@ -282,10 +317,12 @@ pub fn run_with_deadline(mut cmd: Command, deadline: Duration, marker: &str) -> 
         }
         console.push_str(&line);
     }
+    let mut stderr = err_reader.join().unwrap_or_default();
+    stderr.push_str(&hung_threads);
     GuestRun {
         status,
         console,
-        stderr: err_reader.join().unwrap_or_default(),
+        stderr,
         marker_at,
         elapsed: start.elapsed(),
     }
