@@ -6,7 +6,7 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::stats::bump;
-use super::worker::{drain, Worker, SIGNAL_CTRL};
+use super::worker::{drain, pop, Worker, SIGNAL_CTRL};
 
 const CLASS_RX: u8 = 0;
 const CLASS_MAC: u8 = 1;
@@ -21,7 +21,7 @@ impl Worker {
         let stats = &self.stats;
         let mut used = false;
         drain(&self.mem, &mut ctrl.queue, |q, mem| {
-            let Some(c) = q.pop_descriptor_chain(mem) else {
+            let Some(c) = pop(q, mem) else {
                 return false;
             };
             let head = c.head_index();

@@ -15,7 +15,7 @@ use virtio_queue::QueueT;
 
 use super::chain::{self, MAX_IOV};
 use super::stats::bump;
-use super::worker::{Worker, SIGNAL_RX};
+use super::worker::{pop, rearm, Worker, SIGNAL_RX};
 use super::HDR_LEN;
 
 /// Most chains kept popped at once.
@@ -82,7 +82,7 @@ impl Worker {
             let q = &mut self.rx.queue;
             let mem = &self.mem;
             while self.pool.bytes < want && self.pool.chains.len() < MAX_POOL_CHAINS {
-                let Some(c) = q.pop_descriptor_chain(mem) else {
+                let Some(c) = pop(q, mem) else {
                     break;
                 };
                 let head = c.head_index();
@@ -114,9 +114,8 @@ impl Worker {
             }
             // Short: ask for a kick, unless buffers arrived meanwhile.
             let (q, mem) = (&mut self.rx.queue, &self.mem);
-            match q.enable_notification(mem) {
-                Ok(true) => continue,
-                _ => return used,
+            if !rearm(q, mem) {
+                return used;
             }
         }
     }

@@ -533,3 +533,39 @@ fn hostile_register_accesses_do_not_panic() {
     r.drv.write(0x18, &4u16.to_le_bytes());
     r.drv.write(0x14, &[0x0f]);
 }
+
+/// An available index that claims more new chains than the ring holds:
+/// nothing is sent or used, the device stays alive, and a reset and a new
+/// driver bring it back.
+#[test]
+fn hostile_available_index_is_ignored_until_reset() {
+    let mut r = rig(true);
+    r.drv.init(all_features(true), &[256, 256, 64]);
+    for q in [RXQ, TXQ] {
+        let avail = r.drv.queues[q].avail;
+        r.drv
+            .mem
+            .write_obj(1000u16, GuestAddress(avail + 2))
+            .unwrap();
+    }
+    for _ in 0..50 {
+        r.drv.kick(TXQ as u16);
+        r.drv.kick(RXQ as u16);
+    }
+    peer_send(&r.peer, &pattern(HDR_LEN + 100, 9));
+    assert!(peer_recv_nothing(&r.peer));
+    for q in [RXQ, TXQ] {
+        assert!(r.drv.queues[q].pop_used(&r.drv.mem).is_none());
+    }
+    // The driver starts over; the device works again.
+    r.drv.init(all_features(true), &[256, 256, 64]);
+    let frame = pattern(HDR_LEN + 100, 5);
+    r.drv
+        .mem
+        .write_slice(&frame, GuestAddress(DATA_START))
+        .unwrap();
+    let mem = r.drv.mem.clone();
+    r.drv.queues[TXQ].add_chain(&mem, &[(DATA_START, frame.len() as u32)], false);
+    r.drv.kick(TXQ as u16);
+    assert_eq!(peer_recv(&r.peer).as_deref(), Some(&frame[..]));
+}

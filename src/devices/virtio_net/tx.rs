@@ -5,7 +5,7 @@ use virtio_queue::QueueT;
 
 use super::chain::{self, ChainError};
 use super::stats::bump;
-use super::worker::{drain, Worker, SIGNAL_TX};
+use super::worker::{drain, pop, Worker, SIGNAL_TX};
 use super::HDR_LEN;
 
 impl Worker {
@@ -15,7 +15,7 @@ impl Worker {
         let (backend, stats, segs, iov) =
             (&self.backend, &self.stats, &mut self.segs, &mut self.iov);
         drain(&self.mem, &mut self.tx.queue, |q, mem| {
-            let Some(c) = q.pop_descriptor_chain(mem) else {
+            let Some(c) = pop(q, mem) else {
                 return false;
             };
             let head = c.head_index();

@@ -2,10 +2,11 @@
 //! woken by the TAP becoming readable and by the guest's queue kicks.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -209,6 +210,23 @@ impl MutEventSubscriber for Worker {
     }
 }
 
+/// The next chain the driver made available, or None. A hostile available
+/// index (more new entries than the ring holds) also gives None, quietly:
+/// virtio-queue's pop_descriptor_chain would log an error on every call,
+/// and a guest could use that to flood rvm's stderr.
+pub(super) fn pop<'m>(
+    q: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
+    match q.iter(mem) {
+        Ok(mut chains) => chains.next(),
+        Err(e) => {
+            log::debug!("virtio-net: queue unusable: {e}");
+            None
+        }
+    }
+}
+
 /// Drains a queue's chains with notifications off, then re-enables them
 /// and goes again if the driver added more meanwhile (the event-idx
 /// protocol; also correct without event idx).
@@ -219,9 +237,22 @@ where
     loop {
         let _ = q.disable_notification(mem);
         while each(q, mem) {}
-        match q.enable_notification(mem) {
-            Ok(true) => continue,
-            _ => break,
+        if !rearm(q, mem) {
+            break;
         }
+    }
+}
+
+/// Re-enables the driver's notifications; true when chains arrived
+/// meanwhile and the caller should go on. A hostile available index (more
+/// new entries than the ring holds) gives false: the queue stays stalled
+/// until the driver resets it, instead of the worker spinning on it.
+pub(super) fn rearm(q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    if !matches!(q.enable_notification(mem), Ok(true)) {
+        return false;
+    }
+    match q.avail_idx(mem, Ordering::Acquire) {
+        Ok(avail) => avail.0.wrapping_sub(q.next_avail()) <= q.size(),
+        Err(_) => false,
     }
 }
