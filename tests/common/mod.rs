@@ -92,19 +92,28 @@ pub fn run_nested_suite(nested_args: &[&str], mut pending: Vec<String>) -> i32 {
             }
         };
         // Echo the inner run's output and note each verdict as it comes.
+        // When scripts/nested-host reruns a hung nested host, the rerun
+        // starts the whole list again: only its verdicts count.
         let out = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let (mut ok, mut bad) = (Vec::new(), Vec::new());
         for line in out.lines().map_while(Result::ok) {
             println!("{line}");
+            if line.starts_with("nested-host: RETRY") {
+                ok.clear();
+                bad.clear();
+            }
             if let Some(rest) = line.strip_prefix("test ") {
                 if let Some((name, verdict)) = rest.split_once(" ... ") {
                     if verdict.starts_with("ok") {
-                        passed.push(name.to_string());
+                        ok.push(name.to_string());
                     } else if verdict.starts_with("FAILED") {
-                        failed.push(name.to_string());
+                        bad.push(name.to_string());
                     }
                 }
             }
         }
+        passed.append(&mut ok);
+        failed.append(&mut bad);
         let code = child.wait().map_or(1, |s| s.code().unwrap_or(1));
         pending.retain(|n| !passed.contains(n) && !failed.contains(n));
         match code {
