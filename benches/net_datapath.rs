@@ -394,7 +394,7 @@ fn device(tap: &Arc<Tap>) -> (SimDriver, Arc<rvm::devices::virtio_net::NetStats>
         mtu: 1500,
         name: WORKER.into(),
     };
-    let net = VirtioNet::new(params, tap.clone());
+    let net = VirtioNet::new(params, tap.clone(), None);
     let stats = net.stats();
     let mut drv = SimDriver::new(Box::new(net), 64);
     let s = drv.init(FEATURES, &[QSIZE, QSIZE, 64]);

@@ -1,6 +1,8 @@
 //! TCP throughput of a real guest over virtio-net-pci on a bridge: rvm
-//! against QEMU (`-device virtio-net-pci -netdev tap,vhost=off`), same
-//! kernel, same initramfs, same guest size, in the same run. The guest runs
+//! against QEMU (`-device virtio-net-pci -netdev tap,vhost=...`), same
+//! kernel, same initramfs, same guest size, in the same run: both with the
+//! data path in userspace (`offloads`, `vnet_hdr_off`) and both with
+//! vhost-net (`vhost`). The guest runs
 //! an iperf3 server; the host runs the client, so both figures come from
 //! the host's clock (the guest's is unreliable in the nested host):
 //! host->guest is the client's sent rate, guest->host (`-R`) its received
@@ -10,7 +12,7 @@
 //! has no VT-x/AMD-V). RVM_BENCH_RUNS: runs per VMM and setup (default 2,
 //! interleaved); RVM_IPERF_SECS: seconds per direction (default 10);
 //! RVM_IPERF_KERNELS: `stock`, `minimal` or `stock,minimal` (default stock).
-//! Free arguments pick setups by name (`offloads`, `vnet_hdr_off`).
+//! Free arguments pick setups by name (`offloads`, `vhost`, `vnet_hdr_off`).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -47,16 +49,24 @@ impl Vmm {
 struct Setup {
     name: &'static str,
     vnet_hdr: bool,
+    vhost: bool,
 }
 
-const SETUPS: [Setup; 2] = [
+const SETUPS: [Setup; 3] = [
     Setup {
         name: "offloads",
         vnet_hdr: true,
+        vhost: false,
+    },
+    Setup {
+        name: "vhost",
+        vnet_hdr: true,
+        vhost: true,
     },
     Setup {
         name: "vnet_hdr_off",
         vnet_hdr: false,
+        vhost: false,
     },
 ];
 
@@ -66,6 +76,7 @@ fn cmdline(reboot: &str) -> String {
 
 fn vmm_command(vmm: Vmm, ns: &Netns, kernel: &Path, img: &Images, setup: &Setup) -> Command {
     let onoff = if setup.vnet_hdr { "on" } else { "off" };
+    let vhost = if setup.vhost { "on" } else { "off" };
     match vmm {
         Vmm::Rvm => {
             let mut c = ns.command(rvm_bin());
@@ -77,7 +88,9 @@ fn vmm_command(vmm: Vmm, ns: &Netns, kernel: &Path, img: &Images, setup: &Setup)
                 .arg("--cmdline")
                 .arg(cmdline("k"))
                 .arg("--net")
-                .arg(format!("tap=rvmtap0,bridge=br0,vnet_hdr={onoff}"));
+                .arg(format!(
+                    "tap=rvmtap0,bridge=br0,vnet_hdr={onoff},vhost={vhost}"
+                ));
             c
         }
         Vmm::Qemu => {
@@ -93,7 +106,7 @@ fn vmm_command(vmm: Vmm, ns: &Netns, kernel: &Path, img: &Images, setup: &Setup)
                 .arg(cmdline("k"))
                 .arg("-netdev")
                 .arg(format!(
-                    "tap,id=n0,ifname=qtap0,script=no,downscript=no,vhost=off,vnet_hdr={onoff}"
+                    "tap,id=n0,ifname=qtap0,script=no,downscript=no,vhost={vhost},vnet_hdr={onoff}"
                 ))
                 .args(["-device", "virtio-net-pci,netdev=n0"]);
             c

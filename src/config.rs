@@ -83,12 +83,6 @@ impl VmConfig {
                     nic.label()
                 )));
             }
-            if nic.vhost == crate::net::VhostMode::On {
-                return Err(Error::InvalidConfig(format!(
-                    "NIC {}: vhost=on is not yet supported; use vhost=off or auto",
-                    nic.label()
-                )));
-            }
         }
         crate::net::config::validate_all(&mut self.nics.clone())
             .map_err(|e| Error::InvalidConfig(e.to_string()))?;

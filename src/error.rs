@@ -57,6 +57,12 @@ pub enum Error {
     #[error("{0}")]
     HostNic(#[from] crate::net::HostNicError),
 
+    #[error("NIC {nic}: vhost=on, but {source}")]
+    Vhost {
+        nic: String,
+        source: crate::net::vhost::VhostError,
+    },
+
     #[error("device setup failed: {0}")]
     Device(String),
 

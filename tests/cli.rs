@@ -146,6 +146,37 @@ fn kvm_missing() {
 }
 
 #[test]
+fn vhost_on_without_vhost_net_fails_before_any_tap() {
+    // /dev hidden in private mount and network namespaces: vhost=on must
+    // be refused before rvm creates the TAP (the new netns would show it).
+    let d = tmpdir("novhost");
+    let k = fake_bzimage(&d);
+    let script = format!(
+        "mount -t tmpfs none /dev && {} run --kernel {} --tap rvmvh0 --vhost on; rc=$?; \
+         ip -o link show rvmvh0 2>/dev/null && echo TAP-LEFT >&2; exit $rc",
+        env!("CARGO_BIN_EXE_rvm"),
+        k.display()
+    );
+    let out = Command::new("unshare")
+        .args([
+            "--mount",
+            "--net",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .expect("unshare (util-linux) is needed for this test");
+    assert_error(&out, "vhost=on, but cannot open /dev/vhost-net");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vhost=off"), "says what to do: {err}");
+    assert!(!err.contains("TAP-LEFT"), "a TAP was created: {err}");
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
 fn help_lists_the_run_options() {
     let out = rvm(&["run", "--help"]);
     assert!(out.status.success());
@@ -172,7 +203,6 @@ fn bad_nic_specs_name_the_problem() {
         (&["--net", "tap=waytoolongforatap"], "not an interface name"),
         (&["--net", "tap=t0", "--net", "tap=t0"], "given to two NICs"),
         (&["--tap", "t0", "--model", "e1000"], "not yet supported"),
-        (&["--tap", "t0", "--vhost", "on"], "not yet supported"),
         (&["--bridge", "br0"], "--tap"),
     ];
     for (args, want) in cases {

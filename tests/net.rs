@@ -39,6 +39,40 @@ impl Kernel {
     }
 }
 
+/// Which data path a case runs on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum DataPath {
+    Userspace,
+    Vhost,
+}
+
+impl DataPath {
+    fn spec(self) -> &'static str {
+        match self {
+            DataPath::Userspace => "vhost=off",
+            DataPath::Vhost => "vhost=on",
+        }
+    }
+
+    /// rvm's log shows the data path each driver session used: `times`
+    /// sessions in the kernel for vhost, none for userspace.
+    fn check(self, run: &GuestRun, times: usize) -> Result<(), String> {
+        let kernel = run.stderr.matches("data path: vhost-net").count();
+        let want = match self {
+            DataPath::Vhost => times,
+            DataPath::Userspace => 0,
+        };
+        if kernel == want {
+            Ok(())
+        } else {
+            Err(format!(
+                "{self:?}: rvm logged {kernel} vhost-net driver sessions, wanted {want}\n{}",
+                run.stderr
+            ))
+        }
+    }
+}
+
 /// `rvm run` of `kernel` inside `ns` with scenario and args and NIC spec.
 fn rvm(
     ns: &Netns,
@@ -49,6 +83,12 @@ fn rvm(
     net: &str,
     mem: &str,
 ) -> Command {
+    // Every case names its data path; the userspace one unless it asks.
+    let net = if net.contains("vhost=") {
+        net.to_string()
+    } else {
+        format!("{net},vhost=off")
+    };
     let mut c = ns.command(rvm_bin());
     // NIC counters at exit land in the failure report (stderr).
     c.env("RVM_LOG", "info")
@@ -57,7 +97,7 @@ fn rvm(
         .arg(k.path(img))
         .arg("--initrd")
         .arg(&img.initramfs)
-        .args(["--cpus", "2", "--mem", mem, "--net", net])
+        .args(["--cpus", "2", "--mem", mem, "--net", &net])
         .arg("--cmdline")
         .arg(format!(
             "{} quiet rvm.scenario={scenario} rvm.args={args}",
@@ -114,7 +154,7 @@ fn no_taps_left(ns: &Netns) -> Result<(), String> {
     }
 }
 
-fn ping_bridge(k: Kernel) -> impl Fn(&Images) -> Result<(), String> {
+fn ping_bridge(k: Kernel, path: DataPath) -> impl Fn(&Images) -> Result<(), String> {
     move |img| {
         let ns = Netns::new("ping")?;
         ns.bridge("10.0.0.1/24", 1500)?;
@@ -125,9 +165,10 @@ fn ping_bridge(k: Kernel) -> impl Fn(&Images) -> Result<(), String> {
             k,
             "net_ping",
             "",
-            "tap=rvmtap0,bridge=br0",
+            &format!("tap=rvmtap0,bridge=br0,{}", path.spec()),
         );
         finished(&r)?;
+        path.check(&r, 1)?;
         expect(&r, "driver", "virtio_net")?;
         expect(&r, "ping_ok", "1")?;
         // The default MAC is stable for the TAP name.
@@ -254,7 +295,7 @@ fn sha256(path: &Path) -> Result<String, String> {
 
 /// 32 MiB each way over TCP, sha256 checked on both ends, with the
 /// offloads the test expects (on with a vnet header, off without).
-fn tcp(k: Kernel, vnet_hdr: bool) -> impl Fn(&Images) -> Result<(), String> {
+fn tcp(k: Kernel, vnet_hdr: bool, path: DataPath) -> impl Fn(&Images) -> Result<(), String> {
     move |img| {
         let ns = Netns::new("tcp")?;
         ns.bridge("10.0.0.1/24", 1500)?;
@@ -281,8 +322,9 @@ fn tcp(k: Kernel, vnet_hdr: bool) -> impl Fn(&Images) -> Result<(), String> {
             .spawn()
             .map_err(|e| e.to_string())?;
         let net = format!(
-            "tap=rvmtcp,bridge=br0,vnet_hdr={}",
-            if vnet_hdr { "on" } else { "off" }
+            "tap=rvmtcp,bridge=br0,vnet_hdr={},{}",
+            if vnet_hdr { "on" } else { "off" },
+            path.spec()
         );
         // The host's view of the TAP's offloads, read while the guest runs
         // (they are programmed when the guest's driver is up).
@@ -321,6 +363,7 @@ fn tcp(k: Kernel, vnet_hdr: bool) -> impl Fn(&Images) -> Result<(), String> {
         let _ = server.wait();
         let host_view = probe.join().unwrap_or_default();
         finished(&r)?;
+        path.check(&r, 1)?;
         expect(&r, "rx_bytes", &(TCP_MIB << 20).to_string())?;
         expect(&r, "rx_sha256", &sha256(&tx)?)?;
         let host_rx = sha256(&rx)?;
@@ -451,11 +494,13 @@ fn mtu_9000(img: &Images) -> Result<(), String> {
 }
 
 /// The driver lets go of the device and takes it again (a device reset
-/// and a fresh initialisation); traffic flows afterwards.
-fn reload(k: Kernel) -> impl Fn(&Images) -> Result<(), String> {
+/// and a fresh initialisation); traffic flows afterwards, and again after
+/// the guest moves the queue interrupts to another vCPU.
+fn reload(k: Kernel, path: DataPath) -> impl Fn(&Images) -> Result<(), String> {
     move |img| {
         let ns = Netns::new("reload")?;
         ns.bridge("10.0.0.1/24", 1500)?;
+        let watch = VhostWatch::start("tap=rvmrl");
         let r = run(
             "reload",
             &ns,
@@ -463,12 +508,119 @@ fn reload(k: Kernel) -> impl Fn(&Images) -> Result<(), String> {
             k,
             "net_reload",
             "",
-            "tap=rvmrl,bridge=br0",
+            &format!("tap=rvmrl,bridge=br0,{}", path.spec()),
         );
+        let samples = watch.stop();
         finished(&r)?;
+        // One session before the reload, one after: the kernel's state is
+        // torn down and rebuilt.
+        path.check(&r, 2)?;
+        if path == DataPath::Vhost {
+            no_vhost_leak(&samples)?;
+        }
         expect(&r, "before_ok", "1")?;
-        expect(&r, "reload_ping_ok", "1")
+        expect(&r, "reload_ping_ok", "1")?;
+        // The guest moved the queue interrupts to CPU 1 (new MSI-X
+        // messages): traffic still flows and the interrupts land there.
+        expect(&r, "moved_ping_ok", "1")?;
+        expect(&r, "irq_on_cpu1", "1")
     }
+}
+
+/// Samples, while a guest runs, how many vhost worker threads the host
+/// has and how many fds rvm holds.
+struct VhostWatch {
+    done: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(usize, usize)>>,
+}
+
+impl VhostWatch {
+    /// Watches the rvm whose command line contains `tag`.
+    fn start(tag: &str) -> Self {
+        let done = Arc::new(AtomicBool::new(false));
+        let tag = tag.to_string();
+        let stop = done.clone();
+        let thread = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(pid) = pid_with_arg(&tag) {
+                    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count());
+                    if let Ok(fds) = fds {
+                        samples.push((vhost_threads(), fds));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            samples
+        });
+        VhostWatch { done, thread }
+    }
+
+    fn stop(self) -> Vec<(usize, usize)> {
+        self.done.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// The pid of the rvm process with an argument containing `tag`.
+fn pid_with_arg(tag: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let is_rvm = cmd.split(|&b| b == 0).any(|a| a.ends_with(b"/rvm"));
+        let tagged = cmd
+            .split(|&b| b == 0)
+            .any(|a| a.windows(tag.len()).any(|w| w == tag.as_bytes()));
+        (is_rvm && tagged).then_some(pid)
+    })
+}
+
+/// Threads named vhost-* on the host: kernel threads (before Linux 6.4)
+/// or threads of the owning process (since).
+fn vhost_threads() -> usize {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    procs
+        .flatten()
+        .filter(|p| {
+            p.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .filter_map(|p| std::fs::read_dir(p.path().join("task")).ok())
+        .flat_map(|tasks| tasks.flatten())
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("vhost-"))
+        })
+        .count()
+}
+
+/// Across a driver reload with vhost-net: never more than one vhost worker
+/// (the old one ends before the new one starts), and, when the gap between
+/// the two sessions was seen, rvm holds as many fds after it as before.
+fn no_vhost_leak(samples: &[(usize, usize)]) -> Result<(), String> {
+    let most = samples.iter().map(|s| s.0).max().unwrap_or(0);
+    if most != 1 {
+        return Err(format!(
+            "wanted exactly one vhost worker thread while the guest ran, saw up to {most} ({} samples)",
+            samples.len()
+        ));
+    }
+    let first_on = samples.iter().position(|s| s.0 == 1).unwrap_or(0);
+    let gap = samples[first_on..].iter().position(|s| s.0 == 0);
+    if let Some(g) = gap.map(|g| g + first_on) {
+        let before = samples[first_on..g].iter().map(|s| s.1).max();
+        let after = samples[g..].iter().filter(|s| s.0 == 1).map(|s| s.1).max();
+        if let (Some(b), Some(a)) = (before, after) {
+            if a > b {
+                return Err(format!(
+                    "rvm held {b} fds in the first vhost session and {a} after the reload"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Bad host-side options fail before the guest starts, name the problem,
@@ -528,35 +680,128 @@ fn fail_keep(ns: &Netns, img: &Images, net: &str, want: &str) -> Result<(), Stri
     Ok(())
 }
 
+/// /dev/vhost-net replaced by an empty file in a private mount namespace:
+/// vhost=on fails before the guest starts and leaves no TAP; vhost=auto
+/// says it falls back, and the guest's traffic flows on the userspace path.
+fn vhost_unusable(img: &Images) -> Result<(), String> {
+    let ns = Netns::new("novhost")?;
+    ns.bridge("10.0.0.1/24", 1500)?;
+    let dir = tempdir()?;
+    let empty = dir.join("not-vhost");
+    std::fs::write(&empty, b"").map_err(|e| e.to_string())?;
+    // rvm's own command line, run behind the bind mount.
+    let hidden = |net: &str, scenario: &str| {
+        let base = rvm(&ns, img, Kernel::Minimal, scenario, "", net, "256M");
+        let mut c = ns.command("unshare");
+        c.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$0" /dev/vhost-net && exec "$@""#)
+            .arg(&empty)
+            .args(base.get_args().skip(3))
+            .envs(base.get_envs().filter_map(|(k, v)| Some((k, v?))));
+        c
+    };
+    let o = hidden("tap=rvmnov,bridge=br0,vhost=on", "boot")
+        .output()
+        .map_err(|e| e.to_string())?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    if o.status.code() != Some(1) || !err.contains("vhost=on, but /dev/vhost-net") {
+        return Err(format!(
+            "vhost=on without a usable /dev/vhost-net: exit {:?}, stderr {err:?}",
+            o.status.code()
+        ));
+    }
+    if !o.stdout.is_empty() {
+        return Err("vhost=on without vhost-net: the guest started".into());
+    }
+    no_taps_left(&ns)?;
+    let r = run_guest_retrying(
+        "novhost",
+        || hidden("tap=rvmnov,bridge=br0,vhost=auto", "net_ping"),
+        DEADLINE,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    finished(&r)?;
+    expect(&r, "ping_ok", "1")?;
+    if !r
+        .stderr
+        .contains("vhost=auto: /dev/vhost-net does not work here")
+    {
+        return Err(format!(
+            "vhost=auto did not say it falls back:\n{}",
+            r.stderr
+        ));
+    }
+    DataPath::Userspace.check(&r, 0)?;
+    no_taps_left(&ns)
+}
+
 fn case(name: &str, f: impl Fn(&Images) -> Result<(), String> + 'static) -> Case<Images> {
     (name.to_string(), Box::new(f))
 }
 
 fn cases() -> Vec<Case<Images>> {
+    use DataPath::*;
     use Kernel::*;
     vec![
-        case("minimal_pings_the_bridge", ping_bridge(Minimal)),
-        case("stock_pings_the_bridge", ping_bridge(Stock)),
+        case("minimal_pings_the_bridge", ping_bridge(Minimal, Userspace)),
+        case("stock_pings_the_bridge", ping_bridge(Stock, Userspace)),
         case("guest_to_guest_and_sigterm_leaves_no_tap", guest_to_guest),
         case("host_only_tap_without_bridge", host_only),
         case(
             "minimal_tcp_32mib_both_ways_offloads_on",
-            tcp(Minimal, true),
+            tcp(Minimal, true, Userspace),
         ),
-        case("stock_tcp_32mib_both_ways_offloads_on", tcp(Stock, true)),
+        case(
+            "stock_tcp_32mib_both_ways_offloads_on",
+            tcp(Stock, true, Userspace),
+        ),
         case(
             "minimal_tcp_32mib_both_ways_vnet_hdr_off",
-            tcp(Minimal, false),
+            tcp(Minimal, false, Userspace),
         ),
-        case("stock_tcp_32mib_both_ways_vnet_hdr_off", tcp(Stock, false)),
+        case(
+            "stock_tcp_32mib_both_ways_vnet_hdr_off",
+            tcp(Stock, false, Userspace),
+        ),
         case("minimal_dhcp_from_dnsmasq", dhcp(Minimal)),
         case("stock_dhcp_from_dnsmasq", dhcp(Stock)),
         case("mtu_9000_unfragmented", mtu_9000),
-        case("minimal_driver_rebind_keeps_traffic", reload(Minimal)),
-        case("stock_driver_reload_keeps_traffic", reload(Stock)),
+        case(
+            "minimal_driver_rebind_keeps_traffic",
+            reload(Minimal, Userspace),
+        ),
+        case(
+            "stock_driver_reload_keeps_traffic",
+            reload(Stock, Userspace),
+        ),
         case(
             "bad_host_options_fail_early_and_leave_nothing",
             bad_host_options,
+        ),
+        // vhost-net (the nested host and any normal KVM host have it).
+        case(
+            "vhost_minimal_pings_the_bridge",
+            ping_bridge(Minimal, Vhost),
+        ),
+        case(
+            "vhost_stock_tcp_32mib_both_ways_offloads_on",
+            tcp(Stock, true, Vhost),
+        ),
+        case(
+            "vhost_minimal_tcp_32mib_both_ways_vnet_hdr_off",
+            tcp(Minimal, false, Vhost),
+        ),
+        case(
+            "vhost_stock_driver_reload_keeps_traffic",
+            reload(Stock, Vhost),
+        ),
+        case(
+            "vhost_minimal_driver_rebind_keeps_traffic",
+            reload(Minimal, Vhost),
+        ),
+        case(
+            "vhost_unusable_on_fails_cleanly_auto_falls_back",
+            vhost_unusable,
         ),
     ]
 }

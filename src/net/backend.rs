@@ -2,7 +2,7 @@
 //! that moves whole frames with one readv or writev each, optionally with a
 //! virtio-net header in front (IFF_VNET_HDR).
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 /// TUNSETOFFLOAD flags: what the host may hand the guest unfinished.
 pub mod offload {
@@ -12,7 +12,8 @@ pub mod offload {
     pub const TSO_ECN: u32 = 0x08;
 }
 
-pub trait NetBackend: AsRawFd + Send + Sync {
+/// `AsFd` lets a kernel data path (vhost-net) take the same TAP.
+pub trait NetBackend: AsRawFd + AsFd + Send + Sync {
     /// Reads one frame into `iov`; WouldBlock when there is none.
     fn readv(&self, iov: &[libc::iovec]) -> std::io::Result<usize>;
     /// Writes one frame gathered from `iov`.

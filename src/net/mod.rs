@@ -12,6 +12,7 @@ pub mod sys;
 pub mod tap;
 #[cfg(test)]
 mod test_util;
+pub mod vhost;
 
 pub use config::{MacAddr, NetConfig, NicModel, VhostMode};
 pub use host_nic::{HostNic, HostNicError};

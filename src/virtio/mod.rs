@@ -39,6 +39,10 @@ pub trait Interrupt: Send + Sync {
     fn queue(&self, vector: u16);
     /// The device configuration changed.
     fn config(&self);
+    /// An eventfd whose every write interrupts the driver on `vector`
+    /// without rvm in the way (an irqfd), for a data path in the host
+    /// kernel. None when the vector cannot be delivered that way.
+    fn queue_irqfd(&self, vector: u16) -> Option<EventFd>;
 }
 
 /// One queue the driver enabled, handed to the device at DRIVER_OK.

@@ -93,6 +93,14 @@ impl Interrupt for PciInterrupt {
         }
     }
 
+    fn queue_irqfd(&self, vector: u16) -> Option<EventFd> {
+        // With MSI-X off the driver polls the ISR, which only rvm can set.
+        if vector == NO_VECTOR || !self.msix.enabled() {
+            return None;
+        }
+        self.msix.irqfd(vector)?.try_clone().ok()
+    }
+
     fn config(&self) {
         self.isr.fetch_or(ISR_CONFIG, Ordering::AcqRel);
         let v = self.config_vector.load(Ordering::Acquire);

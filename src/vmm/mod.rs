@@ -28,7 +28,8 @@ use crate::devices::virtio_net::{NetParams, NetStats, VirtioNet};
 use crate::devices::IrqLine;
 use crate::error::{Error, Result};
 use crate::net::backend::NetBackend;
-use crate::net::HostNic;
+use crate::net::vhost::{self, VhostNet};
+use crate::net::{HostNic, VhostMode};
 use crate::pci::msix::{MsixTable, MsixVectors};
 use crate::pci::{root, BarKind, HostBridge, PciAllocator, PciRoot};
 use crate::virtio::pci::{self as virtio_pci, VirtioPciDevice};
@@ -85,6 +86,13 @@ impl Vm {
         let mut nic_configs = config.nics.clone();
         crate::net::config::validate_all(&mut nic_configs)
             .map_err(|e| Error::InvalidConfig(e.to_string()))?;
+        // vhost=on must work before anything is created.
+        for cfg in nic_configs.iter().filter(|c| c.vhost == VhostMode::On) {
+            vhost::probe(cfg.vnet_hdr).map_err(|source| Error::Vhost {
+                nic: cfg.label(),
+                source,
+            })?;
+        }
         let host_nics = nic_configs
             .iter()
             .map(HostNic::setup)
@@ -212,13 +220,25 @@ impl Vm {
                         .unwrap_or(1500),
                 };
                 let mac = cfg.mac.map(|m| m.0).unwrap_or([0x52, 0x54, 0, 0, 0, 1]);
-                if cfg.vhost == crate::net::VhostMode::Auto {
-                    log::info!(
-                        "{}: vhost-net not implemented yet; using the userspace data path",
-                        cfg.label()
-                    );
-                }
-                vm.add_virtio_net(host.tap().clone(), mac, mtu)?;
+                let vhost = match cfg.vhost {
+                    VhostMode::Off => None,
+                    VhostMode::On => {
+                        Some(VhostNet::open(&vm.memory, cfg.vnet_hdr).map_err(|source| {
+                            Error::Vhost {
+                                nic: cfg.label(),
+                                source,
+                            }
+                        })?)
+                    }
+                    VhostMode::Auto => match VhostNet::open(&vm.memory, cfg.vnet_hdr) {
+                        Ok(v) => Some(v),
+                        Err(e) => {
+                            log::info!("{}: vhost=auto: {e}; data path: userspace", cfg.label());
+                            None
+                        }
+                    },
+                };
+                vm.add_virtio_net(host.tap().clone(), mac, mtu, vhost)?;
                 vm.host_nics.push(host);
             }
             Ok(vm)
@@ -232,6 +252,7 @@ impl Vm {
         backend: Arc<dyn NetBackend>,
         mac: [u8; 6],
         mtu: u16,
+        vhost: Option<VhostNet>,
     ) -> Result<Arc<NetStats>> {
         let index = self.nics.len();
         let net = VirtioNet::new(
@@ -241,6 +262,7 @@ impl Vm {
                 name: format!("net{index}"),
             },
             backend,
+            vhost,
         );
         let stats = net.stats();
         // One vector per queue and one for configuration changes.

@@ -7,7 +7,9 @@
 //! - host to guest: [`rx`] reads a frame with one readv straight into the
 //!   guest's RX buffers (several chains when buffers are merged);
 //! - [`worker`] runs both from an event loop (event-manager) woken by the
-//!   TAP and by the guest's kicks (ioeventfds).
+//!   TAP and by the guest's kicks (ioeventfds);
+//! - or, with vhost-net, the host kernel runs RX and TX
+//!   ([`crate::net::vhost`]) and the worker keeps only the control queue.
 
 pub mod chain;
 pub mod ctrl;
@@ -18,12 +20,16 @@ mod tests;
 pub mod tx;
 pub mod worker;
 
+use std::fs::File;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::net::backend::{offload, NetBackend};
+use crate::net::vhost::{VhostNet, VringSetup};
 use crate::virtio::features::{RING_EVENT_IDX, RING_INDIRECT_DESC, VERSION_1};
 use crate::virtio::{ActivateError, Activation, VirtioDevice};
 pub use stats::NetStats;
@@ -68,10 +74,25 @@ pub struct VirtioNet {
     stats: Arc<NetStats>,
     avail_features: u64,
     running: Option<(EventFd, JoinHandle<()>)>,
+    /// The kernel data path, when the NIC may use one.
+    vhost: Option<VhostNet>,
+}
+
+/// The feature bits vhost-net interprets itself: the guest may only have
+/// those of them the kernel implements.
+const VHOST_OWNED: u64 = VERSION_1 | RING_EVENT_IDX | RING_INDIRECT_DESC | MRG_RXBUF;
+
+/// What the device offers when vhost-net (implementing `vhost`) may run
+/// its queues: a driver must get what either data path can honour, since
+/// a session falls back to userspace when vhost cannot take it.
+pub(crate) fn restrict_to_vhost(offered: u64, vhost: u64) -> u64 {
+    offered & (!VHOST_OWNED | vhost)
 }
 
 impl VirtioNet {
-    pub fn new(params: NetParams, backend: Arc<dyn NetBackend>) -> Self {
+    /// A NIC on `backend`; with `vhost`, the kernel moves its frames
+    /// whenever the driver's setup allows it.
+    pub fn new(params: NetParams, backend: Arc<dyn NetBackend>, vhost: Option<VhostNet>) -> Self {
         let mut f = VERSION_1
             | RING_EVENT_IDX
             | RING_INDIRECT_DESC
@@ -86,13 +107,61 @@ impl VirtioNet {
             f |= CSUM | GUEST_CSUM | HOST_TSO4 | HOST_TSO6 | HOST_ECN;
             f |= GUEST_TSO4 | GUEST_TSO6 | GUEST_ECN;
         }
+        let vhost = vhost.filter(|v| v.features() & VERSION_1 != 0);
+        if let Some(v) = &vhost {
+            f = restrict_to_vhost(f, v.features());
+        }
         VirtioNet {
             params,
             backend,
             stats: Arc::new(NetStats::default()),
             avail_features: f,
             running: None,
+            vhost,
         }
+    }
+
+    /// Hands RX and TX to vhost-net. Needs an irqfd per queue (MSI-X on,
+    /// a vector each); Err says why not, and nothing stays with the kernel.
+    fn start_vhost(&mut self, a: &Activation) -> Result<(), String> {
+        let Some(vhost) = self.vhost.as_mut() else {
+            return Err("no vhost-net".into());
+        };
+        let data = &a.queues[..2];
+        let calls = data
+            .iter()
+            .map(|q| {
+                a.interrupt
+                    .queue_irqfd(q.vector)
+                    .ok_or("the driver did not give each queue an MSI-X vector")
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let rings: Vec<VringSetup> = data
+            .iter()
+            .zip(&calls)
+            .map(|(q, call)| VringSetup {
+                size: q.queue.size(),
+                desc: q.queue.desc_table(),
+                avail: q.queue.avail_ring(),
+                used: q.queue.used_ring(),
+                next_avail: q.queue.next_avail(),
+                kick: &q.kick,
+                call,
+            })
+            .collect();
+        let tap = self
+            .backend
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| format!("cannot share the TAP: {e}"))?;
+        vhost
+            .start(
+                a.features,
+                self.backend.vnet_hdr(),
+                &rings,
+                &File::from(tap),
+            )
+            .map_err(|e| e.to_string())
     }
 
     pub fn stats(&self) -> Arc<NetStats> {
@@ -118,6 +187,9 @@ impl VirtioNet {
     }
 
     fn stop_worker(&mut self) {
+        if let Some(v) = self.vhost.as_mut() {
+            v.stop();
+        }
         if let Some((stop, thread)) = self.running.take() {
             let _ = stop.write(1);
             let _ = thread.join();
@@ -179,6 +251,20 @@ impl VirtioDevice for VirtioNet {
                 .configure_offloads(HDR_LEN, Self::tap_offloads(a.features))
                 .map_err(|e| ActivateError::Start(format!("TAP offloads: {e}")))?;
         }
+        let in_kernel = self.vhost.is_some()
+            && match self.start_vhost(&a) {
+                Ok(()) => {
+                    log::info!("{}: data path: vhost-net", self.params.name);
+                    true
+                }
+                Err(e) => {
+                    log::warn!(
+                        "{}: vhost-net cannot take this driver's queues ({e}); data path: userspace",
+                        self.params.name
+                    );
+                    false
+                }
+            };
         let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
             .map_err(|e| ActivateError::Start(e.to_string()))?;
         let w = worker::Worker::new(
@@ -187,6 +273,7 @@ impl VirtioDevice for VirtioNet {
             self.stats.clone(),
             stop.try_clone()
                 .map_err(|e| ActivateError::Start(e.to_string()))?,
+            in_kernel,
         );
         let thread = std::thread::Builder::new()
             .name(self.params.name.clone())

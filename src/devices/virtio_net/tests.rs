@@ -1,7 +1,7 @@
 //! virtio-net against a simulated driver and a socketpair standing in for
 //! the TAP: the data path, the header handling, and hostile chains.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +26,12 @@ struct FakeTap {
 impl AsRawFd for FakeTap {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+impl AsFd for FakeTap {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 
@@ -88,7 +94,7 @@ fn rig(vnet: bool) -> Rig {
         mtu: 1500,
         name: "net-test".into(),
     };
-    let net = VirtioNet::new(params, tap.clone());
+    let net = VirtioNet::new(params, tap.clone(), None);
     let stats = net.stats();
     Rig {
         drv: SimDriver::new(Box::new(net), 16),
@@ -568,4 +574,19 @@ fn hostile_available_index_is_ignored_until_reset() {
     r.drv.queues[TXQ].add_chain(&mem, &[(DATA_START, frame.len() as u32)], false);
     r.drv.kick(TXQ as u16);
     assert_eq!(peer_recv(&r.peer).as_deref(), Some(&frame[..]));
+}
+
+#[test]
+fn with_vhost_only_ring_features_the_kernel_implements_are_offered() {
+    let offered = all_features(true);
+    // A kernel without merged buffers or event idx.
+    let vhost = VERSION_1 | crate::virtio::features::RING_INDIRECT_DESC;
+    let f = super::restrict_to_vhost(offered, vhost);
+    assert_eq!(f & (MRG_RXBUF | RING_EVENT_IDX), 0);
+    assert_ne!(f & VERSION_1, 0);
+    // Offloads live in the TAP, not in vhost: all still offered.
+    let tap_side = CSUM | GUEST_CSUM | HOST_TSO4 | GUEST_TSO6 | CTRL_VQ | MAC | MTU;
+    assert_eq!(f & tap_side, offered & tap_side);
+    // A kernel with everything changes nothing.
+    assert_eq!(super::restrict_to_vhost(offered, u64::MAX), offered);
 }

@@ -52,6 +52,8 @@ pub struct Worker {
     pub(super) stats: Arc<NetStats>,
     pub(super) stop: EventFd,
     pub(super) stopped: bool,
+    /// vhost-net moves RX and TX: only the control queue is ours.
+    pub(super) data_in_kernel: bool,
     /// The TAP may have frames we have not read (edge-triggered epoll).
     pub(super) tap_readable: bool,
     pub(super) mergeable: bool,
@@ -73,6 +75,7 @@ impl Worker {
         backend: Arc<dyn NetBackend>,
         stats: Arc<NetStats>,
         stop: EventFd,
+        data_in_kernel: bool,
     ) -> Self {
         let mut queues = a.queues.into_iter().map(|q| QueueCtx {
             queue: q.queue,
@@ -97,6 +100,7 @@ impl Worker {
             stats,
             stop,
             stopped: false,
+            data_in_kernel,
             tap_readable: true,
             mergeable: a.features & MRG_RXBUF != 0,
             // A GSO frame is up to 64 KiB of IP plus Ethernet and VLAN.
@@ -169,13 +173,16 @@ impl MutEventSubscriber for Worker {
                 log::error!("virtio-net: cannot watch fd {}: {e:?}", fd.as_raw_fd());
             }
         };
-        add(&*self.backend, TAP, EventSet::IN | EventSet::EDGE_TRIGGERED);
-        add(&self.rx.kick, RX_KICK, EventSet::IN);
-        add(&self.tx.kick, TX_KICK, EventSet::IN);
         if let Some(c) = &self.ctrl {
             add(&c.kick, CTRL_KICK, EventSet::IN);
         }
         add(&self.stop, STOP, EventSet::IN);
+        if self.data_in_kernel {
+            return;
+        }
+        add(&*self.backend, TAP, EventSet::IN | EventSet::EDGE_TRIGGERED);
+        add(&self.rx.kick, RX_KICK, EventSet::IN);
+        add(&self.tx.kick, TX_KICK, EventSet::IN);
         // Frames may have been queued before the driver came up.
         self.process_tx();
         self.process_rx();
