@@ -47,20 +47,33 @@ pub fn placement() -> Placement {
 }
 
 /// Re-runs this very executable inside the nested host with the same
-/// arguments and exits with its status.
+/// arguments and exits with its status. A run cut short by the nested
+/// host's own kernel panicking starts over (at most MAX_FLAKE_RETRIES
+/// times, each said so).
 pub fn reexec_nested(nested_args: &[&str]) -> ! {
     let exe = std::env::current_exe().expect("current_exe");
-    let mut cmd = Command::new(repo().join("scripts/nested-host"));
-    cmd.args(nested_args)
-        .arg("--")
-        .arg(exe)
-        .args(std::env::args().skip(1));
-    cmd.current_dir(repo());
-    let status = cmd.status().unwrap_or_else(|e| {
-        eprintln!("cannot run scripts/nested-host: {e}");
-        std::process::exit(1)
-    });
-    std::process::exit(status.code().unwrap_or(1))
+    let mut retries = 0;
+    loop {
+        let mut cmd = Command::new(repo().join("scripts/nested-host"));
+        cmd.args(nested_args)
+            .arg("--")
+            .arg(&exe)
+            .args(std::env::args().skip(1));
+        cmd.current_dir(repo());
+        let status = cmd.status().unwrap_or_else(|e| {
+            eprintln!("cannot run scripts/nested-host: {e}");
+            std::process::exit(1)
+        });
+        let code = status.code().unwrap_or(1);
+        if code == NESTED_PANIC && retries < MAX_FLAKE_RETRIES {
+            retries += 1;
+            println!(
+                "RETRY {retries}/{MAX_FLAKE_RETRIES}: the nested host's kernel panicked (known TCG nested-host fault, not an rvm failure); starting over in a fresh nested host"
+            );
+            continue;
+        }
+        std::process::exit(code)
+    }
 }
 
 /// The nested host's kernel panicked under CMD (scripts/nested-host).
