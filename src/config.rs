@@ -77,9 +77,9 @@ impl VmConfig {
             }
         }
         for nic in &self.nics {
-            if nic.model == crate::net::NicModel::E1000 {
+            if nic.model == crate::net::NicModel::E1000 && nic.vhost == crate::net::VhostMode::On {
                 return Err(Error::InvalidConfig(format!(
-                    "NIC {}: model=e1000 is not yet supported; use model=virtio",
+                    "NIC {}: vhost=on needs model=virtio (vhost-net serves virtio queues only)",
                     nic.label()
                 )));
             }

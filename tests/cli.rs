@@ -202,7 +202,10 @@ fn bad_nic_specs_name_the_problem() {
         (&["--net", "tap=t0,fd=3"], "exclusive"),
         (&["--net", "tap=waytoolongforatap"], "not an interface name"),
         (&["--net", "tap=t0", "--net", "tap=t0"], "given to two NICs"),
-        (&["--tap", "t0", "--model", "e1000"], "not yet supported"),
+        (
+            &["--tap", "t0", "--model", "e1000", "--vhost", "on"],
+            "vhost=on needs model=virtio",
+        ),
         (&["--bridge", "br0"], "--tap"),
     ];
     for (args, want) in cases {

@@ -1,8 +1,11 @@
 //! Device models: the legacy platform devices a Linux guest expects on a
 //! PC, and the NICs.
 
+pub mod e1000;
 pub mod i8042;
 pub mod serial;
+#[cfg(test)]
+pub(crate) mod test_backend;
 pub mod virtio_net;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -22,4 +25,10 @@ impl vm_superio::Trigger for IrqLine {
     fn trigger(&self) -> std::io::Result<()> {
         IrqLine::trigger(self)
     }
+}
+
+/// A level-triggered interrupt input (PCI INTx): the device says whether
+/// it wants service; the line is the OR of every device on it.
+pub trait LevelIrq: Send + Sync {
+    fn set_level(&self, asserted: bool);
 }

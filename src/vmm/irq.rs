@@ -103,3 +103,66 @@ impl MsiRouter for GsiRouter {
         self.commit(&s)
     }
 }
+
+/// The PCI INTx inputs of the IOAPIC, driven with KVM_IRQ_LINE. Several
+/// devices may share one: the line is high while any of them asserts it,
+/// so one device's deassert cannot swallow another's interrupt.
+pub struct IntxLines {
+    vm: Arc<VmFd>,
+    asserted: Mutex<BTreeMap<u32, u64>>,
+    next_source: Mutex<u32>,
+}
+
+impl IntxLines {
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        IntxLines {
+            vm,
+            asserted: Mutex::new(BTreeMap::new()),
+            next_source: Mutex::new(0),
+        }
+    }
+
+    /// A device's handle on IOAPIC input `gsi` (at most 64 per VM).
+    pub fn line(self: &Arc<Self>, gsi: u32) -> Option<IntxLine> {
+        let mut n = self.next_source.lock().unwrap_or_else(|e| e.into_inner());
+        if *n >= 64 {
+            return None;
+        }
+        let source = 1u64 << *n;
+        *n += 1;
+        Some(IntxLine {
+            lines: self.clone(),
+            gsi,
+            source,
+        })
+    }
+}
+
+pub struct IntxLine {
+    lines: Arc<IntxLines>,
+    gsi: u32,
+    source: u64,
+}
+
+impl crate::devices::LevelIrq for IntxLine {
+    fn set_level(&self, asserted: bool) {
+        let mut all = self
+            .lines
+            .asserted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mask = all.entry(self.gsi).or_insert(0);
+        let was = *mask != 0;
+        if asserted {
+            *mask |= self.source;
+        } else {
+            *mask &= !self.source;
+        }
+        let now = *mask != 0;
+        if now != was {
+            if let Err(e) = self.lines.vm.set_irq_line(self.gsi, now) {
+                log::warn!("KVM_IRQ_LINE {} = {now}: {e}", self.gsi);
+            }
+        }
+    }
+}

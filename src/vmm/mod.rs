@@ -19,9 +19,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use exit::{ExitReason, ExitSignal};
 
+use crate::arch::x86_64::mptable::PciIrqRoute;
 use crate::arch::x86_64::{boot, cpuid, mptable, paging, regs};
 use crate::bus::Bus;
 use crate::config::VmConfig;
+use crate::devices::e1000::{self, E1000Params, E1000};
 use crate::devices::i8042::{self, I8042};
 use crate::devices::serial::{self, Console, SerialDevice, SerialInput};
 use crate::devices::virtio_net::{NetParams, NetStats, VirtioNet};
@@ -29,11 +31,11 @@ use crate::devices::IrqLine;
 use crate::error::{Error, Result};
 use crate::net::backend::NetBackend;
 use crate::net::vhost::{self, VhostNet};
-use crate::net::{HostNic, VhostMode};
+use crate::net::{HostNic, NicModel, VhostMode};
 use crate::pci::msix::{MsixTable, MsixVectors};
 use crate::pci::{root, BarKind, HostBridge, PciAllocator, PciRoot};
 use crate::virtio::pci::{self as virtio_pci, VirtioPciDevice};
-use irq::GsiRouter;
+use irq::{GsiRouter, IntxLines};
 use vcpu::Vcpu;
 
 /// Where KVM puts the TSS and identity-map pages it needs on Intel: in the
@@ -58,12 +60,28 @@ pub struct Vm {
     nics: Vec<NicHandle>,
     /// TAPs and bridge ports; dropped after the NIC threads stopped.
     host_nics: Vec<HostNic>,
+    intx: Arc<IntxLines>,
+    intx_used: u8,
 }
 
 /// A NIC plugged into the VM: its counters and the device to stop at exit.
 struct NicHandle {
     stats: Arc<NetStats>,
-    device: Arc<Mutex<VirtioPciDevice>>,
+    device: NicDevice,
+}
+
+enum NicDevice {
+    Virtio(Arc<Mutex<VirtioPciDevice>>),
+    E1000(Arc<Mutex<E1000>>),
+}
+
+impl NicDevice {
+    fn shutdown(&self) {
+        match self {
+            NicDevice::Virtio(d) => d.lock().unwrap_or_else(|e| e.into_inner()).shutdown(),
+            NicDevice::E1000(d) => d.lock().unwrap_or_else(|e| e.into_inner()).shutdown(),
+        }
+    }
 }
 
 impl Vm {
@@ -196,6 +214,7 @@ impl Vm {
         Ok(Vm {
             _kvm: kvm,
             gsi: Arc::new(GsiRouter::new(fd.clone())),
+            intx: Arc::new(IntxLines::new(fd.clone())),
             fd,
             memory,
             vcpu_count: vcpus.len(),
@@ -208,9 +227,19 @@ impl Vm {
             pci_alloc: PciAllocator::new(),
             nics: Vec::new(),
             host_nics: Vec::new(),
+            intx_used: 0,
         })
         .and_then(|mut vm| {
+            let mut routes = Vec::new();
             for (cfg, host) in nic_configs.iter().zip(host_nics) {
+                if cfg.model == NicModel::E1000 {
+                    let mac = cfg.mac.map(|m| m.0).unwrap_or([0x52, 0x54, 0, 0, 0, 1]);
+                    let name = cfg.tap.clone();
+                    let (_, route) = vm.add_e1000(host.tap().clone(), mac, name)?;
+                    routes.push(route);
+                    vm.host_nics.push(host);
+                    continue;
+                }
                 let mtu = match cfg.mtu {
                     Some(m) => m,
                     None => host
@@ -240,6 +269,10 @@ impl Vm {
                 };
                 vm.add_virtio_net(host.tap().clone(), mac, mtu, vhost)?;
                 vm.host_nics.push(host);
+            }
+            if !routes.is_empty() {
+                // The guest finds each INTA# route in the MP table.
+                mptable::write(&vm.memory, config.vcpus, &routes)?;
             }
             Ok(vm)
         })
@@ -290,9 +323,69 @@ impl Vm {
             .ok_or_else(|| Error::Device("the PCI bus is full (32 devices)".into()))?;
         self.nics.push(NicHandle {
             stats: stats.clone(),
-            device: dev,
+            device: NicDevice::Virtio(dev),
         });
         Ok(stats)
+    }
+
+    /// Plugs an e1000 (82540EM) whose frames go to and come from
+    /// `backend`, with its INTA# on an IOAPIC input of its own where one
+    /// is free. Returns its counters and the MP table route for its
+    /// interrupt. Call before [`Vm::start`].
+    pub fn add_e1000(
+        &mut self,
+        backend: Arc<dyn NetBackend>,
+        mac: [u8; 6],
+        tap_name: Option<String>,
+    ) -> Result<(Arc<NetStats>, PciIrqRoute)> {
+        let index = self.nics.len();
+        let mmio = self
+            .pci_alloc
+            .allocate(BarKind::Memory32, e1000::MMIO_SIZE)
+            .map_err(|e| Error::Device(format!("e1000: {e}")))?;
+        let io = self
+            .pci_alloc
+            .allocate(BarKind::Io, e1000::IO_SIZE)
+            .map_err(|e| Error::Device(format!("e1000: {e}")))?;
+        // PCI INTx inputs are IOAPIC pins 16-23; more e1000s share them.
+        let pin = 16 + (self.intx_used % 8);
+        self.intx_used += 1;
+        let line = self
+            .intx
+            .line(u32::from(pin))
+            .ok_or_else(|| Error::Device("e1000: too many INTx devices (64)".into()))?;
+        let dev = E1000::new(
+            E1000Params {
+                mac,
+                tap_name,
+                mmio_addr: mmio,
+                io_addr: io,
+                irq_line: pin,
+                name: format!("net{index}"),
+            },
+            self.memory.clone(),
+            backend,
+            Box::new(line),
+        )
+        .map_err(|e| Error::Device(e.to_string()))?;
+        let stats = dev.stats();
+        let dev = Arc::new(Mutex::new(dev));
+        let slot = self
+            .pci
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(dev.clone())
+            .ok_or_else(|| Error::Device("the PCI bus is full (32 devices)".into()))?;
+        self.nics.push(NicHandle {
+            stats: stats.clone(),
+            device: NicDevice::E1000(dev),
+        });
+        let route = PciIrqRoute {
+            device: slot,
+            pin: 1,
+            ioapic_pin: pin,
+        };
+        Ok((stats, route))
     }
 
     /// Starts one thread per vCPU and returns at once.
@@ -380,10 +473,7 @@ impl RunningVm {
         stop_vcpus(std::mem::take(&mut self.threads));
         // Stop the NICs' threads before their backends are torn down.
         for nic in &self.nics {
-            nic.device
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .shutdown();
+            nic.device.shutdown();
         }
         reason
     }

@@ -1,67 +1,20 @@
 //! virtio-net against a simulated driver and a socketpair standing in for
 //! the TAP: the data path, the header handling, and hostile chains.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress};
 
 use super::features::*;
 use super::{NetParams, VirtioNet, HDR_LEN};
-use crate::net::backend::NetBackend;
+use crate::devices::test_backend::{
+    fake_tap, pattern, peer_recv, peer_recv_nothing, peer_send, FakeTap, T,
+};
 use crate::virtio::features::{RING_EVENT_IDX, VERSION_1};
 use crate::virtio::sim::{SimDriver, DATA_START, DESC_F_NEXT, DESC_F_WRITE};
 use crate::virtio::status;
-
-const T: Duration = Duration::from_secs(5);
-
-/// A SOCK_SEQPACKET socketpair: frame boundaries kept, like a TAP.
-struct FakeTap {
-    fd: OwnedFd,
-    vnet: bool,
-    offloads: Mutex<Option<(usize, u32)>>,
-}
-
-impl AsRawFd for FakeTap {
-    fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-}
-
-impl AsFd for FakeTap {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-}
-
-impl NetBackend for FakeTap {
-    fn readv(&self, iov: &[libc::iovec]) -> std::io::Result<usize> {
-        // SAFETY: the iovecs point into live guest memory owned by the test.
-        let n = unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
-        if n < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
-    }
-    fn writev(&self, iov: &[libc::iovec]) -> std::io::Result<usize> {
-        // SAFETY: as above; the kernel only reads the buffers.
-        let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
-        if n < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
-    }
-    fn vnet_hdr(&self) -> bool {
-        self.vnet
-    }
-    fn configure_offloads(&self, hdr_len: usize, flags: u32) -> std::io::Result<()> {
-        *self.offloads.lock().unwrap() = Some((hdr_len, flags));
-        Ok(())
-    }
-}
 
 struct Rig {
     drv: SimDriver,
@@ -71,24 +24,7 @@ struct Rig {
 }
 
 fn rig(vnet: bool) -> Rig {
-    let mut fds = [0; 2];
-    // SAFETY: socketpair writes two fds into the array we own.
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    assert_eq!(r, 0);
-    // SAFETY: both fds were just created and are owned by nobody else.
-    let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let tap = Arc::new(FakeTap {
-        fd: a,
-        vnet,
-        offloads: Mutex::new(None),
-    });
+    let (tap, b) = fake_tap(vnet);
     let params = NetParams {
         mac: [0x52, 0x54, 0, 1, 2, 3],
         mtu: 1500,
@@ -110,42 +46,6 @@ fn all_features(vnet: bool) -> u64 {
         f |= CSUM | GUEST_CSUM | HOST_TSO4 | HOST_TSO6 | GUEST_TSO4 | GUEST_TSO6;
     }
     f
-}
-
-fn peer_recv(fd: &OwnedFd) -> Option<Vec<u8>> {
-    let mut buf = vec![0u8; 70_000];
-    let end = std::time::Instant::now() + T;
-    loop {
-        // SAFETY: buf is a live, writable buffer of the given length.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n >= 0 {
-            buf.truncate(n as usize);
-            return Some(buf);
-        }
-        if std::time::Instant::now() > end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-fn peer_recv_nothing(fd: &OwnedFd) -> bool {
-    std::thread::sleep(Duration::from_millis(50));
-    let mut b = [0u8; 16];
-    // SAFETY: b is a live buffer of the given length.
-    unsafe { libc::recv(fd.as_raw_fd(), b.as_mut_ptr().cast(), b.len(), 0) < 0 }
-}
-
-fn peer_send(fd: &OwnedFd, data: &[u8]) {
-    // SAFETY: data is a live buffer of the given length.
-    let n = unsafe { libc::send(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), 0) };
-    assert_eq!(n as usize, data.len());
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
 }
 
 const RXQ: usize = 0;

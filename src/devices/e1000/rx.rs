@@ -1,0 +1,376 @@
+//! The NIC's thread. It transmits when the driver wrote TDT (see
+//! [`super::tx`]), and for host to guest it waits for the TAP (and for
+//! the driver to give back RX descriptors), then reads each frame with one readv
+//! straight into the guest buffers that RDH..RDT describe, writes the
+//! descriptors back and raises RXT0 once per batch (the moderation: one
+//! interrupt for everything that was waiting).
+
+use std::io::ErrorKind;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::regs::*;
+use super::{Core, VNET_HDR_LEN};
+use crate::devices::virtio_net::stats::bump;
+use crate::net::backend::NetBackend;
+
+/// The largest frame the device takes: with RCTL.LPE (jumbo) 16 KiB, else
+/// a VLAN-tagged 1522 bytes.
+const MAX_JUMBO: usize = 16_384;
+const MAX_NORMAL: usize = 1_522;
+/// Frames read per wakeup before the lock is let go.
+const BATCH: usize = 64;
+const MAX_SEGS: usize = 1 + MAX_JUMBO / 256 + 1;
+
+pub(crate) struct RxState {
+    vnet_hdr: bool,
+    /// Where the TAP's vnet header lands (ignored: no offloads are on).
+    hdr: [u8; VNET_HDR_LEN],
+    iov: Vec<libc::iovec>,
+    /// The ring was found unusable; wait for the driver to rewrite it.
+    broken: bool,
+}
+
+// SAFETY: the iovecs point into guest memory kept mapped by the core's
+// GuestMemoryMmap (or into `hdr`); they are rebuilt before each readv and
+// only used under the core's lock.
+unsafe impl Send for RxState {}
+
+impl RxState {
+    pub(crate) fn new(vnet_hdr: bool) -> Self {
+        RxState {
+            vnet_hdr,
+            hdr: [0; VNET_HDR_LEN],
+            iov: Vec::with_capacity(MAX_SEGS),
+            broken: false,
+        }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.broken = false;
+    }
+}
+
+/// Why receiving stopped.
+#[derive(PartialEq, Eq, Debug)]
+pub(crate) enum RxStop {
+    /// The TAP has nothing more.
+    Drained,
+    /// Not enough descriptors (or receive off): wait for the driver.
+    NeedBuffers,
+}
+
+fn buffer_size(rctl: u32) -> usize {
+    let base = match (rctl >> RCTL_BSIZE_SHIFT) & 3 {
+        0 => 2048,
+        1 => 1024,
+        2 => 512,
+        _ => 256,
+    };
+    if rctl & RCTL_BSEX != 0 && base != 2048 {
+        base * 16
+    } else {
+        base
+    }
+}
+
+impl Core {
+    /// Reads frames from the TAP into the ring until either runs out.
+    pub(crate) fn receive(&mut self) -> RxStop {
+        let rctl = self.reg(RCTL);
+        if rctl & RCTL_EN == 0 || !self.phy.link_up() || self.rx.broken {
+            return RxStop::NeedBuffers;
+        }
+        let n = self.reg(RDLEN) / 16;
+        let base = u64::from(self.reg(RDBAL)) | (u64::from(self.reg(RDBAH)) << 32);
+        let bsize = buffer_size(rctl);
+        let max = if rctl & RCTL_LPE != 0 {
+            MAX_JUMBO
+        } else {
+            MAX_NORMAL
+        };
+        // Room for the frame and, unless the driver asked to strip it, the
+        // 4-byte CRC the driver will cut off (the TAP has none; we add 0s).
+        let crc = if rctl & RCTL_SECRC != 0 { 0 } else { 4 };
+        let need = (max + crc).div_ceil(bsize);
+        let mut received = 0u64;
+        let mut stop = RxStop::Drained;
+        for _ in 0..BATCH {
+            let (head, tail) = (self.reg(RDH), self.reg(RDT));
+            if n == 0 || head >= n || tail >= n {
+                self.rx.broken = true;
+                log::debug!("e1000: RX ring unusable (RDLEN {n}, RDH {head}, RDT {tail})");
+                stop = RxStop::NeedBuffers;
+                break;
+            }
+            let free = (tail + n - head) % n;
+            if (free as usize) < need {
+                stop = RxStop::NeedBuffers;
+                break;
+            }
+            match self.read_frame(base, n, head, need, bsize, crc) {
+                Ok(Some(used)) => {
+                    self.set(RDH, (head + used) % n);
+                    received += 1;
+                }
+                Ok(None) => {} // filtered out: the buffers stay the guest's
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("e1000: RX: {e}");
+                    bump(&self.stats.rx_dropped, 1);
+                    if e.kind() == ErrorKind::InvalidData {
+                        self.rx.broken = true;
+                        stop = RxStop::NeedBuffers;
+                        break;
+                    }
+                }
+            }
+        }
+        if received > 0 {
+            self.cause(ICR_RXT0);
+        }
+        if stop == RxStop::NeedBuffers && rctl & RCTL_EN != 0 && !self.rx.broken {
+            // Tell the driver its ring is short (it refills in its poll).
+            self.cause(ICR_RXDMT0);
+        }
+        stop
+    }
+
+    /// One frame into the `need` descriptors from `head`. Ok(None) when
+    /// the frame is not for us; Ok(Some(descriptors used)) otherwise.
+    fn read_frame(
+        &mut self,
+        base: u64,
+        n: u32,
+        head: u32,
+        need: usize,
+        bsize: usize,
+        crc: usize,
+    ) -> std::io::Result<Option<u32>> {
+        let bad = || std::io::Error::new(ErrorKind::InvalidData, "RX descriptor outside memory");
+        let mem = self.mem.clone();
+        let desc_at = |i: u32| base.checked_add(u64::from((head + i) % n) * DESC_LEN);
+        self.rx.iov.clear();
+        if self.rx.vnet_hdr {
+            self.rx.iov.push(libc::iovec {
+                iov_base: self.rx.hdr.as_mut_ptr().cast(),
+                iov_len: VNET_HDR_LEN,
+            });
+        }
+        let mut room = need * bsize - crc;
+        for i in 0..need as u32 {
+            let d = desc_at(i).ok_or_else(bad)?;
+            let addr: u64 = mem.read_obj(GuestAddress(d)).map_err(|_| bad())?;
+            let len = bsize.min(room);
+            room -= len;
+            let slice = mem.get_slice(GuestAddress(addr), len).map_err(|_| bad())?;
+            self.rx.iov.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: len,
+            });
+        }
+        let got = self.backend.readv(&self.rx.iov)?;
+        let hdr = if self.rx.vnet_hdr { VNET_HDR_LEN } else { 0 };
+        // Never more than the buffers taken: a longer frame was cut.
+        let len = got.saturating_sub(hdr).min(need * bsize - crc);
+        if len < 14 {
+            return Ok(None);
+        }
+        let first: u64 = mem
+            .read_obj(GuestAddress(desc_at(0).ok_or_else(bad)?))
+            .map_err(|_| bad())?;
+        let mut dst = [0u8; 6];
+        mem.read_slice(&mut dst, GuestAddress(first))
+            .map_err(|_| bad())?;
+        let Some(kind) = self.accepts(&dst) else {
+            self.count(STAT_MPC, None, 0);
+            return Ok(None);
+        };
+        // The CRC the driver strips: zeros after the frame.
+        let total = len + crc;
+        let used = total.div_ceil(bsize).max(1) as u32;
+        for i in 0..used {
+            let d = desc_at(i).ok_or_else(bad)?;
+            let addr: u64 = mem.read_obj(GuestAddress(d)).map_err(|_| bad())?;
+            let start = i as usize * bsize;
+            let seg = (total - start).min(bsize);
+            if crc > 0 {
+                // Zero what of the CRC falls in this buffer.
+                let crc_from = len.max(start);
+                if crc_from < start + seg {
+                    let z = [0u8; 4];
+                    let k = start + seg - crc_from;
+                    let at = addr + (crc_from - start) as u64;
+                    let _ = mem.write_slice(&z[..k.min(4)], GuestAddress(at));
+                }
+            }
+            let last = i + 1 == used;
+            let status: u8 = 0x01 | if last { 0x02 } else { 0 }; // DD, EOP
+                                                                 // length u16 @8, checksum u16 @10, status @12, errors @13.
+            let mut wb = [0u8; 8];
+            wb[0..2].copy_from_slice(&(seg as u16).to_le_bytes());
+            wb[4] = status;
+            mem.write_slice(&wb, GuestAddress(d + 8))
+                .map_err(|_| bad())?;
+        }
+        bump(&self.stats.rx_frames, 1);
+        bump(&self.stats.rx_bytes, len as u64);
+        self.count(STAT_GPRC, None, 1);
+        self.count(STAT_TPR, None, 1);
+        self.count(STAT_GORCL, Some(STAT_GORCH), total as u64);
+        self.count(STAT_TORL, Some(STAT_TORH), total as u64);
+        match kind {
+            Dest::Broadcast => self.count(STAT_BPRC, None, 1),
+            Dest::Multicast => self.count(STAT_MPRC, None, 1),
+            Dest::Unicast => {}
+        }
+        Ok(Some(used))
+    }
+
+    /// The receive filter: our addresses (RAL/RAH with AV), broadcast with
+    /// BAM, multicast through the MTA hash or MPE, everything with UPE.
+    fn accepts(&self, dst: &[u8; 6]) -> Option<Dest> {
+        let rctl = self.reg(RCTL);
+        if dst == &[0xff; 6] {
+            return (rctl & RCTL_BAM != 0 || rctl & RCTL_UPE != 0).then_some(Dest::Broadcast);
+        }
+        if dst[0] & 1 != 0 {
+            if rctl & (RCTL_MPE | RCTL_UPE) != 0 {
+                return Some(Dest::Multicast);
+            }
+            // RCTL.MO picks which 12 bits of the address index the table.
+            let shift = [4u32, 3, 2, 0][((rctl >> RCTL_MO_SHIFT) & 3) as usize];
+            let bits = (u32::from(dst[4]) >> shift) | (u32::from(dst[5]) << (8 - shift));
+            let hash = bits & 0xfff;
+            let word = self.reg(MTA + 4 * (hash >> 5));
+            return (word & (1 << (hash & 31)) != 0).then_some(Dest::Multicast);
+        }
+        if rctl & RCTL_UPE != 0 {
+            return Some(Dest::Unicast);
+        }
+        let mine = (0..RA_PAIRS).any(|i| {
+            let (lo, hi) = (self.reg(RA + 8 * i), self.reg(RA + 8 * i + 4));
+            hi & RAH_AV != 0
+                && lo.to_le_bytes() == dst[..4]
+                && (hi as u16).to_le_bytes() == dst[4..]
+        });
+        mine.then_some(Dest::Unicast)
+    }
+}
+
+enum Dest {
+    Unicast,
+    Broadcast,
+    Multicast,
+}
+
+/// The NIC's RX thread.
+pub(crate) struct RxThread {
+    pub core: Arc<Mutex<Core>>,
+    pub backend: Arc<dyn NetBackend>,
+    pub kick: EventFd,
+    pub tx_kick: EventFd,
+    pub stop: EventFd,
+    pub tap_name: Option<String>,
+}
+
+const EV_TAP: u64 = 0;
+const EV_KICK: u64 = 1;
+const EV_STOP: u64 = 2;
+const EV_TX: u64 = 3;
+/// How often the TAP's link state is looked at.
+const LINK_POLL: Duration = Duration::from_secs(1);
+
+impl RxThread {
+    pub(crate) fn run(self) {
+        let epoll = match Epoll::new() {
+            Ok(e) => e,
+            Err(e) => {
+                log::error!("e1000: no epoll: {e}");
+                return;
+            }
+        };
+        let watch = |fd: RawFd, data: u64| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, data),
+            )
+        };
+        let tap_fd = self.backend.as_raw_fd();
+        if let Err(e) = watch(tap_fd, EV_TAP)
+            .and_then(|_| watch(self.kick.as_raw_fd(), EV_KICK))
+            .and_then(|_| watch(self.stop.as_raw_fd(), EV_STOP))
+            .and_then(|_| watch(self.tx_kick.as_raw_fd(), EV_TX))
+        {
+            log::error!("e1000: cannot watch fds: {e}");
+            return;
+        }
+        let mut events = vec![EpollEvent::default(); 4];
+        let mut waiting_for_buffers = false;
+        let mut last_link = Instant::now();
+        loop {
+            let timeout = LINK_POLL.as_millis() as i32;
+            let n = match epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("e1000: epoll: {e}");
+                    return;
+                }
+            };
+            let mut run = false;
+            for ev in &events[..n] {
+                match ev.data() {
+                    EV_STOP => return,
+                    EV_TX => {
+                        let _ = self.tx_kick.read();
+                        self.lock().transmit();
+                    }
+                    EV_KICK => {
+                        let _ = self.kick.read();
+                        run = true;
+                    }
+                    _ => run = true,
+                }
+            }
+            if last_link.elapsed() >= LINK_POLL {
+                last_link = Instant::now();
+                if let Some(name) = &self.tap_name {
+                    let up = crate::net::sys::is_up(name).unwrap_or(true);
+                    self.lock().set_link(up);
+                }
+            }
+            if run {
+                let stop = self.lock().receive();
+                let now_waiting = stop == RxStop::NeedBuffers;
+                // While the guest has no buffers, the TAP stays readable:
+                // stop watching it until a kick, or the loop would spin.
+                if now_waiting != waiting_for_buffers {
+                    let op = if now_waiting {
+                        ControlOperation::Delete
+                    } else {
+                        ControlOperation::Add
+                    };
+                    let _ = epoll.ctl(op, tap_fd, EpollEvent::new(EventSet::IN, EV_TAP));
+                    waiting_for_buffers = now_waiting;
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn buffer_size_for_tests(rctl: u32) -> usize {
+    buffer_size(rctl)
+}

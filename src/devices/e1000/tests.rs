@@ -1,0 +1,392 @@
+//! The e1000 against in-process guest memory and a socketpair standing in
+//! for the TAP: both register windows, the rings, the interrupt line and
+//! hostile programming.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::regs::*;
+use super::{E1000Params, E1000};
+use crate::devices::test_backend::{fake_tap, pattern, peer_recv, peer_recv_nothing, peer_send};
+use crate::devices::LevelIrq;
+use crate::pci::PciDevice;
+
+const MAC: [u8; 6] = [0x52, 0x54, 0, 0xe1, 0, 1];
+const MEM: u64 = 1 << 20;
+const TX_RING: u64 = 0x1000;
+const RX_RING: u64 = 0x2000;
+const BUFS: u64 = 0x10000;
+
+struct Line(Arc<AtomicBool>);
+
+impl LevelIrq for Line {
+    fn set_level(&self, asserted: bool) {
+        self.0.store(asserted, Ordering::SeqCst);
+    }
+}
+
+struct Rig {
+    dev: E1000,
+    mem: GuestMemoryMmap,
+    peer: OwnedFd,
+    irq: Arc<AtomicBool>,
+}
+
+fn rig() -> Rig {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+    let (tap, peer) = fake_tap(false);
+    let irq = Arc::new(AtomicBool::new(false));
+    let dev = E1000::new(
+        E1000Params {
+            mac: MAC,
+            tap_name: None,
+            mmio_addr: 0xe000_0000,
+            io_addr: 0xc000,
+            irq_line: 16,
+            name: "e1000-test".into(),
+        },
+        mem.clone(),
+        tap,
+        Box::new(Line(irq.clone())),
+    )
+    .unwrap();
+    Rig {
+        dev,
+        mem,
+        peer,
+        irq,
+    }
+}
+
+impl Rig {
+    fn w(&mut self, reg: u32, v: u32) {
+        self.dev.bar_write(0, u64::from(reg), &v.to_le_bytes());
+    }
+    fn r(&mut self, reg: u32) -> u32 {
+        let mut b = [0u8; 4];
+        self.dev.bar_read(0, u64::from(reg), &mut b);
+        u32::from_le_bytes(b)
+    }
+    fn io_w(&mut self, reg: u32, v: u32) {
+        self.dev.bar_write(1, 0, &reg.to_le_bytes());
+        self.dev.bar_write(1, 4, &v.to_le_bytes());
+    }
+    fn io_r(&mut self, reg: u32) -> u32 {
+        self.dev.bar_write(1, 0, &reg.to_le_bytes());
+        let mut b = [0u8; 4];
+        self.dev.bar_read(1, 4, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// A TX ring of `n` descriptors, enabled.
+    fn tx_ring(&mut self, n: u32) {
+        self.w(TDBAL, TX_RING as u32);
+        self.w(TDBAH, 0);
+        self.w(TDLEN, n * 16);
+        self.w(TDH, 0);
+        self.w(TDT, 0);
+        self.w(TCTL, TCTL_EN);
+    }
+
+    /// A legacy TX descriptor at index i: one whole frame, RS set.
+    fn tx_desc(&mut self, i: u64, addr: u64, len: u16) {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..10].copy_from_slice(&len.to_le_bytes());
+        d[11] = 0x01 | 0x02 | 0x08; // EOP, IFCS, RS
+        self.mem
+            .write_slice(&d, GuestAddress(TX_RING + 16 * i))
+            .unwrap();
+    }
+
+    /// An RX ring of `n` 2 KiB buffers, all given to the device.
+    fn rx_ring(&mut self, n: u32) {
+        for i in 0..u64::from(n) {
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&(BUFS + i * 2048).to_le_bytes());
+            self.mem
+                .write_slice(&d, GuestAddress(RX_RING + 16 * i))
+                .unwrap();
+        }
+        self.w(RDBAL, RX_RING as u32);
+        self.w(RDBAH, 0);
+        self.w(RDLEN, n * 16);
+        self.w(RDH, 0);
+        self.w(RDT, n - 1);
+        self.w(RCTL, RCTL_EN | RCTL_BAM | RCTL_SECRC);
+    }
+
+    fn wait_rdh(&mut self, want: u32) -> bool {
+        self.wait_reg(RDH, want)
+    }
+
+    /// The NIC's thread works on its own: wait for it.
+    fn wait_reg(&mut self, reg: u32, want: u32) -> bool {
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if self.r(reg) == want {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    }
+}
+
+fn frame_to(dst: [u8; 6], len: usize, seed: u8) -> Vec<u8> {
+    let mut f = pattern(len, seed);
+    f[..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 9]);
+    f
+}
+
+#[test]
+fn linux_style_reset_through_the_io_window_lands() {
+    let mut r = rig();
+    r.w(IMS, ICR_RXT0 | ICR_TXDW);
+    r.w(RCTL, RCTL_EN);
+    // What e1000_reset_hw does for the 82540: E1000_WRITE_REG_IO(CTRL, RST).
+    let ctrl = r.r(CTRL);
+    r.io_w(CTRL, ctrl | CTRL_RST);
+    let resets = r.dev.resets();
+    assert_eq!(resets.io.load(Ordering::SeqCst), 1);
+    assert_eq!(resets.mmio.load(Ordering::SeqCst), 0);
+    assert_eq!(r.r(IMS), 0, "the reset cleared the interrupt mask");
+    assert_eq!(r.r(RCTL), 0, "and receive");
+    assert_eq!(r.r(CTRL) & CTRL_RST, 0, "RST reads back 0 once done");
+    // The receive address is reloaded from the EEPROM.
+    assert_eq!(r.r(RA).to_le_bytes(), MAC[..4]);
+    assert_eq!(
+        r.r(RA + 4),
+        u32::from(u16::from_le_bytes([MAC[4], MAC[5]])) | RAH_AV
+    );
+}
+
+#[test]
+fn io_window_reads_the_same_registers_as_mmio() {
+    let mut r = rig();
+    r.w(IMS, 0x9d);
+    r.w(TIPG, 0x0060_200a);
+    for reg in [CTRL, STATUS, RA, RA + 4, IMS, TIPG, MANC] {
+        assert_eq!(r.io_r(reg), r.r(reg), "register {reg:#x}");
+    }
+    assert_ne!(r.io_r(STATUS) & STATUS_LU, 0, "link up");
+    // Writes through IODATA land where MMIO reads them.
+    r.io_w(TIDV, 0x1234);
+    assert_eq!(r.r(TIDV), 0x1234);
+    // IOADDR reads back; offsets beyond IODATA read 0.
+    r.dev.bar_write(1, 0, &STATUS.to_le_bytes());
+    let mut b = [0u8; 4];
+    r.dev.bar_read(1, 0, &mut b);
+    assert_eq!(u32::from_le_bytes(b), STATUS);
+    r.dev.bar_read(1, 8, &mut b);
+    assert_eq!(b, [0; 4]);
+}
+
+#[test]
+fn eerd_reads_the_mac_from_the_eeprom() {
+    let mut r = rig();
+    for (i, pair) in MAC.chunks(2).enumerate() {
+        r.w(EERD, EERD_START | ((i as u32) << EERD_ADDR_SHIFT));
+        let v = r.r(EERD);
+        assert_ne!(v & EERD_DONE, 0);
+        assert_eq!(
+            (v >> EERD_DATA_SHIFT) as u16,
+            u16::from_le_bytes([pair[0], pair[1]])
+        );
+    }
+}
+
+#[test]
+fn tx_frame_reaches_the_tap_and_the_interrupt_follows_icr_and_ims() {
+    let mut r = rig();
+    r.tx_ring(8);
+    r.w(IMS, ICR_TXDW);
+    let f = frame_to([2, 0, 0, 0, 0, 9], 200, 3);
+    r.mem.write_slice(&f, GuestAddress(BUFS)).unwrap();
+    r.tx_desc(0, BUFS, f.len() as u16);
+    r.w(TDT, 1);
+    assert_eq!(peer_recv(&r.peer).as_deref(), Some(&f[..]));
+    assert!(r.wait_reg(TDH, 1));
+    let status: u8 = r.mem.read_obj(GuestAddress(TX_RING + 12)).unwrap();
+    assert_eq!(status & 1, 1, "DD written back");
+    assert!(r.irq.load(Ordering::SeqCst), "TXDW is enabled: line high");
+    let icr = r.r(ICR);
+    assert_ne!(icr & ICR_TXDW, 0);
+    assert!(
+        !r.irq.load(Ordering::SeqCst),
+        "reading ICR clears it: line low"
+    );
+    assert_eq!(r.r(ICR), 0);
+    // Masked causes do not raise the line.
+    r.w(IMC, ICR_TXDW);
+    r.tx_desc(1, BUFS, f.len() as u16);
+    r.w(TDT, 2);
+    assert!(peer_recv(&r.peer).is_some());
+    assert!(r.wait_reg(TDH, 2));
+    assert!(!r.irq.load(Ordering::SeqCst));
+    assert_eq!(r.r(STAT_GPTC), 2, "good packets sent (read to clear)");
+    assert_eq!(r.r(STAT_GPTC), 0);
+}
+
+#[test]
+fn tx_ring_wraps_around() {
+    let mut r = rig();
+    r.tx_ring(8);
+    r.w(TDH, 6);
+    r.w(TDT, 6);
+    let frames: Vec<Vec<u8>> = (0..4)
+        .map(|i| frame_to([2, 0, 0, 0, 0, 9], 100 + i, i as u8))
+        .collect();
+    for (k, f) in frames.iter().enumerate() {
+        let at = BUFS + 4096 * k as u64;
+        r.mem.write_slice(f, GuestAddress(at)).unwrap();
+        r.tx_desc((6 + k as u64) % 8, at, f.len() as u16);
+    }
+    r.w(TDT, 2);
+    for f in &frames {
+        assert_eq!(peer_recv(&r.peer).as_deref(), Some(&f[..]));
+    }
+    assert!(r.wait_reg(TDH, 2));
+}
+
+#[test]
+fn rx_frames_land_in_the_ring_and_others_are_filtered() {
+    let mut r = rig();
+    r.w(IMS, ICR_RXT0);
+    r.rx_ring(8);
+    let mine = frame_to(MAC, 300, 7);
+    peer_send(&r.peer, &frame_to([2, 0, 0, 0, 0, 0x77], 300, 1)); // not ours
+    peer_send(&r.peer, &mine);
+    assert!(r.wait_rdh(1), "RDH advanced past one descriptor");
+    let mut got = vec![0u8; mine.len()];
+    r.mem.read_slice(&mut got, GuestAddress(BUFS)).unwrap();
+    assert_eq!(got, mine, "the foreign frame was not written over it");
+    let len: u16 = r.mem.read_obj(GuestAddress(RX_RING + 8)).unwrap();
+    let status: u8 = r.mem.read_obj(GuestAddress(RX_RING + 12)).unwrap();
+    assert_eq!(usize::from(len), mine.len());
+    assert_eq!(status & 3, 3, "DD and EOP");
+    assert!(r.irq.load(Ordering::SeqCst));
+    assert_ne!(r.r(ICR) & ICR_RXT0, 0);
+    // Broadcast with BAM.
+    peer_send(&r.peer, &frame_to([0xff; 6], 64, 2));
+    assert!(r.wait_rdh(2));
+}
+
+#[test]
+fn rx_without_secrc_reports_room_for_the_crc_and_jumbo_spans_buffers() {
+    let mut r = rig();
+    r.rx_ring(16);
+    r.w(RCTL, RCTL_EN | RCTL_LPE); // keeps the CRC; 2 KiB buffers
+    let big = frame_to(MAC, 5000, 4);
+    peer_send(&r.peer, &big);
+    assert!(r.wait_rdh(3), "5004 bytes take three 2 KiB buffers");
+    let mut total = 0usize;
+    for i in 0..3u64 {
+        let len: u16 = r.mem.read_obj(GuestAddress(RX_RING + 16 * i + 8)).unwrap();
+        let status: u8 = r.mem.read_obj(GuestAddress(RX_RING + 16 * i + 12)).unwrap();
+        assert_eq!(status & 2 != 0, i == 2, "EOP only on the last");
+        total += usize::from(len);
+    }
+    assert_eq!(total, big.len() + 4);
+    let mut got = vec![0u8; big.len()];
+    for i in 0..3u64 {
+        let from = (i * 2048) as usize;
+        let n = (big.len() - from).min(2048);
+        r.mem
+            .read_slice(&mut got[from..from + n], GuestAddress(BUFS + i * 2048))
+            .unwrap();
+    }
+    assert_eq!(got, big);
+}
+
+#[test]
+fn rx_waits_for_buffers_instead_of_dropping() {
+    let mut r = rig();
+    r.rx_ring(8);
+    r.w(RDT, 0); // no buffers given yet
+    let f = frame_to(MAC, 100, 9);
+    peer_send(&r.peer, &f);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(r.r(RDH), 0);
+    r.w(RDT, 7);
+    assert!(r.wait_rdh(1), "the frame arrived once buffers came");
+}
+
+#[test]
+fn hostile_programming_is_ignored_and_a_reset_recovers() {
+    let mut r = rig();
+    // Rings outside memory, empty, or with indices past their end.
+    for (base, len, head, tail) in [
+        (MEM - 16, 128u32, 0u32, 1u32),
+        (u64::MAX - 15, 128, 0, 1),
+        (TX_RING, 0, 0, 1),
+        (TX_RING, 128, 100, 101),
+        (TX_RING, 128, 0, 5000),
+    ] {
+        r.w(TDBAL, base as u32);
+        r.w(TDBAH, (base >> 32) as u32);
+        r.w(TDLEN, len);
+        r.w(TDH, head);
+        r.w(TCTL, TCTL_EN);
+        r.w(TDT, tail);
+        r.w(RDBAL, base as u32);
+        r.w(RDBAH, (base >> 32) as u32);
+        r.w(RDLEN, len);
+        r.w(RDH, head);
+        r.w(RCTL, RCTL_EN | RCTL_UPE);
+        r.w(RDT, tail);
+        peer_send(&r.peer, &frame_to(MAC, 80, 1));
+    }
+    // Descriptors whose buffers are outside memory.
+    r.tx_ring(8);
+    r.tx_desc(0, MEM + 4096, 1000);
+    r.tx_desc(1, u64::MAX - 10, 0xffff);
+    r.w(TDT, 2);
+    assert!(peer_recv_nothing(&r.peer));
+    // Every register, every width, garbage.
+    for off in (0..super::MMIO_SIZE).step_by(4) {
+        if off as u32 == CTRL {
+            continue;
+        }
+        r.dev.bar_write(0, off, &0xffff_ffffu32.to_le_bytes());
+        let mut b = [0u8; 4];
+        r.dev.bar_read(0, off, &mut b);
+    }
+    for (off, len) in [(1u64, 1usize), (2, 2), (3, 4), (0x1_ffff, 4), (0x2_0000, 4)] {
+        let mut b = vec![0u8; len];
+        r.dev.bar_read(0, off, &mut b);
+        r.dev.bar_write(0, off, &b);
+        r.dev.bar_read(1, off, &mut b);
+        r.dev.bar_write(1, off, &b);
+    }
+    // A reset brings back a working device.
+    r.w(CTRL, CTRL_RST);
+    r.tx_ring(8);
+    let f = frame_to([2, 0, 0, 0, 0, 9], 120, 5);
+    r.mem.write_slice(&f, GuestAddress(BUFS)).unwrap();
+    r.tx_desc(0, BUFS, f.len() as u16);
+    r.w(TDT, 1);
+    // Frames queued by the hostile phase may come first.
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut seen = false;
+    while Instant::now() < end && !seen {
+        seen = peer_recv(&r.peer).is_some_and(|g| g == f);
+    }
+    assert!(seen);
+    assert_eq!(r.dev.resets().mmio.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn buffer_sizes_follow_rctl() {
+    use super::rx::buffer_size_for_tests as bs;
+    assert_eq!(bs(0), 2048);
+    assert_eq!(bs(1 << RCTL_BSIZE_SHIFT), 1024);
+    assert_eq!(bs(3 << RCTL_BSIZE_SHIFT), 256);
+    assert_eq!(bs((1 << RCTL_BSIZE_SHIFT) | RCTL_BSEX), 16384);
+    assert_eq!(bs((3 << RCTL_BSIZE_SHIFT) | RCTL_BSEX), 4096);
+}
