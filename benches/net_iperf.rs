@@ -2,7 +2,7 @@
 //! against QEMU (`-device virtio-net-pci -netdev tap,vhost=...`), same
 //! kernel, same initramfs, same guest size, in the same run: both with the
 //! data path in userspace (`offloads`, `vnet_hdr_off`) and both with
-//! vhost-net (`vhost`). The guest runs
+//! vhost-net (`vhost`); and both with an emulated e1000 (`e1000`). The guest runs
 //! an iperf3 server; the host runs the client, so both figures come from
 //! the host's clock (the guest's is unreliable in the nested host):
 //! host->guest is the client's sent rate, guest->host (`-R`) its received
@@ -12,7 +12,8 @@
 //! has no VT-x/AMD-V). RVM_BENCH_RUNS: runs per VMM and setup (default 2,
 //! interleaved); RVM_IPERF_SECS: seconds per direction (default 10);
 //! RVM_IPERF_KERNELS: `stock`, `minimal` or `stock,minimal` (default stock).
-//! Free arguments pick setups by name (`offloads`, `vhost`, `vnet_hdr_off`).
+//! Free arguments pick setups by name (`offloads`, `vhost`, `vnet_hdr_off`,
+//! `e1000`).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -50,23 +51,34 @@ struct Setup {
     name: &'static str,
     vnet_hdr: bool,
     vhost: bool,
+    /// `virtio` or `e1000`.
+    model: &'static str,
 }
 
-const SETUPS: [Setup; 3] = [
+const SETUPS: [Setup; 4] = [
     Setup {
         name: "offloads",
         vnet_hdr: true,
         vhost: false,
+        model: "virtio",
     },
     Setup {
         name: "vhost",
         vnet_hdr: true,
         vhost: true,
+        model: "virtio",
     },
     Setup {
         name: "vnet_hdr_off",
         vnet_hdr: false,
         vhost: false,
+        model: "virtio",
+    },
+    Setup {
+        name: "e1000",
+        vnet_hdr: true,
+        vhost: false,
+        model: "e1000",
     },
 ];
 
@@ -80,7 +92,8 @@ fn vmm_command(vmm: Vmm, ns: &Netns, kernel: &Path, img: &Images, setup: &Setup)
     match vmm {
         Vmm::Rvm => {
             let mut c = ns.command(rvm_bin());
-            c.args(["run", "--cpus", "1", "--mem", MEM])
+            c.env("RVM_LOG", "info")
+                .args(["run", "--cpus", "1", "--mem", MEM])
                 .arg("--kernel")
                 .arg(kernel)
                 .arg("--initrd")
@@ -89,7 +102,8 @@ fn vmm_command(vmm: Vmm, ns: &Netns, kernel: &Path, img: &Images, setup: &Setup)
                 .arg(cmdline("k"))
                 .arg("--net")
                 .arg(format!(
-                    "tap=rvmtap0,bridge=br0,vnet_hdr={onoff},vhost={vhost}"
+                    "tap=rvmtap0,bridge=br0,vnet_hdr={onoff},vhost={vhost},model={}",
+                    setup.model
                 ));
             c
         }
@@ -108,9 +122,16 @@ fn vmm_command(vmm: Vmm, ns: &Netns, kernel: &Path, img: &Images, setup: &Setup)
                 .arg(format!(
                     "tap,id=n0,ifname=qtap0,script=no,downscript=no,vhost={vhost},vnet_hdr={onoff}"
                 ))
-                .args(["-device", "virtio-net-pci,netdev=n0"]);
+                .args(["-device", qemu_model(setup.model)]);
             c
         }
+    }
+}
+
+fn qemu_model(model: &str) -> &'static str {
+    match model {
+        "e1000" => "e1000,netdev=n0",
+        _ => "virtio-net-pci,netdev=n0",
     }
 }
 
@@ -143,11 +164,16 @@ enum Boot {
     Failed(String),
 }
 
-fn boot(mut cmd: Command) -> Boot {
+/// The VMM's stderr goes to `stderr_log`, shown when a measurement fails.
+fn boot(mut cmd: Command, stderr_log: &Path) -> Boot {
+    let err = match std::fs::File::create(stderr_log) {
+        Ok(f) => Stdio::from(f),
+        Err(_) => Stdio::null(),
+    };
     let mut child = match cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(err)
         .spawn()
     {
         Ok(c) => c,
@@ -209,8 +235,11 @@ fn json_number(json: &str, section: &str, key: &str) -> Option<f64> {
 
 /// One iperf3 client run from the host; Mbit/s on the host's clock.
 fn iperf(ns: &Netns, secs: u64, reverse: bool) -> Result<f64, String> {
-    let mut c = ns.command("iperf3");
-    c.args(["-c", GUEST, "-J", "-t", &secs.to_string()]);
+    // A stalled transfer ends as a failure instead of blocking for ever.
+    let mut c = ns.command("timeout");
+    c.args(["-k", "5", &(secs + 60).to_string(), "iperf3"])
+        .args(["-c", GUEST, "-J", "-t", &secs.to_string()])
+        .args(["--connect-timeout", "10000"]);
     if reverse {
         c.arg("-R");
     }
@@ -267,15 +296,25 @@ fn measure(
         if vmm == Vmm::Qemu {
             ns.sh("ip tuntap add qtap0 mode tap && ip link set qtap0 master br0 up")?;
         }
-        match boot(vmm_command(vmm, &ns, kernel, img, setup)) {
+        let log = std::env::temp_dir().join(format!("iperf-{}-{}.stderr", vmm.name(), setup.name));
+        let vmm_log = || {
+            let s = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = s.lines().collect();
+            format!(
+                "\n{} stderr:\n{}",
+                vmm.name(),
+                lines[lines.len().saturating_sub(20)..].join("\n")
+            )
+        };
+        match boot(vmm_command(vmm, &ns, kernel, img, setup), &log) {
             Boot::Up(guest, console) => {
                 let tso = console
                     .iter()
                     .find_map(|l| l.strip_prefix("rvm-result: tso="))
                     .unwrap_or("?")
                     .to_string();
-                let to_guest = iperf(&ns, secs, false)?;
-                let from_guest = iperf(&ns, secs, true)?;
+                let to_guest = iperf(&ns, secs, false).map_err(|e| e + &vmm_log())?;
+                let from_guest = iperf(&ns, secs, true).map_err(|e| e + &vmm_log())?;
                 // Nothing else may have been printed: a guest oops would be.
                 let extra: Vec<String> = guest.console.try_iter().collect();
                 drop(guest);
@@ -297,7 +336,7 @@ fn measure(
                 );
             }
             Boot::ResetFlake(tail) => return Err(format!("reset during boot, every try:\n{tail}")),
-            Boot::Failed(e) => return Err(e),
+            Boot::Failed(e) => return Err(e + &vmm_log()),
         }
     }
 }
