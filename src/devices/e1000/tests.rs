@@ -390,3 +390,23 @@ fn buffer_sizes_follow_rctl() {
     assert_eq!(bs((1 << RCTL_BSIZE_SHIFT) | RCTL_BSEX), 16384);
     assert_eq!(bs((3 << RCTL_BSIZE_SHIFT) | RCTL_BSEX), 4096);
 }
+
+#[test]
+fn link_follows_the_host_side_and_raises_lsc() {
+    let mut r = rig();
+    r.w(IMS, ICR_LSC);
+    r.dev.core().set_link(false);
+    assert_eq!(r.r(STATUS) & STATUS_LU, 0);
+    assert!(r.irq.load(Ordering::SeqCst));
+    assert_ne!(r.r(ICR) & ICR_LSC, 0);
+    // No link, no receive.
+    r.rx_ring(8);
+    peer_send(&r.peer, &frame_to(MAC, 100, 1));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(r.r(RDH), 0);
+    r.dev.core().set_link(true);
+    assert_ne!(r.r(STATUS) & STATUS_LU, 0);
+    assert_ne!(r.r(ICR) & ICR_LSC, 0);
+    r.w(RDT, 7); // a kick: the frame waiting in the TAP comes in
+    assert!(r.wait_rdh(1));
+}
