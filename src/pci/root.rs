@@ -16,7 +16,7 @@ pub const PORT_LEN: u64 = 8;
 pub const MAX_DEVICES: usize = 32;
 const ENABLE: u32 = 0x8000_0000;
 
-type SharedDevice = Arc<Mutex<dyn PciDevice>>;
+pub type SharedDevice = Arc<Mutex<dyn PciDevice>>;
 
 /// One BAR as a bus range: accesses go to the device with the BAR index.
 struct BarWindow {

@@ -316,16 +316,26 @@ impl Vm {
         )
         .map_err(|e| Error::Device(e.to_string()))?;
         let dev = Arc::new(Mutex::new(dev));
-        self.pci
+        self.plug_nic(dev.clone(), stats.clone(), NicDevice::Virtio(dev))?;
+        Ok(stats)
+    }
+
+    /// Puts a NIC on the PCI bus and in the list stopped at exit; returns
+    /// its device number.
+    fn plug_nic(
+        &mut self,
+        dev: crate::pci::root::SharedDevice,
+        stats: Arc<NetStats>,
+        device: NicDevice,
+    ) -> Result<u8> {
+        let slot = self
+            .pci
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .add(dev.clone())
+            .add(dev)
             .ok_or_else(|| Error::Device("the PCI bus is full (32 devices)".into()))?;
-        self.nics.push(NicHandle {
-            stats: stats.clone(),
-            device: NicDevice::Virtio(dev),
-        });
-        Ok(stats)
+        self.nics.push(NicHandle { stats, device });
+        Ok(slot)
     }
 
     /// Plugs an e1000 (82540EM) whose frames go to and come from
@@ -370,16 +380,7 @@ impl Vm {
         .map_err(|e| Error::Device(e.to_string()))?;
         let stats = dev.stats();
         let dev = Arc::new(Mutex::new(dev));
-        let slot = self
-            .pci
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .add(dev.clone())
-            .ok_or_else(|| Error::Device("the PCI bus is full (32 devices)".into()))?;
-        self.nics.push(NicHandle {
-            stats: stats.clone(),
-            device: NicDevice::E1000(dev),
-        });
+        let slot = self.plug_nic(dev.clone(), stats.clone(), NicDevice::E1000(dev))?;
         let route = PciIrqRoute {
             device: slot,
             pin: 1,
