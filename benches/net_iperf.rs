@@ -313,8 +313,16 @@ fn measure(
                     .find_map(|l| l.strip_prefix("rvm-result: tso="))
                     .unwrap_or("?")
                     .to_string();
-                let to_guest = iperf(&ns, secs, false).map_err(|e| e + &vmm_log())?;
-                let from_guest = iperf(&ns, secs, true).map_err(|e| e + &vmm_log())?;
+                let measured = iperf(&ns, secs, false)
+                    .and_then(|to| iperf(&ns, secs, true).map(|from| (to, from)));
+                let (to_guest, from_guest) = match measured {
+                    Ok(m) => m,
+                    Err(e) => {
+                        // Stopped first, so that its exit log is there.
+                        drop(guest);
+                        return Err(e + &vmm_log());
+                    }
+                };
                 // Nothing else may have been printed: a guest oops would be.
                 let extra: Vec<String> = guest.console.try_iter().collect();
                 drop(guest);

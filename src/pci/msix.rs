@@ -79,12 +79,22 @@ impl MsixVectors {
         if !self.enabled() {
             return false;
         }
-        if v.masked.load(Ordering::Acquire) || self.function_masked.load(Ordering::Acquire) {
-            v.pending.store(true, Ordering::Release);
-        } else if let Err(e) = v.irqfd.write(1) {
+        if self.blocked(v) {
+            v.pending.store(true, Ordering::SeqCst);
+            // The guest may have unmasked meanwhile and looked at the
+            // pending bit before we set it: then delivering is ours to do.
+            if self.blocked(v) || !v.pending.swap(false, Ordering::SeqCst) {
+                return true;
+            }
+        }
+        if let Err(e) = v.irqfd.write(1) {
             log::warn!("MSI-X vector {n}: irqfd write failed: {e}");
         }
         true
+    }
+
+    fn blocked(&self, v: &Vector) -> bool {
+        v.masked.load(Ordering::SeqCst) || self.function_masked.load(Ordering::SeqCst)
     }
 
     /// The eventfd that delivers vector `n` (for a handoff to vhost).
@@ -94,10 +104,7 @@ impl MsixVectors {
 
     fn deliver_pending(&self, n: usize) {
         let Some(v) = self.vectors.get(n) else { return };
-        if !v.masked.load(Ordering::Acquire)
-            && !self.function_masked.load(Ordering::Acquire)
-            && v.pending.swap(false, Ordering::AcqRel)
-        {
+        if !self.blocked(v) && v.pending.swap(false, Ordering::SeqCst) {
             let _ = v.irqfd.write(1);
         }
     }
@@ -162,17 +169,23 @@ impl MsixTable {
 
     /// The guest wrote the capability's message control word.
     pub fn set_control(&mut self, control: u16) {
-        let was_on = self.shared.enabled() && !self.shared.function_masked.load(Ordering::Acquire);
-        self.shared
-            .function_masked
-            .store(control & CTRL_FUNCTION_MASK != 0, Ordering::Release);
-        self.shared
-            .enabled
-            .store(control & CTRL_ENABLE != 0, Ordering::Release);
-        let is_on = self.shared.enabled() && !self.shared.function_masked.load(Ordering::Acquire);
+        let was_on = self.shared.enabled() && !self.shared.function_masked.load(Ordering::SeqCst);
+        let (enable, fmask) = (
+            control & CTRL_ENABLE != 0,
+            control & CTRL_FUNCTION_MASK != 0,
+        );
+        let is_on = enable && !fmask;
         if is_on && !was_on {
+            // Routes first: device threads fire vectors as soon as they
+            // see them on.
             for n in 0..self.entries.len() {
                 self.sync_route(n);
+            }
+        }
+        self.shared.function_masked.store(fmask, Ordering::SeqCst);
+        self.shared.enabled.store(enable, Ordering::SeqCst);
+        if is_on && !was_on {
+            for n in 0..self.entries.len() {
                 self.shared.deliver_pending(n);
             }
         }
@@ -225,11 +238,15 @@ impl MsixTable {
             e.dirty = true;
         }
         let masked = e.ctrl & VECTOR_MASKED != 0;
+        if !masked {
+            // The route first: a device thread that sees the vector
+            // unmasked fires it at once.
+            self.sync_route(n);
+        }
         self.shared.vectors[n]
             .masked
-            .store(masked, Ordering::Release);
+            .store(masked, Ordering::SeqCst);
         if !masked {
-            self.sync_route(n);
             self.shared.deliver_pending(n);
         }
     }
