@@ -30,6 +30,18 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
+    /// Logs where the guest was: the only evidence a triple fault leaves.
+    fn log_state(&self, why: &str) {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => log::error!(
+                "vCPU {} {why}: rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} cs {:#x} idt {:#x}/{:#x} gs_base {:#x}",
+                self.id, r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer,
+                s.cs.selector, s.idt.base, s.idt.limit, s.gs.base
+            ),
+            (Err(e), _) | (_, Err(e)) => log::error!("vCPU {} {why}: registers unreadable: {e}", self.id),
+        }
+    }
+
     /// Runs until the VM stops; every way out records an exit reason.
     pub fn run(mut self) {
         while !self.exit.is_stopping() {
@@ -50,7 +62,10 @@ impl Vcpu {
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     self.mmio.write(addr, data);
                 }
-                Ok(VcpuExit::Shutdown) => self.exit.request(ExitReason::TripleFault),
+                Ok(VcpuExit::Shutdown) => {
+                    self.log_state("triple fault");
+                    self.exit.request(ExitReason::TripleFault)
+                }
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
                     let reason = match kind {
                         kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,

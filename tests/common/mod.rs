@@ -367,12 +367,17 @@ pub fn run_with_deadline(mut cmd: Command, deadline: Duration, marker: &str) -> 
 
 /// The second flake signature of the nested host (ENVIRONMENT.md): the L2
 /// guest resets suddenly during boot, so the VMM exits 0 (a reset ends it)
-/// before /init finished, the console cut off. A VMM error exit, a hang or
-/// a wrong result is never this.
+/// before /init started, the console cut off. A reset once /init runs
+/// (where the devices are busy) is a failure: it may be rvm's. A VMM error
+/// exit, a hang or a wrong result is never this.
 pub fn is_nested_reset_flake(run: &GuestRun) -> bool {
     let exited_zero = run.status.is_some_and(|s| s.success());
     let cut = !run.console.ends_with('\n') || run.stderr.contains("triple-faulted");
-    exited_zero && !run.init_done() && cut && std::env::var_os("RVM_NESTED").is_some()
+    let booting = !run
+        .console
+        .lines()
+        .any(|l| l.trim_end_matches('\r') == "rvm-init: start");
+    exited_zero && booting && cut && std::env::var_os("RVM_NESTED").is_some()
 }
 
 pub const MAX_FLAKE_RETRIES: u32 = 2;
