@@ -69,6 +69,7 @@ pub const STAT_GORCH: u32 = 0x408c;
 pub const STAT_GOTCL: u32 = 0x4090;
 pub const STAT_GOTCH: u32 = 0x4094;
 pub const STAT_RNBC: u32 = 0x40a0;
+pub const STAT_ROC: u32 = 0x40ac;
 pub const STAT_TORL: u32 = 0x40c0;
 pub const STAT_TORH: u32 = 0x40c4;
 pub const STAT_TOTL: u32 = 0x40c8;

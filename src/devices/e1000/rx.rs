@@ -19,18 +19,24 @@ use super::{Core, VNET_HDR_LEN};
 use crate::devices::virtio_net::stats::bump;
 use crate::net::backend::NetBackend;
 
-/// The largest frame the device takes: with RCTL.LPE (jumbo) 16 KiB, else
-/// a VLAN-tagged 1522 bytes.
+/// The largest frame the device takes, CRC included: with RCTL.LPE (jumbo)
+/// 16 KiB, else a VLAN-tagged 1522 bytes. Linux's e1000 relies on the
+/// second: with LPE off it posts 1522-byte buffers while RCTL.BSIZE says
+/// 2048, so a longer frame written whole would run into its skb's tail.
 const MAX_JUMBO: usize = 16_384;
 const MAX_NORMAL: usize = 1_522;
+const CRC_LEN: usize = 4;
 /// Frames read per wakeup before the lock is let go.
 const BATCH: usize = 64;
-const MAX_SEGS: usize = 1 + MAX_JUMBO / 256 + 1;
+const MAX_SEGS: usize = 1 + MAX_JUMBO / 256 + 2;
 
 pub(crate) struct RxState {
     vnet_hdr: bool,
     /// Where the TAP's vnet header lands (ignored: no offloads are on).
     hdr: [u8; VNET_HDR_LEN],
+    /// Past the guest's buffers: a byte landing here means the frame was
+    /// too long for them (it is dropped, counted in ROC).
+    overflow: [u8; 1],
     iov: Vec<libc::iovec>,
     /// The ring was found unusable; wait for the driver to rewrite it.
     broken: bool,
@@ -46,6 +52,7 @@ impl RxState {
         RxState {
             vnet_hdr,
             hdr: [0; VNET_HDR_LEN],
+            overflow: [0],
             iov: Vec::with_capacity(MAX_SEGS),
             broken: false,
         }
@@ -96,8 +103,10 @@ impl Core {
         };
         // Room for the frame and, unless the driver asked to strip it, the
         // 4-byte CRC the driver will cut off (the TAP has none; we add 0s).
-        let crc = if rctl & RCTL_SECRC != 0 { 0 } else { 4 };
-        let need = (max + crc).div_ceil(bsize);
+        let crc = if rctl & RCTL_SECRC != 0 { 0 } else { CRC_LEN };
+        let need = (max - CRC_LEN + crc).div_ceil(bsize);
+        // The most frame bytes the buffers take, the CRC after them.
+        let room = max - CRC_LEN;
         let mut received = 0u64;
         let mut stop = RxStop::Drained;
         for _ in 0..BATCH {
@@ -113,7 +122,7 @@ impl Core {
                 stop = RxStop::NeedBuffers;
                 break;
             }
-            match self.read_frame(base, n, head, need, bsize, crc) {
+            match self.read_frame(base, n, head, (need, bsize), room, crc) {
                 Ok(Some(used)) => {
                     self.set(RDH, (head + used) % n);
                     received += 1;
@@ -149,8 +158,8 @@ impl Core {
         base: u64,
         n: u32,
         head: u32,
-        need: usize,
-        bsize: usize,
+        (need, bsize): (usize, usize),
+        room: usize,
         crc: usize,
     ) -> std::io::Result<Option<u32>> {
         let bad = || std::io::Error::new(ErrorKind::InvalidData, "RX descriptor outside memory");
@@ -163,22 +172,32 @@ impl Core {
                 iov_len: VNET_HDR_LEN,
             });
         }
-        let mut room = need * bsize - crc;
+        let mut left = room;
         for i in 0..need as u32 {
             let d = desc_at(i).ok_or_else(bad)?;
             let addr: u64 = mem.read_obj(GuestAddress(d)).map_err(|_| bad())?;
-            let len = bsize.min(room);
-            room -= len;
+            let len = bsize.min(left);
+            left -= len;
             let slice = mem.get_slice(GuestAddress(addr), len).map_err(|_| bad())?;
             self.rx.iov.push(libc::iovec {
                 iov_base: slice.ptr_guard_mut().as_ptr().cast(),
                 iov_len: len,
             });
         }
+        self.rx.iov.push(libc::iovec {
+            iov_base: self.rx.overflow.as_mut_ptr().cast(),
+            iov_len: self.rx.overflow.len(),
+        });
         let got = self.backend.readv(&self.rx.iov)?;
         let hdr = if self.rx.vnet_hdr { VNET_HDR_LEN } else { 0 };
-        // Never more than the buffers taken: a longer frame was cut.
-        let len = got.saturating_sub(hdr).min(need * bsize - crc);
+        let len = got.saturating_sub(hdr);
+        if len > room {
+            // Too long for the buffers (and cut by the read): the guest
+            // already has its first bytes, but no descriptor says so.
+            self.count(STAT_ROC, None, 1);
+            bump(&self.stats.rx_dropped, 1);
+            return Ok(None);
+        }
         if len < 14 {
             return Ok(None);
         }

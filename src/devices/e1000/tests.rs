@@ -305,6 +305,32 @@ fn rx_without_secrc_reports_room_for_the_crc_and_jumbo_spans_buffers() {
 }
 
 #[test]
+fn rx_without_lpe_never_writes_past_1522_bytes_of_a_buffer() {
+    // Linux's e1000 posts 1522-byte buffers with RCTL.BSIZE at 2048 and
+    // LPE off: the device must stop at 1522 bytes, CRC included.
+    let mut r = rig();
+    r.rx_ring(8);
+    r.w(RCTL, RCTL_EN); // keeps the CRC, no long packets, 2 KiB buffers
+    let canary = [0xa5u8; 2048];
+    r.mem.write_slice(&canary, GuestAddress(BUFS)).unwrap();
+    peer_send(&r.peer, &frame_to(MAC, 1600, 3)); // too long
+    let biggest = frame_to(MAC, 1518, 5); // a VLAN-tagged full frame
+    peer_send(&r.peer, &biggest);
+    assert!(r.wait_rdh(1), "the 1518-byte frame arrived");
+    assert_eq!(r.r(STAT_ROC), 1, "the 1600-byte one was counted oversize");
+    let len: u16 = r.mem.read_obj(GuestAddress(RX_RING + 8)).unwrap();
+    assert_eq!(len, 1522, "the frame and room for its CRC");
+    let mut got = vec![0u8; 2048];
+    r.mem.read_slice(&mut got, GuestAddress(BUFS)).unwrap();
+    assert_eq!(&got[..1518], &biggest[..]);
+    assert!(
+        got[1522..].iter().all(|&b| b == 0xa5),
+        "nothing written past byte 1522 of the buffer"
+    );
+    assert_eq!(r.r(RDH), 1, "the oversize frame took no descriptor");
+}
+
+#[test]
 fn rx_waits_for_buffers_instead_of_dropping() {
     let mut r = rig();
     r.rx_ring(8);
