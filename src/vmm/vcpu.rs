@@ -31,6 +31,8 @@ pub struct Vcpu {
 
 impl Vcpu {
     /// Logs where the guest was: the only evidence a triple fault leaves.
+    /// (On AMD, KVM reinitialises the VMCB on shutdown, so this shows the
+    /// reset state there; on Intel it is the faulting state.)
     fn log_state(&self, why: &str) {
         match (self.fd.get_regs(), self.fd.get_sregs()) {
             (Ok(r), Ok(s)) => log::error!(
