@@ -883,6 +883,15 @@ mod tests {
         }
     }
 
+    /// One TCP frame sent with TSO: its context, then one data descriptor.
+    fn tso_one(frame: &[u8], ctx: Ctx, vnet_hdr: bool) -> (TxReport, Vec<Vec<u8>>) {
+        let m = mem();
+        write(&m, BUFS, frame);
+        let d = data(BUFS, frame.len() as u32, DCMD_TSE | CMD_EOP, POPTS_TXSM);
+        let ring = post(&m, &[ctx.desc(0), d]);
+        run(&mut TxEngine::new(vnet_hdr), &m, &ring)
+    }
+
     fn run(e: &mut TxEngine, m: &GuestMemoryMmap, ring: &TxRing) -> (TxReport, Vec<Vec<u8>>) {
         let mut out = Vec::new();
         let rep = e.process(m, ring, &mut |b: &[u8]| {
@@ -1269,18 +1278,12 @@ mod tests {
 
     #[test]
     fn tso_ipv6_segmented_in_software() {
-        let m = mem();
         let payload = pattern(2500, 15);
-        let f = ipv6_tcp(&payload, ACK_PSH_FIN, true);
-        write(&m, BUFS, &f);
-        let ring = post(
-            &m,
-            &[
-                Ctx::tso_v6(2500, 1200).desc(0),
-                data(BUFS, f.len() as u32, DCMD_TSE | CMD_EOP, POPTS_TXSM),
-            ],
+        let (rep, out) = tso_one(
+            &ipv6_tcp(&payload, ACK_PSH_FIN, true),
+            Ctx::tso_v6(2500, 1200),
+            false,
         );
-        let (rep, out) = run(&mut TxEngine::new(false), &m, &ring);
         assert_eq!(rep.frames, 3);
         for (i, s) in out.iter().enumerate() {
             let chunk = &payload[i * 1200..2500.min((i + 1) * 1200)];
@@ -1344,18 +1347,12 @@ mod tests {
 
     #[test]
     fn tso_ipv6_with_vnet_hdr() {
-        let m = mem();
         let payload = pattern(4000, 17);
-        let f = ipv6_tcp(&payload, 0x10, true);
-        write(&m, BUFS, &f);
-        let ring = post(
-            &m,
-            &[
-                Ctx::tso_v6(4000, 1440).desc(0),
-                data(BUFS, f.len() as u32, DCMD_TSE | CMD_EOP, POPTS_TXSM),
-            ],
+        let (rep, out) = tso_one(
+            &ipv6_tcp(&payload, 0x10, true),
+            Ctx::tso_v6(4000, 1440),
+            true,
         );
-        let (rep, out) = run(&mut TxEngine::new(true), &m, &ring);
         assert_eq!(rep.frames, 3);
         let h = vnet(&out[0]);
         assert_eq!(
@@ -1371,18 +1368,12 @@ mod tests {
 
     #[test]
     fn tso_single_segment_with_vnet_hdr_is_finished_here() {
-        let m = mem();
         let payload = pattern(700, 18);
-        let f = ipv4_tcp(&payload, ACK_PSH_FIN, true);
-        write(&m, BUFS, &f);
-        let ring = post(
-            &m,
-            &[
-                Ctx::tso_v4(700, 1000).desc(0),
-                data(BUFS, f.len() as u32, DCMD_TSE | CMD_EOP, POPTS_TXSM),
-            ],
+        let (rep, out) = tso_one(
+            &ipv4_tcp(&payload, ACK_PSH_FIN, true),
+            Ctx::tso_v4(700, 1000),
+            true,
         );
-        let (rep, out) = run(&mut TxEngine::new(true), &m, &ring);
         assert_eq!(rep.frames, 1);
         assert_eq!(vnet(&out[0]).flags, 0);
         check_v4_segments(&out, &payload, 1000, VNET_HDR_LEN);
