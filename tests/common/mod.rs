@@ -396,7 +396,7 @@ pub const MAX_FLAKE_RETRIES: u32 = 2;
 
 /// Nested-host kernel panics one guest suite absorbs in all (see
 /// run_nested_suite); each costs a nested-host boot, about a minute.
-pub const MAX_NESTED_PANICS: u32 = 6;
+pub const MAX_NESTED_PANICS: u32 = 10;
 
 /// Nested-host kernel panics in a row with no test verdict in between.
 pub const MAX_STALLED_PANICS: u32 = 3;
