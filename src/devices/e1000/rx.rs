@@ -63,6 +63,39 @@ impl RxState {
     }
 }
 
+/// How a frame fits the ring's buffers, from RCTL.
+#[derive(Clone, Copy)]
+struct Fit {
+    /// Bytes per buffer (RCTL.BSIZE/BSEX).
+    bsize: usize,
+    /// The most frame bytes taken (RCTL.LPE), CRC not counted.
+    room: usize,
+    /// The 4-byte CRC the driver will cut off, unless it asked for it to be
+    /// stripped (RCTL.SECRC); the TAP has none, so zeros stand in.
+    crc: usize,
+    /// Buffers a frame of `room` bytes and its CRC take.
+    need: usize,
+}
+
+impl Fit {
+    fn new(rctl: u32) -> Self {
+        let bsize = buffer_size(rctl);
+        let max = if rctl & RCTL_LPE != 0 {
+            MAX_JUMBO
+        } else {
+            MAX_NORMAL
+        };
+        let room = max - CRC_LEN;
+        let crc = if rctl & RCTL_SECRC != 0 { 0 } else { CRC_LEN };
+        Fit {
+            bsize,
+            room,
+            crc,
+            need: (room + crc).div_ceil(bsize),
+        }
+    }
+}
+
 /// Why receiving stopped.
 #[derive(PartialEq, Eq, Debug)]
 pub(crate) enum RxStop {
@@ -95,18 +128,7 @@ impl Core {
         }
         let n = self.reg(RDLEN) / 16;
         let base = u64::from(self.reg(RDBAL)) | (u64::from(self.reg(RDBAH)) << 32);
-        let bsize = buffer_size(rctl);
-        let max = if rctl & RCTL_LPE != 0 {
-            MAX_JUMBO
-        } else {
-            MAX_NORMAL
-        };
-        // Room for the frame and, unless the driver asked to strip it, the
-        // 4-byte CRC the driver will cut off (the TAP has none; we add 0s).
-        let crc = if rctl & RCTL_SECRC != 0 { 0 } else { CRC_LEN };
-        let need = (max - CRC_LEN + crc).div_ceil(bsize);
-        // The most frame bytes the buffers take, the CRC after them.
-        let room = max - CRC_LEN;
+        let fit = Fit::new(rctl);
         let mut received = 0u64;
         let mut stop = RxStop::Drained;
         for _ in 0..BATCH {
@@ -118,11 +140,11 @@ impl Core {
                 break;
             }
             let free = (tail + n - head) % n;
-            if (free as usize) < need {
+            if (free as usize) < fit.need {
                 stop = RxStop::NeedBuffers;
                 break;
             }
-            match self.read_frame(base, n, head, (need, bsize), room, crc) {
+            match self.read_frame(base, n, head, fit) {
                 Ok(Some(used)) => {
                     self.set(RDH, (head + used) % n);
                     received += 1;
@@ -151,16 +173,19 @@ impl Core {
         stop
     }
 
-    /// One frame into the `need` descriptors from `head`. Ok(None) when
+    /// One frame into the `fit.need` descriptors from `head`. Ok(None) when
     /// the frame is not for us; Ok(Some(descriptors used)) otherwise.
     fn read_frame(
         &mut self,
         base: u64,
         n: u32,
         head: u32,
-        (need, bsize): (usize, usize),
-        room: usize,
-        crc: usize,
+        Fit {
+            bsize,
+            room,
+            crc,
+            need,
+        }: Fit,
     ) -> std::io::Result<Option<u32>> {
         let bad = || std::io::Error::new(ErrorKind::InvalidData, "RX descriptor outside memory");
         let mem = self.mem.clone();
