@@ -188,11 +188,11 @@ fn run(args: RunArgs) -> Result<ExitReason, String> {
     };
 
     let reason = running.wait();
-    for (tap, stats) in running.tap_names().iter().zip(running.nic_stats()) {
-        let c = stats.snapshot();
+    for nic in running.nic_counters() {
+        let c = nic.counters;
         log::info!(
-            "NIC on {tap}: rx {} frames {} bytes, {} dropped; tx {} frames {} bytes, {} dropped; {} malformed chains",
-            c.rx_frames, c.rx_bytes, c.rx_dropped, c.tx_frames, c.tx_bytes, c.tx_dropped, c.malformed
+            "NIC on {}: rx {} frames {} bytes, {} dropped; tx {} frames {} bytes, {} dropped; {} malformed chains",
+            nic.name, c.rx_frames, c.rx_bytes, c.rx_dropped, c.tx_frames, c.tx_bytes, c.tx_dropped, c.malformed
         );
     }
     if std::env::var_os("RVM_REPORT_RSS").is_some() {

@@ -1,7 +1,8 @@
 //! Just enough of the i8042 keyboard controller for Linux to probe it
 //! quickly and for `reboot=k`: the guest resets the machine by pulsing the
 //! CPU reset line (command 0xFE, or bit 0 of the output port cleared), and
-//! rvm treats that as the end of the VM.
+//! rvm treats that as the end of the VM. It also types Ctrl-Alt-Del, the
+//! one key press a VMM needs: a polite request that the guest shut down.
 
 use std::collections::VecDeque;
 
@@ -70,12 +71,32 @@ impl I8042 {
 
     fn push(&mut self, byte: u8) {
         // The controller holds a byte or two; a guest that never reads
-        // cannot grow this without bound.
+        // cannot grow this without bound (a whole Ctrl-Alt-Del fits).
         if self.output.len() < 16 {
             self.output.push_back(byte);
         }
         if self.ctr & CTR_KBD_INT != 0 {
             let _ = self.irq.trigger();
+        }
+    }
+
+    /// Queues the key presses and releases of Ctrl-Alt-Del, in the scan
+    /// code set the guest reads: set 1 while the controller translates
+    /// (CTR bit 6, Linux's default), set 2 otherwise. A guest kernel with
+    /// an AT keyboard driver and a VT turns it into a reboot request (or,
+    /// when init asked for it, a signal to init).
+    pub fn ctrl_alt_del(&mut self) {
+        const SET1: &[u8] = &[0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d];
+        const SET2: &[u8] = &[
+            0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14,
+        ];
+        let codes = if self.ctr & CTR_XLATE != 0 {
+            SET1
+        } else {
+            SET2
+        };
+        for &c in codes {
+            self.push(c);
         }
     }
 
@@ -122,7 +143,16 @@ impl I8042 {
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let v = match offset {
-            DATA => self.output.pop_front().unwrap_or(0),
+            DATA => {
+                let v = self.output.pop_front().unwrap_or(0);
+                // The next byte fills the output buffer and interrupts
+                // again, as on a real controller: IRQ 1 is an edge, so
+                // one pulse per queued byte would merge into one.
+                if !self.output.is_empty() && self.ctr & CTR_KBD_INT != 0 {
+                    let _ = self.irq.trigger();
+                }
+                v
+            }
             COMMAND => self.status(),
             _ => 0,
         };
@@ -208,6 +238,51 @@ mod tests {
             (KBD_ACK, KBD_RESET_OK)
         );
         assert_eq!(rd(&mut d, DATA), 0, "empty reads as 0");
+    }
+
+    #[test]
+    fn ctrl_alt_del_in_the_scan_code_set_the_guest_reads() {
+        let (mut d, resets) = dev();
+        let drain = |d: &mut I8042| {
+            let mut got = Vec::new();
+            while rd(d, COMMAND) & STATUS_OUTPUT_FULL != 0 {
+                got.push(rd(d, DATA));
+            }
+            got
+        };
+        d.ctrl_alt_del();
+        // Translated (the default): set 1, make codes then break codes.
+        assert_eq!(
+            drain(&mut d),
+            [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d]
+        );
+        d.write(COMMAND, &[CMD_WRITE_CTR]);
+        d.write(DATA, &[CTR_KBD_INT | CTR_SYSTEM_FLAG]);
+        d.ctrl_alt_del();
+        let set2 = drain(&mut d);
+        assert_eq!(set2[..4], [0x14, 0x11, 0xe0, 0x71]);
+        assert_eq!(
+            set2.iter().filter(|&&b| b == 0xf0).count(),
+            3,
+            "three releases"
+        );
+        assert_eq!(resets.load(Ordering::SeqCst), 0, "typing is not a reset");
+    }
+
+    #[test]
+    fn each_queued_byte_interrupts_again_when_the_previous_is_read() {
+        let (mut d, _) = dev();
+        d.ctrl_alt_del();
+        // Drain the pulses from queueing, then count those from reading.
+        while d.irq.0.read().is_ok() {}
+        let mut pulses = 0;
+        for _ in 0..8 {
+            rd(&mut d, DATA);
+            if d.irq.0.read().is_ok() {
+                pulses += 1;
+            }
+        }
+        assert_eq!(pulses, 7, "one per byte still queued after a read");
     }
 
     #[test]

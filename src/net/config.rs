@@ -66,6 +66,19 @@ impl NetConfig {
         }
     }
 
+    /// A virtio NIC on a TAP the caller has already opened (a sandbox
+    /// that made it in another namespace, or without giving rvm
+    /// CAP_NET_ADMIN). rvm owns the fd from here on and closes it when the
+    /// VM ends; its IFF_VNET_HDR flag must match `vnet_hdr` (on by
+    /// default). The TAP's bridge, MTU and up state are the caller's.
+    pub fn tap_fd(fd: std::os::fd::OwnedFd) -> Self {
+        NetConfig {
+            tap: None,
+            fd: Some(std::os::fd::IntoRawFd::into_raw_fd(fd)),
+            ..NetConfig::tap("")
+        }
+    }
+
     /// What names this NIC in messages and seeds its default MAC.
     pub fn label(&self) -> String {
         match (&self.tap, self.fd) {

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -63,31 +64,69 @@ impl ExitSignal {
     /// eventfd is written from outside, as a signal handler does).
     pub fn wait(&self) -> ExitReason {
         loop {
-            if let Some(r) = self
-                .reason
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-            {
+            if let Some(r) = self.wait_timeout(None) {
                 return r;
             }
+        }
+    }
+
+    /// Like [`ExitSignal::wait`], but gives up after `timeout` (None: never).
+    pub fn wait_timeout(&self, timeout: Option<Duration>) -> Option<ExitReason> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if let Some(r) = self.recorded() {
+                return Some(r);
+            }
+            let ms = match deadline {
+                None => -1,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    // Rounded up so a short wait never becomes a busy loop.
+                    left.as_millis().clamp(1, i32::MAX as u128) as i32
+                }
+            };
+            let mut pfd = libc::pollfd {
+                fd: self.raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, and the eventfd outlives the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Some(ExitReason::Error(format!("waiting for the VM: {e}")));
+            }
+            if n == 0 {
+                continue;
+            }
+            // The eventfd is blocking, but readable now: this returns at once.
             match self.event.read() {
                 Ok(_) => {
-                    let r = self
-                        .reason
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .clone();
+                    let r = self.recorded();
                     // Written directly (by a signal handler): an owner's stop.
-                    return r.unwrap_or_else(|| {
+                    return Some(r.unwrap_or_else(|| {
                         self.request(ExitReason::Stopped);
                         ExitReason::Stopped
-                    });
+                    }));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return ExitReason::Error(format!("waiting for the VM: {e}")),
+                Err(e) => return Some(ExitReason::Error(format!("waiting for the VM: {e}"))),
             }
         }
+    }
+
+    /// The reason recorded so far, if any.
+    pub fn recorded(&self) -> Option<ExitReason> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The raw eventfd, for async-signal-safe wakeups.
@@ -121,5 +160,24 @@ mod tests {
         assert!(s.is_stopping());
         assert!(ExitReason::TripleFault.is_clean());
         assert!(!ExitReason::Error(String::new()).is_clean());
+    }
+
+    #[test]
+    fn wait_timeout_gives_up_then_sees_a_later_reason() {
+        let s = Arc::new(ExitSignal::new().unwrap());
+        let t0 = Instant::now();
+        assert_eq!(s.wait_timeout(Some(Duration::from_millis(50))), None);
+        assert!(t0.elapsed() >= Duration::from_millis(50));
+        let s2 = s.clone();
+        let t = std::thread::spawn(move || s2.wait_timeout(Some(Duration::from_secs(10))));
+        std::thread::sleep(Duration::from_millis(20));
+        s.request(ExitReason::PowerOff);
+        assert_eq!(t.join().unwrap(), Some(ExitReason::PowerOff));
+        // Recorded reasons are returned again, without waiting.
+        assert_eq!(
+            s.wait_timeout(Some(Duration::ZERO)),
+            Some(ExitReason::PowerOff)
+        );
+        assert_eq!(s.wait(), ExitReason::PowerOff);
     }
 }

@@ -2,6 +2,7 @@
 //! controllers and PIT, legacy devices on the buses, and one thread per vCPU.
 
 pub mod exit;
+mod handle;
 pub mod irq;
 pub mod memory;
 pub mod rss;
@@ -18,6 +19,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use exit::{ExitReason, ExitSignal};
+pub use handle::{NicInfo, RunningVm, VmController};
 
 use crate::arch::x86_64::mptable::PciIrqRoute;
 use crate::arch::x86_64::{boot, cpuid, mptable, paging, regs};
@@ -25,7 +27,7 @@ use crate::bus::Bus;
 use crate::config::VmConfig;
 use crate::devices::e1000::{self, E1000Params, E1000};
 use crate::devices::i8042::{self, I8042};
-use crate::devices::serial::{self, Console, SerialDevice, SerialInput};
+use crate::devices::serial::{self, Console, SerialDevice};
 use crate::devices::virtio_net::{NetParams, NetStats, VirtioNet};
 use crate::devices::IrqLine;
 use crate::error::{Error, Result};
@@ -53,6 +55,7 @@ pub struct Vm {
     mmio: Arc<Bus>,
     exit: Arc<ExitSignal>,
     serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
     vcpu_count: usize,
     pci: Arc<Mutex<PciRoot>>,
     pci_alloc: PciAllocator,
@@ -64,8 +67,11 @@ pub struct Vm {
     intx_used: u8,
 }
 
-/// A NIC plugged into the VM: its counters and the device to stop at exit.
+/// A NIC plugged into the VM: what names it, its counters and the device
+/// to stop at exit.
 struct NicHandle {
+    name: String,
+    model: NicModel,
     stats: Arc<NetStats>,
     device: NicDevice,
 }
@@ -176,16 +182,12 @@ impl Vm {
         pio.insert(serial::COM1_PORT, serial::PORT_LEN, serial.clone())
             .map_err(|e| Error::Device(format!("serial: {e}")))?;
         let exit_for_reset = exit.clone();
-        let i8042 = I8042::new(
+        let i8042 = Arc::new(Mutex::new(I8042::new(
             irq_line(&fd, i8042::KBD_IRQ)?,
             Box::new(move || exit_for_reset.request(ExitReason::Reset)),
-        );
-        pio.insert(
-            i8042::BASE_PORT,
-            i8042::PORT_LEN,
-            Arc::new(Mutex::new(i8042)),
-        )
-        .map_err(|e| Error::Device(format!("i8042: {e}")))?;
+        )));
+        pio.insert(i8042::BASE_PORT, i8042::PORT_LEN, i8042.clone())
+            .map_err(|e| Error::Device(format!("i8042: {e}")))?;
 
         let mut pci = PciRoot::new(pio.clone(), mmio.clone());
         pci.add(Arc::new(Mutex::new(HostBridge::new())));
@@ -223,6 +225,7 @@ impl Vm {
             mmio,
             exit,
             serial,
+            i8042,
             pci,
             pci_alloc: PciAllocator::new(),
             nics: Vec::new(),
@@ -237,6 +240,7 @@ impl Vm {
                     let name = cfg.tap.clone();
                     let (_, route) = vm.add_e1000(host.tap().clone(), mac, name)?;
                     routes.push(route);
+                    vm.name_last_nic(host.tap().name());
                     vm.host_nics.push(host);
                     continue;
                 }
@@ -268,6 +272,7 @@ impl Vm {
                     },
                 };
                 vm.add_virtio_net(host.tap().clone(), mac, mtu, vhost)?;
+                vm.name_last_nic(host.tap().name());
                 vm.host_nics.push(host);
             }
             if !routes.is_empty() {
@@ -316,7 +321,12 @@ impl Vm {
         )
         .map_err(|e| Error::Device(e.to_string()))?;
         let dev = Arc::new(Mutex::new(dev));
-        self.plug_nic(dev.clone(), stats.clone(), NicDevice::Virtio(dev))?;
+        self.plug_nic(
+            dev.clone(),
+            stats.clone(),
+            NicModel::Virtio,
+            NicDevice::Virtio(dev),
+        )?;
         Ok(stats)
     }
 
@@ -326,6 +336,7 @@ impl Vm {
         &mut self,
         dev: crate::pci::root::SharedDevice,
         stats: Arc<NetStats>,
+        model: NicModel,
         device: NicDevice,
     ) -> Result<u8> {
         let slot = self
@@ -334,8 +345,21 @@ impl Vm {
             .unwrap_or_else(|e| e.into_inner())
             .add(dev)
             .ok_or_else(|| Error::Device("the PCI bus is full (32 devices)".into()))?;
-        self.nics.push(NicHandle { stats, device });
+        let name = format!("net{}", self.nics.len());
+        self.nics.push(NicHandle {
+            name,
+            model,
+            stats,
+            device,
+        });
         Ok(slot)
+    }
+
+    /// Names the NIC added last after its host TAP.
+    fn name_last_nic(&mut self, name: &str) {
+        if let Some(n) = self.nics.last_mut() {
+            n.name = name.to_string();
+        }
     }
 
     /// Plugs an e1000 (82540EM) whose frames go to and come from
@@ -380,7 +404,12 @@ impl Vm {
         .map_err(|e| Error::Device(e.to_string()))?;
         let stats = dev.stats();
         let dev = Arc::new(Mutex::new(dev));
-        let slot = self.plug_nic(dev.clone(), stats.clone(), NicDevice::E1000(dev))?;
+        let slot = self.plug_nic(
+            dev.clone(),
+            stats.clone(),
+            NicModel::E1000,
+            NicDevice::E1000(dev),
+        )?;
         let route = PciIrqRoute {
             device: slot,
             pin: 1,
@@ -415,15 +444,16 @@ impl Vm {
                 }
             }
         }
-        Ok(RunningVm {
+        Ok(RunningVm::new(
             threads,
-            exit: self.exit,
-            serial: self.serial,
-            memory: self.memory,
-            nics: self.nics,
-            host_nics: self.host_nics,
-            _fd: self.fd,
-        })
+            self.exit,
+            self.serial,
+            self.i8042,
+            self.memory,
+            self.nics,
+            self.host_nics,
+            self.fd,
+        ))
     }
 }
 
@@ -436,7 +466,7 @@ fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqLine> {
 
 /// Kicks every vCPU thread out of KVM_RUN until it has ended. A kick can
 /// land while a thread is outside KVM_RUN and be lost, so it is repeated.
-fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
+pub(crate) fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
     let sig = vcpu::kick_signal();
     let mut pending = threads;
     while !pending.is_empty() {
@@ -451,65 +481,5 @@ fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
             let _ = t.join();
         }
         pending = running;
-    }
-}
-
-/// A VM whose vCPUs are running.
-pub struct RunningVm {
-    threads: Vec<JoinHandle<()>>,
-    exit: Arc<ExitSignal>,
-    serial: Arc<Mutex<SerialDevice>>,
-    memory: GuestMemoryMmap,
-    nics: Vec<NicHandle>,
-    host_nics: Vec<HostNic>,
-    _fd: Arc<VmFd>,
-}
-
-impl RunningVm {
-    /// Blocks until the VM ends, stops every vCPU and returns why it ended.
-    /// Guest memory stays mapped until the `RunningVm` is dropped, so it can
-    /// still be inspected (for example with [`RunningVm::memory_usage_kib`]).
-    pub fn wait(&mut self) -> ExitReason {
-        let reason = self.exit.wait();
-        stop_vcpus(std::mem::take(&mut self.threads));
-        // Stop the NICs' threads before their backends are torn down.
-        for nic in &self.nics {
-            nic.device.shutdown();
-        }
-        reason
-    }
-
-    /// Asks the VM to stop; [`RunningVm::wait`] then returns [`ExitReason::Stopped`].
-    pub fn stop(&self) {
-        self.exit.request(ExitReason::Stopped);
-    }
-
-    /// The exit signal, for owners that stop the VM from another thread.
-    pub fn exit_signal(&self) -> Arc<ExitSignal> {
-        self.exit.clone()
-    }
-
-    /// The host TAP of each NIC from the configuration, in order.
-    pub fn tap_names(&self) -> Vec<String> {
-        self.host_nics
-            .iter()
-            .map(|h| h.tap().name().to_string())
-            .collect()
-    }
-
-    /// Each NIC's counters, in the order the NICs were added.
-    pub fn nic_stats(&self) -> Vec<Arc<NetStats>> {
-        self.nics.iter().map(|n| n.stats.clone()).collect()
-    }
-
-    /// A handle that feeds input to the guest's serial console.
-    pub fn serial_input(&self) -> SerialInput {
-        SerialInput(self.serial.clone())
-    }
-
-    /// rvm's peak RSS and the part of it that is touched guest RAM, in KiB.
-    pub fn memory_usage_kib(&self) -> (u64, u64) {
-        let guest = rss::resident_kib_of(&memory::host_ranges(&self.memory));
-        (rss::peak_rss_kib().unwrap_or(0), guest)
     }
 }

@@ -32,7 +32,7 @@ use crate::net::backend::{offload, NetBackend};
 use crate::net::vhost::{VhostNet, VringSetup};
 use crate::virtio::features::{RING_EVENT_IDX, RING_INDIRECT_DESC, VERSION_1};
 use crate::virtio::{ActivateError, Activation, VirtioDevice};
-pub use stats::NetStats;
+pub use stats::{NetCounters, NetStats};
 
 pub const DEVICE_TYPE: u16 = 1;
 /// RX, TX, control.

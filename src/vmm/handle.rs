@@ -1,0 +1,220 @@
+//! A running VM, as its owner sees it: wait for the end, ask the guest to
+//! shut down, force a stop, read the NICs' counters. [`RunningVm`] owns the
+//! threads and joins them; [`VmController`] is a cheap clone that other
+//! threads keep to stop the VM or read counters.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryMmap;
+
+use super::exit::{ExitReason, ExitSignal};
+use super::{memory, rss, stop_vcpus, NicHandle};
+use crate::devices::i8042::I8042;
+use crate::devices::serial::{SerialDevice, SerialInput};
+use crate::devices::virtio_net::{NetCounters, NetStats};
+use crate::net::{HostNic, NicModel};
+
+/// One NIC's identity and counters at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicInfo {
+    /// The host TAP's name (`netN` for a NIC added with a custom backend).
+    pub name: String,
+    pub model: NicModel,
+    /// Frames, bytes and drops per direction on rvm's userspace data path.
+    /// While vhost-net carries a NIC's frames the host kernel counts them
+    /// instead: read the TAP's own counters (`ip -s link show NAME`).
+    pub counters: NetCounters,
+}
+
+/// What a thread other than the owner may do with a running VM. Clone it
+/// freely; it stays valid (and harmless) after the VM has ended.
+#[derive(Clone)]
+pub struct VmController {
+    exit: Arc<ExitSignal>,
+    i8042: Arc<Mutex<I8042>>,
+    nics: Vec<(String, NicModel, Arc<NetStats>)>,
+}
+
+impl VmController {
+    /// Stops the VM now, whatever the guest is doing: the owner's
+    /// [`RunningVm::wait`] returns [`ExitReason::Stopped`].
+    pub fn stop(&self) {
+        self.exit.request(ExitReason::Stopped);
+    }
+
+    /// Asks the guest to shut down by typing Ctrl-Alt-Del on its keyboard
+    /// controller, and returns at once. A Linux guest with the AT keyboard
+    /// driver and a VT (any distribution kernel) reboots cleanly, which
+    /// ends the VM with [`ExitReason::Reset`]; a guest without them ignores
+    /// it, so pair this with a timeout ([`RunningVm::shutdown`] does).
+    pub fn request_shutdown(&self) {
+        if !self.exit.is_stopping() {
+            self.i8042
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .ctrl_alt_del();
+        }
+    }
+
+    /// Whether the VM has ended or is ending.
+    pub fn has_ended(&self) -> bool {
+        self.exit.is_stopping()
+    }
+
+    /// Every NIC's counters, in the order of the configuration.
+    pub fn nic_counters(&self) -> Vec<NicInfo> {
+        self.nics
+            .iter()
+            .map(|(name, model, stats)| NicInfo {
+                name: name.clone(),
+                model: *model,
+                counters: stats.snapshot(),
+            })
+            .collect()
+    }
+}
+
+/// A VM whose vCPUs are running. Dropping it stops the VM (forced) and
+/// cleans up as [`RunningVm::wait`] does, so an owner that forgets to wait
+/// leaves no thread, TAP or bridge port behind.
+pub struct RunningVm {
+    threads: Vec<JoinHandle<()>>,
+    exit: Arc<ExitSignal>,
+    serial: Arc<Mutex<SerialDevice>>,
+    control: VmController,
+    memory: GuestMemoryMmap,
+    nics: Vec<NicHandle>,
+    host_nics: Vec<HostNic>,
+    _fd: Arc<VmFd>,
+}
+
+impl RunningVm {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        threads: Vec<JoinHandle<()>>,
+        exit: Arc<ExitSignal>,
+        serial: Arc<Mutex<SerialDevice>>,
+        i8042: Arc<Mutex<I8042>>,
+        memory: GuestMemoryMmap,
+        nics: Vec<NicHandle>,
+        host_nics: Vec<HostNic>,
+        fd: Arc<VmFd>,
+    ) -> RunningVm {
+        let control = VmController {
+            exit: exit.clone(),
+            i8042,
+            nics: nics
+                .iter()
+                .map(|n| (n.name.clone(), n.model, n.stats.clone()))
+                .collect(),
+        };
+        RunningVm {
+            threads,
+            exit,
+            serial,
+            control,
+            memory,
+            nics,
+            host_nics,
+            _fd: fd,
+        }
+    }
+
+    /// Blocks until the VM ends, stops every vCPU and NIC thread and
+    /// returns why it ended. Calling it again returns the same reason.
+    /// Guest memory stays mapped and the TAPs stay until the `RunningVm` is
+    /// dropped, so both can still be inspected.
+    pub fn wait(&mut self) -> ExitReason {
+        let reason = self.exit.wait();
+        self.finish();
+        reason
+    }
+
+    /// Like [`RunningVm::wait`], but returns None if the VM still runs
+    /// after `timeout`.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitReason> {
+        let reason = self.exit.wait_timeout(Some(timeout))?;
+        self.finish();
+        Some(reason)
+    }
+
+    /// Asks the guest to shut down ([`VmController::request_shutdown`]),
+    /// waits up to `grace` for it to do so, then stops it by force. Returns
+    /// how it ended: the guest's own [`ExitReason::Reset`] or
+    /// [`ExitReason::PowerOff`] when it complied, [`ExitReason::Stopped`]
+    /// when it had to be forced.
+    pub fn shutdown(&mut self, grace: Duration) -> ExitReason {
+        self.control.request_shutdown();
+        if let Some(reason) = self.wait_timeout(grace) {
+            return reason;
+        }
+        self.control.stop();
+        self.wait()
+    }
+
+    /// Stops the VM now; [`RunningVm::wait`] then returns [`ExitReason::Stopped`].
+    pub fn stop(&self) {
+        self.control.stop();
+    }
+
+    /// A handle for other threads: stop, shutdown request, counters.
+    pub fn controller(&self) -> VmController {
+        self.control.clone()
+    }
+
+    /// Every NIC's counters, in the order of the configuration.
+    pub fn nic_counters(&self) -> Vec<NicInfo> {
+        self.control.nic_counters()
+    }
+
+    /// The exit signal, for owners that stop the VM from a signal handler
+    /// (writing its eventfd is async-signal-safe; see `src/main.rs`).
+    pub fn exit_signal(&self) -> Arc<ExitSignal> {
+        self.exit.clone()
+    }
+
+    /// The host TAP of each NIC from the configuration, in order.
+    pub fn tap_names(&self) -> Vec<String> {
+        self.host_nics
+            .iter()
+            .map(|h| h.tap().name().to_string())
+            .collect()
+    }
+
+    /// Each NIC's live counters, in the order the NICs were added.
+    pub fn nic_stats(&self) -> Vec<Arc<NetStats>> {
+        self.nics.iter().map(|n| n.stats.clone()).collect()
+    }
+
+    /// A handle that feeds input to the guest's serial console.
+    pub fn serial_input(&self) -> SerialInput {
+        SerialInput(self.serial.clone())
+    }
+
+    /// rvm's peak RSS and the part of it that is touched guest RAM, in KiB.
+    pub fn memory_usage_kib(&self) -> (u64, u64) {
+        let guest = rss::resident_kib_of(&memory::host_ranges(&self.memory));
+        (rss::peak_rss_kib().unwrap_or(0), guest)
+    }
+
+    /// Stops the vCPUs, then the NICs' threads (before their backends are
+    /// torn down, which happens when `self` is dropped).
+    fn finish(&mut self) {
+        stop_vcpus(std::mem::take(&mut self.threads));
+        for nic in &self.nics {
+            nic.device.shutdown();
+        }
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.control.stop();
+            self.finish();
+        }
+    }
+}
