@@ -3,7 +3,7 @@
 //! The root also keeps every BAR mapped on the PIO or MMIO bus where the
 //! guest last programmed it, while the command register enables decoding.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::config::{BarKind, BAR0, COMMAND, COMMAND_IO, COMMAND_MEMORY, NUM_BARS};
 use super::PciDevice;
@@ -45,17 +45,20 @@ struct Slot {
 pub struct PciRoot {
     address: u32,
     devices: [Option<Slot>; MAX_DEVICES],
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
+    // Weak: the port bus holds the root (0xCF8), so strong references
+    // would make a cycle that keeps an ended VM's devices, TAPs and guest
+    // memory alive for as long as the process (a library user's) runs.
+    pio: Weak<Bus>,
+    mmio: Weak<Bus>,
 }
 
 impl PciRoot {
-    pub fn new(pio: Arc<Bus>, mmio: Arc<Bus>) -> Self {
+    pub fn new(pio: &Arc<Bus>, mmio: &Arc<Bus>) -> Self {
         PciRoot {
             address: 0,
             devices: std::array::from_fn(|_| None),
-            pio,
-            mmio,
+            pio: Arc::downgrade(pio),
+            mmio: Arc::downgrade(mmio),
         }
     }
 
@@ -154,10 +157,12 @@ impl PciRoot {
                 continue;
             }
             let bus = if kind == BarKind::Io {
-                &self.pio
+                self.pio.upgrade()
             } else {
-                &self.mmio
+                self.mmio.upgrade()
             };
+            // Gone only while the VM is being torn down.
+            let Some(bus) = bus else { return };
             if let Some(old) = s.mapped[bar].take() {
                 bus.remove(old);
             }
@@ -204,7 +209,20 @@ mod tests {
     use crate::pci::HostBridge;
 
     fn root() -> PciRoot {
-        PciRoot::new(Arc::new(Bus::new()), Arc::new(Bus::new()))
+        // The root only refers to its buses; these live as long as the test.
+        let buses: &'static [Arc<Bus>; 2] = Box::leak(Box::new([Arc::default(), Arc::default()]));
+        PciRoot::new(&buses[0], &buses[1])
+    }
+
+    #[test]
+    fn the_root_on_the_port_bus_does_not_keep_the_buses_alive() {
+        let (pio, mmio) = (Arc::new(Bus::new()), Arc::new(Bus::new()));
+        let root = Arc::new(Mutex::new(PciRoot::new(&pio, &mmio)));
+        pio.insert(CONFIG_ADDRESS_PORT, PORT_LEN, root.clone())
+            .unwrap();
+        let (weak_pio, weak_root) = (Arc::downgrade(&pio), Arc::downgrade(&root));
+        drop((pio, mmio, root));
+        assert!(weak_pio.upgrade().is_none() && weak_root.upgrade().is_none());
     }
 
     fn addr(dev: u32, reg: u32) -> [u8; 4] {
