@@ -33,6 +33,8 @@ pub struct VmConfig {
     pub mem_mib: u64,
     /// NICs, in PCI slot order.
     pub nics: Vec<crate::net::NetConfig>,
+    /// The seccomp filter of the VM's vCPU and NIC threads.
+    pub seccomp: crate::vmm::seccomp::SeccompMode,
 }
 
 impl VmConfig {
@@ -45,6 +47,7 @@ impl VmConfig {
             vcpus: 1,
             mem_mib: 256,
             nics: Vec::new(),
+            seccomp: Default::default(),
         }
     }
 

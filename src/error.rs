@@ -63,6 +63,9 @@ pub enum Error {
         source: crate::net::vhost::VhostError,
     },
 
+    #[error("{0} (--seccomp off runs without the filter)")]
+    Seccomp(crate::vmm::seccomp::SeccompError),
+
     #[error("device setup failed: {0}")]
     Device(String),
 

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 use clap::{Parser, Subcommand};
 use rvm::net::NetConfig;
+use rvm::vmm::seccomp::{self, SeccompMode, ThreadFilter};
 use rvm::{parse_mem_size, ExitReason, Vm, VmConfig, DEFAULT_CMDLINE};
 
 #[derive(Parser, Debug)]
@@ -64,6 +65,10 @@ struct RunArgs {
     /// --tap's vhost-net use: on, off or auto.
     #[arg(long, value_name = "MODE", requires = "tap")]
     vhost: Option<String>,
+    /// seccomp filter of rvm's vCPU and NIC threads: on (refuse other
+    /// system calls with EPERM), log (allow, but the kernel logs them) or off.
+    #[arg(long, value_name = "MODE", default_value = "on")]
+    seccomp: SeccompMode,
 }
 
 fn parse_net(s: &str) -> Result<NetConfig, String> {
@@ -103,6 +108,7 @@ impl RunArgs {
             vcpus,
             mem_mib: self.mem,
             nics,
+            seccomp: self.seccomp,
         })
     }
 }
@@ -164,9 +170,11 @@ fn run(args: RunArgs) -> Result<ExitReason, String> {
 
     let _raw = if std::io::stdin().is_terminal() {
         let input = running.serial_input();
+        let filter = ThreadFilter::new(config.seccomp).map_err(|e| e.to_string())?;
         std::thread::Builder::new()
             .name("stdin".into())
             .spawn(move || {
+                seccomp::confine(filter.as_ref(), "stdin");
                 let mut buf = [0u8; 64];
                 while let Ok(n) = std::io::stdin().read(&mut buf) {
                     if n == 0 {

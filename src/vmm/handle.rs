@@ -12,6 +12,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::exit::{ExitReason, ExitSignal};
 use super::{memory, rss, stop_vcpus, NicHandle};
+use crate::bus::Bus;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{SerialDevice, SerialInput};
 use crate::devices::virtio_net::{NetCounters, NetStats};
@@ -88,6 +89,7 @@ pub struct RunningVm {
     memory: GuestMemoryMmap,
     nics: Vec<NicHandle>,
     host_nics: Vec<HostNic>,
+    _buses: [Arc<Bus>; 2],
     _fd: Arc<VmFd>,
 }
 
@@ -101,6 +103,7 @@ impl RunningVm {
         memory: GuestMemoryMmap,
         nics: Vec<NicHandle>,
         host_nics: Vec<HostNic>,
+        buses: [Arc<Bus>; 2],
         fd: Arc<VmFd>,
     ) -> RunningVm {
         let control = VmController {
@@ -119,6 +122,7 @@ impl RunningVm {
             memory,
             nics,
             host_nics,
+            _buses: buses,
             _fd: fd,
         }
     }
@@ -212,9 +216,7 @@ impl RunningVm {
 
 impl Drop for RunningVm {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
-            self.control.stop();
-            self.finish();
-        }
+        self.control.stop();
+        self.finish();
     }
 }

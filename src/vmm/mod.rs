@@ -6,6 +6,7 @@ mod handle;
 pub mod irq;
 pub mod memory;
 pub mod rss;
+pub mod seccomp;
 pub mod vcpu;
 
 use std::os::unix::thread::JoinHandleExt;
@@ -38,6 +39,7 @@ use crate::pci::msix::{MsixTable, MsixVectors};
 use crate::pci::{root, BarKind, HostBridge, PciAllocator, PciRoot};
 use crate::virtio::pci::{self as virtio_pci, VirtioPciDevice};
 use irq::{GsiRouter, IntxLines};
+use seccomp::ThreadFilter;
 use vcpu::Vcpu;
 
 /// Where KVM puts the TSS and identity-map pages it needs on Intel: in the
@@ -65,6 +67,7 @@ pub struct Vm {
     host_nics: Vec<HostNic>,
     intx: Arc<IntxLines>,
     intx_used: u8,
+    seccomp: Option<ThreadFilter>,
 }
 
 /// A NIC plugged into the VM: what names it, its counters and the device
@@ -122,6 +125,7 @@ impl Vm {
             .map(HostNic::setup)
             .collect::<std::result::Result<Vec<_>, _>>()?;
 
+        let seccomp = ThreadFilter::new(config.seccomp).map_err(Error::Seccomp)?;
         let kvm =
             Kvm::new().map_err(|e| Error::KvmOpen(std::io::Error::from_raw_os_error(e.errno())))?;
         for (cap, name) in [
@@ -189,7 +193,7 @@ impl Vm {
         pio.insert(i8042::BASE_PORT, i8042::PORT_LEN, i8042.clone())
             .map_err(|e| Error::Device(format!("i8042: {e}")))?;
 
-        let mut pci = PciRoot::new(pio.clone(), mmio.clone());
+        let mut pci = PciRoot::new(&pio, &mmio);
         pci.add(Arc::new(Mutex::new(HostBridge::new())));
         let pci = Arc::new(Mutex::new(pci));
         pio.insert(root::CONFIG_ADDRESS_PORT, root::PORT_LEN, pci.clone())
@@ -231,6 +235,7 @@ impl Vm {
             nics: Vec::new(),
             host_nics: Vec::new(),
             intx_used: 0,
+            seccomp,
         })
         .and_then(|mut vm| {
             let mut routes = Vec::new();
@@ -396,6 +401,7 @@ impl Vm {
                 io_addr: io,
                 irq_line: pin,
                 name: format!("net{index}"),
+                seccomp: self.seccomp.clone(),
             },
             self.memory.clone(),
             backend,
@@ -430,9 +436,15 @@ impl Vm {
                 mmio: self.mmio.clone(),
                 exit: self.exit.clone(),
             };
+            // NIC workers started by the guest's driver (at DRIVER_OK, on
+            // a vCPU thread) inherit the vCPU's filter.
+            let filter = self.seccomp.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || v.run());
+                .spawn(move || {
+                    seccomp::confine(filter.as_ref(), &format!("vcpu{id}"));
+                    v.run()
+                });
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {
@@ -452,6 +464,7 @@ impl Vm {
             self.memory,
             self.nics,
             self.host_nics,
+            [self.pio, self.mmio],
             self.fd,
         ))
     }

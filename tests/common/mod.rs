@@ -385,6 +385,34 @@ pub fn is_nested_reset_flake(run: &GuestRun) -> bool {
         && std::env::var_os("RVM_NESTED").is_some()
 }
 
+/// The reset flake for a VM embedded in the test process: it ended with a
+/// triple fault, /init did not finish, and the guest's kernel said nothing.
+/// Returns whether it is that; a reset after /init started is counted, so
+/// run_suite reruns the whole case.
+pub fn is_embedded_reset_flake(triple_fault: bool, console: &str) -> bool {
+    let run = GuestRun {
+        status: None,
+        console: console.to_string(),
+        stderr: String::new(),
+        marker_at: None,
+        elapsed: Duration::ZERO,
+    };
+    let kernel_spoke = ["Kernel panic", "Oops", "BUG:", "general protection", "RIP:"]
+        .iter()
+        .any(|w| console.contains(w));
+    let flake = triple_fault
+        && !run.init_done()
+        && !kernel_spoke
+        && std::env::var_os("RVM_NESTED").is_some();
+    if flake {
+        println!("    the embedded guest reset suddenly (nested-host reset flake)");
+        if init_started(&run) {
+            MIDRUN_RESETS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    flake
+}
+
 /// Whether the guest's /init had started (boot was over).
 fn init_started(run: &GuestRun) -> bool {
     run.console
@@ -404,6 +432,12 @@ pub const MAX_STALLED_PANICS: u32 = 3;
 /// Guests of this process that reset suddenly after /init started (the
 /// reset flake mid-run); run_suite reruns the case they belonged to.
 static MIDRUN_RESETS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Marks the running case as hit by the nested host's reset flake, so that
+/// run_suite reruns it whole (cases with several guests at once).
+pub fn note_case_flake() {
+    MIDRUN_RESETS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
 
 /// Runs a guest, retrying (at most MAX_FLAKE_RETRIES times, visibly) only
 /// on the nested host's reset flake during boot.

@@ -66,6 +66,27 @@ impl Netns {
         .map(drop)
     }
 
+    /// Runs `f` on a thread of this process that has entered the
+    /// namespace, for tests that embed rvm as a library: the TAPs, bridge
+    /// ports and threads the VM makes belong to the namespace.
+    pub fn run_inside<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, String> {
+        use std::os::fd::AsRawFd;
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+                // SAFETY: setns(2) on an open namespace fd; it changes only
+                // this thread, which ends when `f` returns.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
+                }
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| "the test thread panicked".to_string())?
+        })
+    }
+
     /// Names of the TAP devices in the namespace.
     pub fn taps(&self) -> Vec<String> {
         self.sh("ip -o link show type tun")

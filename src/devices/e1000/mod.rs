@@ -394,6 +394,9 @@ pub struct E1000Params {
     pub irq_line: u8,
     /// Thread name.
     pub name: String,
+    /// The filter its RX thread runs under (it starts here, on the thread
+    /// building the VM, so it inherits none).
+    pub seccomp: Option<crate::vmm::seccomp::ThreadFilter>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -441,9 +444,12 @@ impl E1000 {
             stop: stop.try_clone()?,
             tap_name: p.tap_name,
         };
-        let thread = std::thread::Builder::new()
-            .name(p.name)
-            .spawn(move || worker.run())?;
+        let seccomp = p.seccomp;
+        let name = p.name.clone();
+        let thread = std::thread::Builder::new().name(p.name).spawn(move || {
+            crate::vmm::seccomp::confine(seccomp.as_ref(), &name);
+            worker.run()
+        })?;
         Ok(E1000 {
             config,
             core,

@@ -48,6 +48,7 @@ fn rig() -> Rig {
             io_addr: 0xc000,
             irq_line: 16,
             name: "e1000-test".into(),
+            seccomp: None,
         },
         mem.clone(),
         tap,

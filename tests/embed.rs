@@ -1,0 +1,435 @@
+//! rvm as a library, the way a sandbox platform embeds it: VMs built from
+//! a `VmConfig` in this very process, consoles read through our own
+//! writer, NIC counters read while the guest runs, graceful and forced
+//! stops, a TAP fd opened by the caller, several VMs at once. Like the
+//! other guest suites it runs directly on a host with VT-x/AMD-V and inside
+//! the nested host otherwise, each case in a network namespace it makes.
+
+mod common;
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use common::netns::Netns;
+use common::{images, is_embedded_reset_flake, run_suite, Case, Images, MAX_FLAKE_RETRIES};
+use rvm::{ExitReason, NetConfig, RunningVm, Vm, VmConfig};
+
+const BOOT: Duration = Duration::from_secs(300);
+
+/// A console writer that keeps everything and wakes whoever waits for a line.
+#[derive(Clone, Default)]
+struct Console(Arc<(Mutex<String>, Condvar)>);
+
+impl Write for Console {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let (text, cv) = &*self.0;
+        text.lock()
+            .unwrap()
+            .push_str(&String::from_utf8_lossy(b).replace('\r', ""));
+        cv.notify_all();
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Console {
+    fn text(&self) -> String {
+        self.0 .0.lock().unwrap().clone()
+    }
+
+    /// Waits for a line containing `marker`, or for the VM to end.
+    fn wait_for(&self, marker: &str, vm: &rvm::VmController, within: Duration) -> bool {
+        let (text, cv) = &*self.0;
+        let deadline = Instant::now() + within;
+        let mut t = text.lock().unwrap();
+        loop {
+            if t.contains(marker) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline || vm.has_ended() {
+                return false;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(200));
+            t = cv.wait_timeout(t, wait).unwrap().0;
+        }
+    }
+
+    fn tail(&self) -> String {
+        let t = self.text();
+        let lines: Vec<&str> = t.lines().collect();
+        format!(
+            "--- console (last 30 lines) ---\n{}",
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        )
+    }
+}
+
+fn config(kernel: &std::path::Path, img: &Images, scenario: &str, args: &str) -> VmConfig {
+    let mut c = VmConfig::new(kernel);
+    c.initrd = Some(img.initramfs.clone());
+    c.mem_mib = 256;
+    c.cmdline = format!(
+        "{} quiet rvm.scenario={scenario} rvm.args={args}",
+        rvm::DEFAULT_CMDLINE
+    );
+    c
+}
+
+fn bridged(tap: &str) -> NetConfig {
+    let mut n = NetConfig::tap(tap);
+    n.bridge = Some("br0".into());
+    n.vhost = rvm::VhostMode::Off;
+    n
+}
+
+/// Builds and starts the VM and waits until its console says `marker`.
+/// A nested-host reset during boot starts it again (bounded, said so).
+fn boot_until(name: &str, config: &VmConfig, marker: &str) -> Result<(RunningVm, Console), String> {
+    for attempt in 0..=MAX_FLAKE_RETRIES {
+        let console = Console::default();
+        let mut vm = Vm::new(config, Box::new(console.clone()))
+            .and_then(Vm::start)
+            .map_err(|e| format!("{name}: {e}"))?;
+        if console.wait_for(marker, &vm.controller(), BOOT) {
+            return Ok((vm, console));
+        }
+        let reason = vm.wait_timeout(Duration::ZERO);
+        let flake =
+            is_embedded_reset_flake(reason == Some(ExitReason::TripleFault), &console.text());
+        if !flake || attempt == MAX_FLAKE_RETRIES {
+            return Err(format!(
+                "{name}: no {marker:?} on the console (VM ended: {reason:?})\n{}",
+                console.tail()
+            ));
+        }
+        println!(
+            "RETRY {}/{MAX_FLAKE_RETRIES} {name}: the guest reset during boot (known nested-host flake)",
+            attempt + 1
+        );
+    }
+    unreachable!()
+}
+
+fn no_taps_left(ns: &Netns) -> Result<(), String> {
+    let taps = ns.taps();
+    if taps.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("TAPs left behind: {taps:?}"))
+    }
+}
+
+/// The stock kernel on a bridge: the host pings it, the NIC's counters
+/// show the frames both ways while it runs, and a graceful shutdown
+/// (Ctrl-Alt-Del) makes the guest's own kernel restart, which ends the VM.
+fn stock_counts_and_stops_on_ctrl_alt_del(img: &Images) -> Result<(), String> {
+    let ns = Netns::new("apistock")?;
+    ns.bridge("10.0.0.1/24", 1500)?;
+    let mut c = config(&img.stock, img, "net_idle", "ip=10.0.0.2/24");
+    c.mem_mib = 512;
+    c.nics.push(bridged("rvmapi0"));
+    ns.run_inside(|| {
+        let (mut vm, console) = boot_until("stock", &c, "rvm-init: idle")?;
+        let before = vm.nic_counters();
+        ns.sh("ping -c 5 -W 5 10.0.0.2")?;
+        let after = vm.nic_counters();
+        let (b, a) = (before[0].counters, after[0].counters);
+        if after[0].name != "rvmapi0" || after[0].model != rvm::NicModel::Virtio {
+            return Err(format!("NIC identity: {:?}", after[0]));
+        }
+        // Five echo requests in, five replies out (plus any ARP).
+        if a.rx_frames < b.rx_frames + 5 || a.tx_frames < b.tx_frames + 5 {
+            return Err(format!("counters did not follow 5 pings: {b:?} -> {a:?}"));
+        }
+        if a.rx_bytes < b.rx_bytes + 5 * 98 || a.tx_bytes < b.tx_bytes + 5 * 98 {
+            return Err(format!("byte counters did not follow 5 pings: {b:?} -> {a:?}"));
+        }
+        let t = Instant::now();
+        let reason = vm.shutdown(Duration::from_secs(120));
+        if reason != ExitReason::Reset || !console.text().contains("reboot: Restarting system") {
+            return Err(format!(
+                "graceful shutdown ended with {reason:?} after {:?}, wanted the guest's own restart\n{}",
+                t.elapsed(),
+                console.tail()
+            ));
+        }
+        drop(vm);
+        no_taps_left(&ns)
+    })?
+}
+
+/// A guest without a keyboard (`i8042.nokbd`) cannot see Ctrl-Alt-Del:
+/// shutdown waits the grace period, then forces the stop.
+fn minimal_ignores_ctrl_alt_del_and_is_forced(img: &Images) -> Result<(), String> {
+    let ns = Netns::new("apiforce")?;
+    ns.bridge("10.0.0.1/24", 1500)?;
+    let mut c = config(&img.minimal, img, "idle", "");
+    c.cmdline.push_str(" i8042.nokbd");
+    c.nics.push(bridged("rvmapi1"));
+    ns.run_inside(|| {
+        let (mut vm, console) = boot_until("minimal", &c, "rvm-init: idle")?;
+        let t = Instant::now();
+        let reason = vm.shutdown(Duration::from_secs(3));
+        let took = t.elapsed();
+        if reason != ExitReason::Stopped || took < Duration::from_secs(3) {
+            return Err(format!(
+                "shutdown gave {reason:?} after {took:?}; wanted a forced stop after the 3 s grace\n{}",
+                console.tail()
+            ));
+        }
+        // wait() after the end returns the same reason at once.
+        if vm.wait() != ExitReason::Stopped {
+            return Err("wait() after shutdown changed its answer".into());
+        }
+        drop(vm);
+        no_taps_left(&ns)
+    })?
+}
+
+/// Opens TAP `name` the way a sandbox platform would before handing it
+/// over: /dev/net/tun, TUNSETIFF with a vnet header, not persistent.
+fn open_tap(name: &str) -> Result<OwnedFd, String> {
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|e| format!("/dev/net/tun: {e}"))?;
+    let mut req = [0u8; 40];
+    req[..name.len()].copy_from_slice(name.as_bytes());
+    let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as u16;
+    req[16..18].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes a 40-byte ifreq, which `req` is.
+    if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, req.as_mut_ptr()) } != 0 {
+        return Err(format!(
+            "TUNSETIFF {name}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: into_raw_fd gives up the File's ownership of the open fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(f)) })
+}
+
+/// Two VMs in this one process on one bridge, the second on a TAP fd the
+/// test opened: the second pings the first, each VM's counters show its
+/// own traffic, and every TAP is gone once both are dropped.
+fn two_vms_in_one_process_one_on_a_tap_fd(img: &Images) -> Result<(), String> {
+    let ns = Netns::new("apitwo")?;
+    ns.bridge("10.0.0.1/24", 1500)?;
+    let mut a = config(&img.minimal, img, "net_idle", "ip=10.0.0.2/24");
+    a.nics.push(bridged("rvmapia"));
+    ns.run_inside(|| {
+        let fds_before = open_fds();
+        let fd = open_tap("rvmapifd")?;
+        ns.sh("ip link set rvmapifd master br0 && ip link set rvmapifd up")?;
+        let mut b = config(
+            &img.minimal,
+            img,
+            "net_ping",
+            "ip=10.0.0.3/24,peer=10.0.0.2",
+        );
+        let mut nic = NetConfig::tap_fd(fd);
+        nic.vhost = rvm::VhostMode::Off;
+        b.nics.push(nic);
+        let (mut va, _ca) = boot_until("vm a", &a, "rvm-init: idle")?;
+        let (mut vb, cb) = boot_until("vm b", &b, "rvm-init: start")?;
+        let rb = vb.wait_timeout(BOOT);
+        let text = cb.text();
+        if rb != Some(ExitReason::Reset) || !text.contains("rvm-result: ping_ok=1") {
+            return Err(format!("vm b ended with {rb:?}\n{}", cb.tail()));
+        }
+        let (ca, cb) = (va.nic_counters()[0].clone(), vb.nic_counters()[0].clone());
+        if cb.name != "rvmapifd" {
+            return Err(format!("the fd NIC is called {:?}", cb.name));
+        }
+        if ca.counters.rx_frames < 3 || cb.counters.tx_frames < 3 {
+            return Err(format!(
+                "counters: a {:?}, b {:?}",
+                ca.counters, cb.counters
+            ));
+        }
+        va.stop();
+        if va.wait() != ExitReason::Stopped {
+            return Err("vm a did not report a forced stop".into());
+        }
+        drop((va, vb));
+        no_taps_left(&ns)?;
+        // Nothing of either VM stays open in this process.
+        let fds_after = open_fds();
+        if fds_after != fds_before {
+            return Err(format!(
+                "open fds: {fds_before} before, {fds_after} after both VMs"
+            ));
+        }
+        Ok(())
+    })?
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// What a thread's /proc status says of its seccomp mode (2: filter).
+fn seccomp_of_threads() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .unwrap_or("?")
+            .trim()
+            .to_string();
+        out.push((comm.trim().to_string(), mode));
+    }
+    out
+}
+
+/// Code of ours that runs on a vCPU thread (the console writer) tries
+/// what rvm's threads never do: open a file, make an inet socket. The
+/// seccomp filter refuses both with EPERM, and the guest goes on to ping
+/// and reboot. Every vCPU and NIC thread runs under the filter; this
+/// thread does not.
+fn seccomp_refuses_a_forbidden_call_and_the_vm_runs_on(img: &Images) -> Result<(), String> {
+    let ns = Netns::new("apiseccomp")?;
+    ns.bridge("10.0.0.1/24", 1500)?;
+    let mut c = config(&img.minimal, img, "net_ping", "ip=10.0.0.2/24,count=5");
+    c.vcpus = 2;
+    c.nics.push(bridged("rvmsec0"));
+    ns.run_inside(|| {
+        let probe = Probe::default();
+        let for_vm = probe.clone();
+        let mut vm = Vm::new(&c, Box::new(for_vm))
+            .and_then(Vm::start)
+            .map_err(|e| e.to_string())?;
+        // While the guest pings, look at every thread's seccomp mode.
+        let deadline = Instant::now() + BOOT;
+        let mut threads = Vec::new();
+        while Instant::now() < deadline && !vm.controller().has_ended() {
+            if probe.console.text().contains("rvm-init: start") {
+                threads = seccomp_of_threads();
+                if threads.iter().any(|(n, _)| n == "net0") {
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let reason = vm.wait_timeout(BOOT);
+        let text = probe.console.text();
+        if reason == Some(ExitReason::TripleFault) && is_embedded_reset_flake(true, &text) {
+            return Err("the guest reset (nested-host flake)".into());
+        }
+        let results = probe.results.lock().unwrap().clone();
+        if results.as_deref() != Some("open=EPERM socket=EPERM") {
+            return Err(format!(
+                "forbidden calls from a vCPU thread gave {results:?}"
+            ));
+        }
+        if reason != Some(ExitReason::Reset) || !text.contains("rvm-result: ping_ok=1") {
+            return Err(format!(
+                "the VM did not run on: {reason:?}\n{}",
+                probe.console.tail()
+            ));
+        }
+        let confined: Vec<_> = threads
+            .iter()
+            .filter(|(n, _)| n.starts_with("vcpu") || n == "net0")
+            .collect();
+        let names: Vec<&str> = confined.iter().map(|(n, _)| n.as_str()).collect();
+        if names.len() != 3 || confined.iter().any(|(_, m)| m != "2") {
+            return Err(format!("threads and their seccomp modes: {threads:?}"));
+        }
+        let me = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
+        if !me
+            .lines()
+            .any(|l| l.starts_with("Seccomp:") && l.ends_with('0'))
+        {
+            return Err("the embedding thread was confined too".into());
+        }
+        drop(vm);
+        no_taps_left(&ns)
+    })?
+}
+
+/// A console that, at /init's first line, tries two forbidden calls
+/// from the vCPU thread that writes it, and records what they returned.
+#[derive(Clone, Default)]
+struct Probe {
+    console: Console,
+    results: Arc<Mutex<Option<String>>>,
+}
+
+impl Write for Probe {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.console.write(b)?;
+        let mut results = self.results.lock().unwrap();
+        if results.is_none() && self.console.text().contains("rvm-init: start") {
+            let errno = |r: std::io::Error| match r.raw_os_error() {
+                Some(libc::EPERM) => "EPERM".to_string(),
+                _ => format!("{r}"),
+            };
+            let open = match std::fs::File::open("/etc/hostname") {
+                Ok(_) => "allowed".to_string(),
+                Err(e) => errno(e),
+            };
+            // SAFETY: socket(2) with constant arguments; a success is closed.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            let socket = if fd >= 0 {
+                // SAFETY: closing the fd just made.
+                unsafe { libc::close(fd) };
+                "allowed".to_string()
+            } else {
+                errno(std::io::Error::last_os_error())
+            };
+            *results = Some(format!("open={open} socket={socket}"));
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn case(name: &str, f: impl Fn(&Images) -> Result<(), String> + 'static) -> Case<Images> {
+    (name.to_string(), Box::new(f))
+}
+
+fn cases() -> Vec<Case<Images>> {
+    vec![
+        case(
+            "api_stock_counts_frames_and_stops_on_ctrl_alt_del",
+            stock_counts_and_stops_on_ctrl_alt_del,
+        ),
+        case(
+            "api_guest_without_keyboard_is_forced_after_the_grace",
+            minimal_ignores_ctrl_alt_del_and_is_forced,
+        ),
+        case(
+            "api_two_vms_in_one_process_one_on_a_tap_fd",
+            two_vms_in_one_process_one_on_a_tap_fd,
+        ),
+        case(
+            "seccomp_refuses_a_forbidden_call_and_the_vm_runs_on",
+            seccomp_refuses_a_forbidden_call_and_the_vm_runs_on,
+        ),
+    ]
+}
+
+fn main() {
+    run_suite(
+        "embedding tests",
+        cases(),
+        &["--mem", "4096", "--idle-timeout", "180"],
+        images,
+    );
+}
