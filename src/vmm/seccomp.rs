@@ -57,7 +57,8 @@ pub struct ThreadFilter(Arc<BpfProgram>);
 
 /// What the threads do, and the calls it takes:
 /// - KVM_RUN and device emulation: ioctl (KVM, TAP offloads, vhost-net
-///   set-up at DRIVER_OK), read/write on eventfds, the console and TAPs;
+///   set-up at DRIVER_OK; see the rule in `new`), read/write on eventfds,
+///   the console and TAPs;
 /// - the NIC data path: readv/writev, epoll;
 /// - starting a NIC worker at DRIVER_OK (from a vCPU thread): eventfds,
 ///   an epoll instance, a thread (clone3, mmap, mprotect, rseq, ...);
@@ -70,7 +71,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_readv,
     libc::SYS_writev,
     libc::SYS_close,
-    libc::SYS_ioctl,
     libc::SYS_fcntl,
     libc::SYS_dup,
     libc::SYS_eventfd2,
@@ -107,6 +107,12 @@ const ALLOWED: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
+/// ioctl type bytes (bits 8-15 of the request): KVM, vhost, and 'T',
+/// which TUN shares with the terminal ioctls.
+const KVMIO: u8 = 0xae;
+const VHOST_VIRTIO: u8 = 0xaf;
+const TUN_AND_TTY: u8 = b'T';
+
 impl ThreadFilter {
     /// Compiles the filter for `mode`; None for [`SeccompMode::Off`].
     pub fn new(mode: SeccompMode) -> Result<Option<ThreadFilter>, SeccompError> {
@@ -120,6 +126,19 @@ impl ThreadFilter {
         };
         let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
             ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
+        // ioctls of KVM, vhost-net and TUN/terminals (by the type byte of
+        // the request number), and the link poll's SIOCGIFFLAGS.
+        let mut ioctls = Vec::new();
+        for ty in [KVMIO, VHOST_VIRTIO, TUN_AND_TTY] {
+            ioctls.push(SeccompRule::new(vec![SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::MaskedEq(0xff00),
+                u64::from(ty) << 8,
+            )?])?);
+        }
+        ioctls.push(SeccompRule::new(vec![arg_is(1, libc::SIOCGIFFLAGS)?])?);
+        rules.insert(libc::SYS_ioctl, ioctls);
         // Only the datagram socket of the e1000's link poll.
         rules.insert(
             libc::SYS_socket,
@@ -198,10 +217,25 @@ mod tests {
                 .status()
                 .unwrap_err();
             assert_eq!(err.raw_os_error(), Some(libc::EPERM), "spawn: {err}");
-            // The e1000's link poll socket, eventfds and a child thread work.
+            // The e1000's link poll socket and ioctl, eventfds and a child
+            // thread work; other socket ioctls do not.
             // SAFETY: as above.
             let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM, 0) };
             assert!(fd >= 0);
+            let mut ifr = [0u8; 40];
+            ifr[..2].copy_from_slice(b"lo");
+            // SAFETY: both ioctls read and write a 40-byte ifreq, `ifr`.
+            let flags = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, ifr.as_mut_ptr()) };
+            assert_eq!(
+                flags,
+                0,
+                "SIOCGIFFLAGS: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: as above.
+            let index = unsafe { libc::ioctl(fd, libc::SIOCGIFINDEX, ifr.as_mut_ptr()) };
+            let errno = std::io::Error::last_os_error().raw_os_error();
+            assert_eq!((index, errno), (-1, Some(libc::EPERM)), "SIOCGIFINDEX");
             // SAFETY: closing the fd just opened.
             unsafe { libc::close(fd) };
             let e = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
