@@ -103,6 +103,9 @@ pub(crate) enum RxStop {
     Drained,
     /// Not enough descriptors (or receive off): wait for the driver.
     NeedBuffers,
+    /// The TAP itself failed (deleted under us: EBADFD): nothing will
+    /// ever come from it again.
+    TapFailed,
 }
 
 fn buffer_size(rctl: u32) -> usize {
@@ -152,14 +155,18 @@ impl Core {
                 Ok(None) => {} // filtered out: the buffers stay the guest's
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => {
+                Err(e) if e.kind() == ErrorKind::InvalidData => {
+                    // The guest's ring is bad, not the TAP.
                     log::debug!("e1000: RX: {e}");
                     bump(&self.stats.rx_dropped, 1);
-                    if e.kind() == ErrorKind::InvalidData {
-                        self.rx.broken = true;
-                        stop = RxStop::NeedBuffers;
-                        break;
-                    }
+                    self.rx.broken = true;
+                    stop = RxStop::NeedBuffers;
+                    break;
+                }
+                Err(e) => {
+                    log::warn!("e1000: reading the TAP failed: {e}; receiving stops");
+                    stop = RxStop::TapFailed;
+                    break;
                 }
             }
         }
@@ -358,6 +365,10 @@ impl RxThread {
         }
         let mut events = vec![EpollEvent::default(); 4];
         let mut waiting_for_buffers = false;
+        // Once the TAP fails (deleted under a running guest) it is out of
+        // the epoll set for good: a detached TAP polls as an error forever,
+        // and watching it would spin this thread.
+        let mut tap_failed = false;
         let mut last_link = Instant::now();
         loop {
             let timeout = LINK_POLL.as_millis() as i32;
@@ -370,8 +381,16 @@ impl RxThread {
                 }
             };
             let mut run = false;
+            let mut tap_error = false;
             for ev in &events[..n] {
                 match ev.data() {
+                    EV_TAP
+                        if ev
+                            .event_set()
+                            .intersects(EventSet::ERROR | EventSet::HANG_UP) =>
+                    {
+                        tap_error = true;
+                    }
                     EV_STOP => return,
                     EV_TX => {
                         let _ = self.tx_kick.read();
@@ -387,12 +406,18 @@ impl RxThread {
             if last_link.elapsed() >= LINK_POLL {
                 last_link = Instant::now();
                 if let Some(name) = &self.tap_name {
-                    let up = crate::net::sys::is_up(name).unwrap_or(true);
+                    // A TAP that is gone is a cable pulled out.
+                    let up = !tap_failed
+                        && match crate::net::sys::is_up(name) {
+                            Ok(up) => up,
+                            Err(e) => e.raw_os_error() != Some(libc::ENODEV),
+                        };
                     self.lock().set_link(up);
                 }
             }
-            if run {
+            if run && !tap_failed {
                 let stop = self.lock().receive();
+                tap_error |= stop == RxStop::TapFailed;
                 let now_waiting = stop == RxStop::NeedBuffers;
                 // While the guest has no buffers, the TAP stays readable:
                 // stop watching it until a kick, or the loop would spin.
@@ -402,9 +427,23 @@ impl RxThread {
                     } else {
                         ControlOperation::Add
                     };
-                    let _ = epoll.ctl(op, tap_fd, EpollEvent::new(EventSet::IN, EV_TAP));
+                    if !tap_error {
+                        let _ = epoll.ctl(op, tap_fd, EpollEvent::new(EventSet::IN, EV_TAP));
+                    }
                     waiting_for_buffers = now_waiting;
                 }
+            }
+            if tap_error && !tap_failed {
+                tap_failed = true;
+                let _ = epoll.ctl(
+                    ControlOperation::Delete,
+                    tap_fd,
+                    EpollEvent::new(EventSet::IN, EV_TAP),
+                );
+                log::warn!(
+                    "e1000: its TAP failed (deleted?); the link is down and frames from the guest are dropped (counted)"
+                );
+                self.lock().set_link(false);
             }
         }
     }

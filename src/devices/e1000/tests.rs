@@ -437,3 +437,54 @@ fn link_follows_the_host_side_and_raises_lsc() {
     r.w(RDT, 7); // a kick: the frame waiting in the TAP comes in
     assert!(r.wait_rdh(1));
 }
+
+/// Regression: a TAP deleted under a running guest polls as an error
+/// forever; the RX thread spun on it at 100% CPU. Now it drops the TAP
+/// from its epoll set once, takes the link down (LSC), and stays idle.
+#[test]
+fn a_failed_tap_takes_the_link_down_and_the_rx_thread_idles() {
+    let mut r = rig();
+    r.w(IMS, ICR_LSC);
+    r.rx_ring(8);
+    assert_ne!(r.r(STATUS) & STATUS_LU, 0);
+    // The socketpair's far end closing: the stand-in's "TAP deleted".
+    let Rig { peer, .. } = &mut r;
+    drop(std::mem::replace(
+        peer,
+        std::fs::File::open("/dev/null").unwrap().into(),
+    ));
+    let end = Instant::now() + Duration::from_secs(5);
+    while r.r(STATUS) & STATUS_LU != 0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(r.r(STATUS) & STATUS_LU, 0, "link still up");
+    assert_ne!(r.r(ICR) & ICR_LSC, 0);
+    let before = rx_thread_cpu_secs(&r.dev);
+    std::thread::sleep(Duration::from_millis(500));
+    let used = rx_thread_cpu_secs(&r.dev) - before;
+    assert!(used < 0.1, "the RX thread spins: {used} s of CPU in 0.5 s");
+    // A kick (the driver refilling its ring) does not bring it back.
+    r.w(RDT, 6);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(r.r(STATUS) & STATUS_LU, 0);
+}
+
+/// CPU time the device's RX thread has used, from its pthread CPU clock.
+fn rx_thread_cpu_secs(dev: &E1000) -> f64 {
+    use std::os::unix::thread::JoinHandleExt;
+    let (_, t) = dev.rx_thread.as_ref().unwrap();
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: the thread is running (not joined), so its pthread_t is valid,
+    // and `clock` is a valid place for the id.
+    assert_eq!(
+        unsafe { libc::pthread_getcpuclockid(t.as_pthread_t(), &mut clock) },
+        0
+    );
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a valid timespec to fill.
+    assert_eq!(unsafe { libc::clock_gettime(clock, &mut ts) }, 0);
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
