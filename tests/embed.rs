@@ -115,15 +115,6 @@ fn boot_until(name: &str, config: &VmConfig, marker: &str) -> Result<(RunningVm,
     unreachable!()
 }
 
-fn no_taps_left(ns: &Netns) -> Result<(), String> {
-    let taps = ns.taps();
-    if taps.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("TAPs left behind: {taps:?}"))
-    }
-}
-
 /// The stock kernel on a bridge: the host pings it, the NIC's counters
 /// show the frames both ways while it runs, and a graceful shutdown
 /// (Ctrl-Alt-Del) makes the guest's own kernel restart, which ends the VM.
@@ -159,7 +150,7 @@ fn stock_counts_and_stops_on_ctrl_alt_del(img: &Images) -> Result<(), String> {
             ));
         }
         drop(vm);
-        no_taps_left(&ns)
+        ns.no_taps_left()
     })?
 }
 
@@ -187,7 +178,7 @@ fn minimal_ignores_ctrl_alt_del_and_is_forced(img: &Images) -> Result<(), String
             return Err("wait() after shutdown changed its answer".into());
         }
         drop(vm);
-        no_taps_left(&ns)
+        ns.no_taps_left()
     })?
 }
 
@@ -258,7 +249,7 @@ fn two_vms_in_one_process_one_on_a_tap_fd(img: &Images) -> Result<(), String> {
             return Err("vm a did not report a forced stop".into());
         }
         drop((va, vb));
-        no_taps_left(&ns)?;
+        ns.no_taps_left()?;
         // Nothing of either VM stays open in this process.
         let fds_after = open_fds();
         if fds_after != fds_before {
@@ -357,7 +348,7 @@ fn seccomp_refuses_a_forbidden_call_and_the_vm_runs_on(img: &Images) -> Result<(
             return Err("the embedding thread was confined too".into());
         }
         drop(vm);
-        no_taps_left(&ns)
+        ns.no_taps_left()
     })?
 }
 

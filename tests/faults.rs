@@ -147,15 +147,6 @@ impl Running {
     }
 }
 
-fn no_taps_left(ns: &Netns) -> Result<(), String> {
-    let taps = ns.taps();
-    if taps.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("TAPs left behind: {taps:?}"))
-    }
-}
-
 /// SIGINT (Ctrl-C at a terminal) stops the guest: exit 0, rvm says why,
 /// and its TAP is gone.
 fn sigint_stops_and_cleans_up(img: &Images) -> Result<(), String> {
@@ -173,7 +164,7 @@ fn sigint_stops_and_cleans_up(img: &Images) -> Result<(), String> {
     if !s.success() || !r.stderr.lock().unwrap().contains("terminating on signal 2") {
         return Err(format!("after SIGINT: {s}\n{}", r.report()));
     }
-    no_taps_left(&ns)
+    ns.no_taps_left()
 }
 
 /// SIGKILL gives rvm no chance to clean up; the TAP it created is not
@@ -199,7 +190,7 @@ fn sigkill_then_the_next_rvm_reclaims_the_tap(img: &Images) -> Result<(), String
             next.tail(20)
         ));
     }
-    no_taps_left(&ns)
+    ns.no_taps_left()
 }
 
 /// The TAP deleted (`ip link del`) while the guest keeps sending: rvm keeps
@@ -213,9 +204,7 @@ fn tap_deleted_under_a_running_guest(
         let ns = Netns::new("tapdel")?;
         ns.bridge("10.0.0.1/24", 1500)?;
         let net = format!("tap=rvmdel0,bridge=br0,vhost=off,model={model}");
-        let mut r = Running::spawn(rvm(&ns, img, "net_idle", "chatter=10.0.0.1", &net))?;
-        r.wait_for("rvm-init: idle")?;
-        ns.sh("ping -c 2 -W 5 10.0.0.2")?;
+        let mut r = chattering_guest(&ns, img, &net)?;
         ns.sh("ip link del rvmdel0")?;
         let before = r.thread_cpu("net0");
         std::thread::sleep(Duration::from_secs(8));
@@ -235,12 +224,7 @@ fn tap_deleted_under_a_running_guest(
                 ))
             }
         }
-        let s = r.signal_and_wait(libc::SIGTERM)?;
-        let err = r.stderr.lock().unwrap().clone();
-        if !s.success() || err.contains("panicked") || err.contains("error") {
-            return Err(format!("exit after SIGTERM: {s}\n{}", r.report()));
-        }
-        no_taps_left(&ns)
+        sigterm_ends_cleanly(&mut r, &ns)
     }
 }
 
@@ -249,10 +233,7 @@ fn tap_deleted_under_a_running_guest(
 fn bridge_deleted_under_a_running_guest(img: &Images) -> Result<(), String> {
     let ns = Netns::new("brdel")?;
     ns.bridge("10.0.0.1/24", 1500)?;
-    let net = "tap=rvmbr0,bridge=br0,vhost=off";
-    let mut r = Running::spawn(rvm(&ns, img, "net_idle", "chatter=10.0.0.1", net))?;
-    r.wait_for("rvm-init: idle")?;
-    ns.sh("ping -c 2 -W 5 10.0.0.2")?;
+    let mut r = chattering_guest(&ns, img, "tap=rvmbr0,bridge=br0,vhost=off")?;
     ns.sh("ip link del br0")?;
     std::thread::sleep(Duration::from_secs(5));
     if !r.alive() {
@@ -261,12 +242,27 @@ fn bridge_deleted_under_a_running_guest(img: &Images) -> Result<(), String> {
             r.report()
         ));
     }
+    sigterm_ends_cleanly(&mut r, &ns)
+}
+
+/// A guest on `net` that keeps pinging the bridge (10.0.0.1) and that the
+/// host has pinged once it is up.
+fn chattering_guest(ns: &Netns, img: &Images, net: &str) -> Result<Running, String> {
+    let mut r = Running::spawn(rvm(ns, img, "net_idle", "chatter=10.0.0.1", net))?;
+    r.wait_for("rvm-init: idle")?;
+    ns.sh("ping -c 2 -W 5 10.0.0.2")?;
+    Ok(r)
+}
+
+/// SIGTERM ends rvm with 0, without a panic or an error on stderr, and
+/// its TAP is gone.
+fn sigterm_ends_cleanly(r: &mut Running, ns: &Netns) -> Result<(), String> {
     let s = r.signal_and_wait(libc::SIGTERM)?;
     let err = r.stderr.lock().unwrap().clone();
-    if !s.success() || err.contains("panicked") {
+    if !s.success() || err.contains("panicked") || err.contains("error") {
         return Err(format!("exit after SIGTERM: {s}\n{}", r.report()));
     }
-    no_taps_left(&ns)
+    ns.no_taps_left()
 }
 
 fn case(name: &str, f: impl Fn(&Images) -> Result<(), String> + 'static) -> Case<Images> {

@@ -281,11 +281,7 @@ fn eight_guests_stream_tcp_for_30s(img: &Images) -> Result<(), String> {
     if !problems.is_empty() {
         return Err(problems.join("\n\n"));
     }
-    let taps = ns.taps();
-    if !taps.is_empty() {
-        return Err(format!("TAPs left behind: {taps:?}"));
-    }
-    Ok(())
+    ns.no_taps_left()
 }
 
 fn cases() -> Vec<Case<Images>> {

@@ -145,15 +145,6 @@ fn expect(run: &GuestRun, key: &str, want: &str) -> Result<(), String> {
     }
 }
 
-fn no_taps_left(ns: &Netns) -> Result<(), String> {
-    let taps = ns.taps();
-    if taps.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("TAPs left behind after rvm ended: {taps:?}"))
-    }
-}
-
 fn ping_bridge(k: Kernel, path: DataPath) -> impl Fn(&Images) -> Result<(), String> {
     move |img| {
         let ns = Netns::new("ping")?;
@@ -174,7 +165,7 @@ fn ping_bridge(k: Kernel, path: DataPath) -> impl Fn(&Images) -> Result<(), Stri
         // The default MAC is stable for the TAP name.
         let mac = rvm::net::MacAddr::for_nic("rvmtap0", 0).to_string();
         expect(&r, "mac", &mac)?;
-        no_taps_left(&ns)
+        ns.no_taps_left()
     }
 }
 
@@ -251,7 +242,7 @@ fn guest_to_guest(img: &Images) -> Result<(), String> {
     let stopped = sigterm_and_wait(a);
     pinged?;
     stopped?;
-    no_taps_left(&ns)
+    ns.no_taps_left()
 }
 
 /// Host-only: a persistent TAP with the host's address, no bridge. rvm
@@ -384,7 +375,7 @@ fn tcp_on(
             expect(&r, "driver", "e1000")?;
             expect(&r, "tso", "on")?;
             let _ = std::fs::remove_dir_all(&dir);
-            return no_taps_left(&ns);
+            return ns.no_taps_left();
         }
         let want = if vnet_hdr { "on" } else { "off" };
         expect(&r, "tso", want)?;
@@ -398,7 +389,7 @@ fn tcp_on(
             }
         }
         let _ = std::fs::remove_dir_all(&dir);
-        no_taps_left(&ns)
+        ns.no_taps_left()
     }
 }
 
@@ -659,7 +650,7 @@ fn bad_host_options(img: &Images) -> Result<(), String> {
         if !String::from_utf8_lossy(&o.stdout).is_empty() {
             return Err(format!("--net {net}: the guest started"));
         }
-        no_taps_left(&ns)
+        ns.no_taps_left()
     };
     fail("tap=rvmbad,bridge=nobr", "ip link add nobr type bridge")?;
     // Devices that exist but are the wrong kind (no dummy module needed).
@@ -667,7 +658,7 @@ fn bad_host_options(img: &Images) -> Result<(), String> {
     let r = fail_keep(&ns, img, "tap=rvmbad,bridge=notabr", "is not a bridge");
     ns.sh("ip tuntap del notabr mode tap")?;
     r?;
-    no_taps_left(&ns)?;
+    ns.no_taps_left()?;
     fail("tap=lo", "not a TAP")?;
     fail(
         "tap=rvmbad,script=/bin/false",
@@ -681,7 +672,7 @@ fn bad_host_options(img: &Images) -> Result<(), String> {
     let busy = fail_keep(&ns, img, "tap=rvmbusy", "in use by another process");
     sigterm_and_wait(holder)?;
     busy?;
-    no_taps_left(&ns)
+    ns.no_taps_left()
 }
 
 fn fail_keep(ns: &Netns, img: &Images, net: &str, want: &str) -> Result<(), String> {
@@ -749,7 +740,7 @@ fn e1000_ping(k: Kernel) -> impl Fn(&Images) -> Result<(), String> {
             let ral = u32::from_le_bytes([mac[0], mac[1], mac[2], mac[3]]);
             expect(&r, "ral_io", &format!("{ral:08x}"))?;
         }
-        no_taps_left(&ns)
+        ns.no_taps_left()
     }
 }
 
@@ -778,7 +769,7 @@ fn virtio_and_e1000(img: &Images) -> Result<(), String> {
     finished(&r)?;
     expect(&r, "ping_virtio_net_ok", "1")?;
     expect(&r, "ping_e1000_ok", "1")?;
-    no_taps_left(&ns)
+    ns.no_taps_left()
 }
 
 /// /dev/vhost-net replaced by an empty file in a private mount namespace:
@@ -814,7 +805,7 @@ fn vhost_unusable(img: &Images) -> Result<(), String> {
     if !o.stdout.is_empty() {
         return Err("vhost=on without vhost-net: the guest started".into());
     }
-    no_taps_left(&ns)?;
+    ns.no_taps_left()?;
     let r = run_guest_retrying(
         "novhost",
         || hidden("tap=rvmnov,bridge=br0,vhost=auto", "net_ping"),
@@ -833,7 +824,7 @@ fn vhost_unusable(img: &Images) -> Result<(), String> {
         ));
     }
     DataPath::Userspace.check(&r, 0)?;
-    no_taps_left(&ns)
+    ns.no_taps_left()
 }
 
 fn case(name: &str, f: impl Fn(&Images) -> Result<(), String> + 'static) -> Case<Images> {

@@ -87,6 +87,14 @@ impl Netns {
         })
     }
 
+    /// Err naming the TAPs still in the namespace, if any.
+    pub fn no_taps_left(&self) -> Result<(), String> {
+        match self.taps() {
+            t if t.is_empty() => Ok(()),
+            t => Err(format!("TAPs left behind after rvm ended: {t:?}")),
+        }
+    }
+
     /// Names of the TAP devices in the namespace.
     pub fn taps(&self) -> Vec<String> {
         self.sh("ip -o link show type tun")
