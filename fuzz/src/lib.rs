@@ -9,7 +9,7 @@ use std::sync::Arc;
 use arbitrary::Arbitrary;
 use rvm::devices::test_backend::{fake_tap, peer_try_send, FakeTap};
 use rvm::devices::virtio_net::fuzzing::{Passes, SyncNet};
-use rvm::devices::virtio_net::{features, NetParams, VirtioNet};
+use rvm::devices::virtio_net::{features, NetParams, NetStats, VirtioNet};
 use rvm::virtio::features::VERSION_1;
 use rvm::virtio::sim::{SimDriver, DATA_START};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -111,6 +111,7 @@ pub struct NetRig {
     /// The host's end of the TAP.
     pub peer: OwnedFd,
     pub tap: Arc<FakeTap>,
+    pub stats: Arc<NetStats>,
     pub mem_size: u64,
 }
 
@@ -127,12 +128,14 @@ impl NetRig {
             tap.clone(),
             None,
         );
+        let stats = net.stats();
         let (dev, passes) = SyncNet::new(net);
         NetRig {
             drv: SimDriver::new(Box::new(dev), VIRTIO_MEM_MIB),
             passes,
             peer,
             tap,
+            stats,
             mem_size: VIRTIO_MEM_MIB << 20,
         }
     }
@@ -243,6 +246,13 @@ pub enum NetOp {
         slot: u16,
         d: Desc,
     },
+    /// A well-formed chain of these buffers, posted and published the way
+    /// a correct driver does: the fast way to the deep end of a pass.
+    Chain {
+        other: bool,
+        bufs: Vec<(Addr, Len)>,
+        writable: bool,
+    },
     /// A descriptor table anywhere, for INDIRECT descriptors to point at.
     Table {
         at: Addr,
@@ -302,6 +312,23 @@ pub fn run_net(rig: &mut NetRig, focus: Focus, ops: &[NetOp]) {
                 if let Some(q) = rig.drv.queues.get(focus.queue(*other)) {
                     let at = q.desc + 16 * u64::from(slot % q.size);
                     poke(&rig.drv.mem, at, &d.bytes(size));
+                }
+            }
+            NetOp::Chain {
+                other,
+                bufs,
+                writable,
+            } => {
+                if let Some(q) = rig.drv.queues.get_mut(focus.queue(*other)) {
+                    // A chain longer than the ring would wrap onto itself.
+                    let n = bufs.len().min(usize::from(q.size));
+                    if n > 0 {
+                        let bufs: Vec<(u64, u32)> = bufs[..n]
+                            .iter()
+                            .map(|(a, l)| (a.resolve(size, DATA_START, RINGS_START), l.get()))
+                            .collect();
+                        q.add_chain(&rig.drv.mem, &bufs, *writable);
+                    }
                 }
             }
             NetOp::Table { at, descs } => {
