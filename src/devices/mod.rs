@@ -4,8 +4,8 @@
 pub mod e1000;
 pub mod i8042;
 pub mod serial;
-#[cfg(test)]
-pub(crate) mod test_backend;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod test_backend;
 pub mod virtio_net;
 
 use vmm_sys_util::eventfd::EventFd;

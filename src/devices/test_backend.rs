@@ -1,6 +1,6 @@
 //! A stand-in for the TAP in device unit tests: one end of a
 //! SOCK_SEQPACKET socketpair (frame boundaries kept, like a TAP), the
-//! other end is the "host".
+//! other end is the "host". Also the fuzz targets' TAP (feature `fuzzing`).
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
@@ -102,6 +102,14 @@ pub fn peer_recv_nothing(fd: &OwnedFd) -> bool {
     let mut b = [0u8; 16];
     // SAFETY: b is a live buffer of the given length.
     unsafe { libc::recv(fd.as_raw_fd(), b.as_mut_ptr().cast(), b.len(), 0) < 0 }
+}
+
+/// Sends one frame from the host's end; false when the socket has no room
+/// for it (a fuzzer sends whatever it likes and cannot assert on that).
+pub fn peer_try_send(fd: &OwnedFd, data: &[u8]) -> bool {
+    // SAFETY: data is a live buffer of the given length.
+    let n = unsafe { libc::send(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), 0) };
+    n >= 0 && n as usize == data.len()
 }
 
 pub fn peer_send(fd: &OwnedFd, data: &[u8]) {

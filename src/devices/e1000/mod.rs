@@ -414,6 +414,27 @@ impl E1000 {
         backend: Arc<dyn NetBackend>,
         irq: Box<dyn LevelIrq>,
     ) -> Result<Self, E1000Error> {
+        let name = p.name.clone();
+        let seccomp = p.seccomp.clone();
+        let (mut dev, worker) = Self::unstarted(p, mem, backend, irq)?;
+        let stop = worker.stop.try_clone()?;
+        let thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                crate::vmm::seccomp::confine(seccomp.as_ref(), &name);
+                worker.run()
+            })?;
+        dev.rx_thread = Some((stop, thread));
+        Ok(dev)
+    }
+
+    /// The function and the work of its NIC thread, not started.
+    fn unstarted(
+        p: E1000Params,
+        mem: GuestMemoryMmap,
+        backend: Arc<dyn NetBackend>,
+        irq: Box<dyn LevelIrq>,
+    ) -> Result<(Self, rx::RxThread), E1000Error> {
         let mut config = PciConfig::new(VENDOR_ID, DEVICE_ID, 0x02_00_00, VENDOR_ID, SUBSYSTEM_ID);
         config.add_bar(0, crate::pci::BarKind::Memory32, MMIO_SIZE, p.mmio_addr)?;
         config.add_bar(1, crate::pci::BarKind::Io, IO_SIZE, p.io_addr)?;
@@ -435,28 +456,22 @@ impl E1000 {
         );
         let (stats, resets) = (core.stats.clone(), core.resets.clone());
         let core = Arc::new(Mutex::new(core));
-        let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let worker = rx::RxThread {
             core: core.clone(),
             backend,
             kick: rx_kick,
             tx_kick,
-            stop: stop.try_clone()?,
+            stop: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             tap_name: p.tap_name,
         };
-        let seccomp = p.seccomp;
-        let name = p.name.clone();
-        let thread = std::thread::Builder::new().name(p.name).spawn(move || {
-            crate::vmm::seccomp::confine(seccomp.as_ref(), &name);
-            worker.run()
-        })?;
-        Ok(E1000 {
+        let dev = E1000 {
             config,
             core,
             stats,
             resets,
-            rx_thread: Some((stop, thread)),
-        })
+            rx_thread: None,
+        };
+        Ok((dev, worker))
     }
 
     pub fn stats(&self) -> Arc<NetStats> {
@@ -477,6 +492,32 @@ impl E1000 {
 
     fn core(&self) -> std::sync::MutexGuard<'_, Core> {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// An e1000 without its NIC thread, for fuzzing and deterministic tests:
+/// the caller does the thread's work when it chooses, so every run of the
+/// same accesses does the same thing.
+#[cfg(any(test, feature = "fuzzing"))]
+impl E1000 {
+    pub fn new_synchronous(
+        p: E1000Params,
+        mem: GuestMemoryMmap,
+        backend: Arc<dyn NetBackend>,
+        irq: Box<dyn LevelIrq>,
+    ) -> Result<Self, E1000Error> {
+        Ok(Self::unstarted(p, mem, backend, irq)?.0)
+    }
+
+    /// What the NIC thread does after a TDT write.
+    pub fn transmit_now(&self) {
+        self.core().transmit();
+    }
+
+    /// What the NIC thread does when the TAP is readable or the driver
+    /// gave back buffers. True when it stopped for want of buffers.
+    pub fn receive_now(&self) -> bool {
+        self.core().receive() == rx::RxStop::NeedBuffers
     }
 }
 

@@ -13,6 +13,8 @@
 
 pub mod chain;
 pub mod ctrl;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod rx;
 pub mod stats;
 #[cfg(test)]
@@ -238,6 +240,28 @@ impl VirtioDevice for VirtioNet {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let (w, stop) = self.prepare_worker(a)?;
+        let thread = std::thread::Builder::new()
+            .name(self.params.name.clone())
+            .spawn(move || w.run())
+            .map_err(|e| ActivateError::Start(format!("worker thread: {e}")))?;
+        self.running = Some((stop, thread));
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop_worker();
+    }
+}
+
+impl VirtioNet {
+    /// Everything activation does short of starting the thread: the
+    /// worker, and the eventfd that stops it. Kept apart so that a fuzzer
+    /// can run the worker's passes on its own thread, deterministically.
+    fn prepare_worker(
+        &mut self,
+        a: Activation,
+    ) -> Result<(worker::Worker, EventFd), ActivateError> {
         self.stop_worker();
         let want = if a.features & CTRL_VQ != 0 { 3 } else { 2 };
         if a.queues.len() != want {
@@ -275,15 +299,6 @@ impl VirtioDevice for VirtioNet {
                 .map_err(|e| ActivateError::Start(e.to_string()))?,
             in_kernel,
         );
-        let thread = std::thread::Builder::new()
-            .name(self.params.name.clone())
-            .spawn(move || w.run())
-            .map_err(|e| ActivateError::Start(format!("worker thread: {e}")))?;
-        self.running = Some((stop, thread));
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        self.stop_worker();
+        Ok((w, stop))
     }
 }

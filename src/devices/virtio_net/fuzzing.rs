@@ -1,0 +1,107 @@
+//! virtio-net without its thread, for fuzzing and deterministic tests.
+//!
+//! [`SyncNet`] is the real [`VirtioNet`] behind the transport, except that
+//! at DRIVER_OK its worker is handed to the caller ([`Passes`]) instead of
+//! being run on a thread. The caller then runs one TX, RX or control pass
+//! at a time, exactly as the worker's event loop would on a kick or a
+//! readable TAP, so the same input always does the same thing.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::worker::Worker;
+use super::VirtioNet;
+use crate::virtio::{ActivateError, Activation, VirtioDevice};
+
+type Slot = Arc<Mutex<Option<Worker>>>;
+
+/// A [`VirtioNet`] whose worker the caller runs.
+pub struct SyncNet {
+    net: VirtioNet,
+    worker: Slot,
+}
+
+/// The caller's side of a [`SyncNet`]: one pass at a time, once the
+/// driver activated the device (before that, or after a reset, a pass does
+/// nothing).
+#[derive(Clone)]
+pub struct Passes(Slot);
+
+impl SyncNet {
+    pub fn new(net: VirtioNet) -> (Self, Passes) {
+        let worker = Slot::default();
+        (
+            SyncNet {
+                net,
+                worker: worker.clone(),
+            },
+            Passes(worker),
+        )
+    }
+}
+
+fn lock(slot: &Slot) -> MutexGuard<'_, Option<Worker>> {
+    slot.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl VirtioDevice for SyncNet {
+    fn device_type(&self) -> u16 {
+        self.net.device_type()
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.net.queue_max_sizes()
+    }
+
+    fn features(&self) -> u64 {
+        self.net.features()
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        self.net.read_config(offset, data)
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.net.write_config(offset, data)
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        *lock(&self.worker) = None;
+        let (w, _stop) = self.net.prepare_worker(a)?;
+        *lock(&self.worker) = Some(w);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        *lock(&self.worker) = None;
+        self.net.reset();
+    }
+}
+
+impl Passes {
+    /// Whether the driver activated the device (a pass would run).
+    pub fn active(&self) -> bool {
+        lock(&self.0).is_some()
+    }
+
+    /// The worker's answer to a TX kick.
+    pub fn tx(&self) {
+        if let Some(w) = lock(&self.0).as_mut() {
+            w.process_tx();
+        }
+    }
+
+    /// The worker's answer to the TAP becoming readable.
+    pub fn rx(&self) {
+        if let Some(w) = lock(&self.0).as_mut() {
+            w.tap_readable = true;
+            w.process_rx();
+        }
+    }
+
+    /// The worker's answer to a control-queue kick.
+    pub fn ctrl(&self) {
+        if let Some(w) = lock(&self.0).as_mut() {
+            w.process_ctrl();
+        }
+    }
+}
