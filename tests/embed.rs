@@ -13,7 +13,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use common::netns::Netns;
-use common::{images, is_embedded_reset_flake, run_suite, Case, Images, MAX_FLAKE_RETRIES};
+use common::{
+    images, is_embedded_reset_flake, run_suite, Case, Heartbeat, Images, MAX_FLAKE_RETRIES,
+};
 use rvm::{ExitReason, NetConfig, RunningVm, Vm, VmConfig};
 
 const BOOT: Duration = Duration::from_secs(300);
@@ -125,6 +127,7 @@ fn stock_counts_and_stops_on_ctrl_alt_del(img: &Images) -> Result<(), String> {
     c.mem_mib = 512;
     c.nics.push(bridged("rvmapi0"));
     ns.run_inside(|| {
+        let _beat = Heartbeat::start("the embedded VMs are");
         let (mut vm, console) = boot_until("stock", &c, "rvm-init: idle")?;
         let before = vm.nic_counters();
         ns.sh("ping -c 5 -W 5 10.0.0.2")?;
@@ -163,6 +166,7 @@ fn minimal_ignores_ctrl_alt_del_and_is_forced(img: &Images) -> Result<(), String
     c.cmdline.push_str(" i8042.nokbd");
     c.nics.push(bridged("rvmapi1"));
     ns.run_inside(|| {
+        let _beat = Heartbeat::start("the embedded VMs are");
         let (mut vm, console) = boot_until("minimal", &c, "rvm-init: idle")?;
         let t = Instant::now();
         let reason = vm.shutdown(Duration::from_secs(3));
@@ -215,6 +219,7 @@ fn two_vms_in_one_process_one_on_a_tap_fd(img: &Images) -> Result<(), String> {
     let mut a = config(&img.minimal, img, "net_idle", "ip=10.0.0.2/24");
     a.nics.push(bridged("rvmapia"));
     ns.run_inside(|| {
+        let _beat = Heartbeat::start("the embedded VMs are");
         let fds_before = open_fds();
         let fd = open_tap("rvmapifd")?;
         ns.sh("ip link set rvmapifd master br0 && ip link set rvmapifd up")?;
@@ -298,6 +303,7 @@ fn seccomp_refuses_a_forbidden_call_and_the_vm_runs_on(img: &Images) -> Result<(
     c.vcpus = 2;
     c.nics.push(bridged("rvmsec0"));
     ns.run_inside(|| {
+        let _beat = Heartbeat::start("the embedded VMs are");
         let probe = Probe::default();
         let for_vm = probe.clone();
         let mut vm = Vm::new(&c, Box::new(for_vm))

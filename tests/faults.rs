@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::netns::Netns;
-use common::{images, run_guest_retrying, run_suite, rvm_bin, Case, Images};
+use common::{images, run_guest_retrying, run_suite, rvm_bin, Case, Heartbeat, Images};
 
 const BOOT: Duration = Duration::from_secs(300);
 
@@ -77,6 +77,7 @@ impl Running {
     }
 
     fn wait_for(&mut self, marker: &str) -> Result<(), String> {
+        let _beat = Heartbeat::start("a guest is");
         let t = Instant::now();
         while t.elapsed() < BOOT {
             if self.console.lock().unwrap().contains(marker) {

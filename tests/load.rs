@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::netns::Netns;
 use common::{
     images, is_embedded_reset_flake, is_nested_reset_flake, note_case_flake, run_suite,
-    run_with_deadline, rvm_bin, Case, Images,
+    run_with_deadline, rvm_bin, Case, Heartbeat, Images,
 };
 use rvm::{ExitReason, NetConfig, Vm, VmConfig};
 
@@ -210,6 +210,7 @@ fn eight_guests_stream_tcp_for_30s(img: &Images) -> Result<(), String> {
     let listeners = listeners.map_err(|e| format!("listen: {e}"))?;
     let deadline = Instant::now() + DEADLINE;
     let t0 = Instant::now();
+    let _beat = Heartbeat::start("the load test's guests are");
     let (received, ends) = std::thread::scope(|s| {
         let receivers: Vec<_> = listeners
             .into_iter()

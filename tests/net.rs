@@ -170,6 +170,8 @@ fn ping_bridge(k: Kernel, path: DataPath) -> impl Fn(&Images) -> Result<(), Stri
 }
 
 /// Spawns a guest that idles with its NIC up; returns once it says so.
+/// Bounded by DEADLINE, with a heartbeat, like every guest run: a silent
+/// wait here would look like the nested host hanging.
 fn spawn_idle(
     ns: &Netns,
     img: &Images,
@@ -183,23 +185,41 @@ fn spawn_idle(
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    let rest = std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+        for l in lines.by_ref() {
+            let idle = l.contains("rvm-init: idle");
+            if tx.send(l).is_err() || idle {
+                break;
+            }
+        }
+        lines.collect::<Vec<_>>().join("\n")
+    });
     let start = Instant::now();
     let mut seen = String::new();
-    for l in lines.by_ref().map_while(Result::ok) {
-        seen.push_str(&l);
-        seen.push('\n');
-        if l.contains("rvm-init: idle") {
-            let rest = std::thread::spawn(move || {
-                lines.map_while(Result::ok).collect::<Vec<_>>().join("\n")
-            });
-            return Ok((child, rest));
+    let mut beat = Duration::from_secs(60);
+    while start.elapsed() < DEADLINE {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(l) if l.contains("rvm-init: idle") => return Ok((child, rest)),
+            Ok(l) => {
+                seen.push_str(&l);
+                seen.push('\n');
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
-        if start.elapsed() > DEADLINE {
-            break;
+        if start.elapsed() >= beat {
+            println!(
+                "    (an idle guest is still coming up after {} s)",
+                beat.as_secs()
+            );
+            beat += Duration::from_secs(60);
         }
     }
     let _ = child.kill();
+    let _ = child.wait();
     Err(format!("the idle guest never came up:\n{seen}"))
 }
 
@@ -361,6 +381,15 @@ fn tcp_on(
         );
         done.store(true, Ordering::Relaxed);
         let _ = sender.kill();
+        // The listener ends when the guest's stream does. A guest that never
+        // sent (it failed, hung or reset) would leave it, and this test,
+        // waiting forever, silent: the nested host's hang detector would
+        // then take an rvm failure for its own hang. Bound it.
+        let t = Instant::now();
+        while matches!(server.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = server.kill();
         let _ = server.wait();
         let host_view = probe.join().unwrap_or_default();
         finished(&r)?;

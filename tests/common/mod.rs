@@ -365,6 +365,38 @@ pub fn run_with_deadline(mut cmd: Command, deadline: Duration, marker: &str) -> 
     }
 }
 
+/// Prints a line every HEARTBEAT until dropped, for waits that print
+/// nothing of their own (a VM embedded in the test process, several guests
+/// at once): a silent test would look like a hung nested host.
+pub struct Heartbeat {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Heartbeat {
+    pub fn start(what: &str) -> Heartbeat {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, what) = (stop.clone(), what.to_string());
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut next = HEARTBEAT;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if start.elapsed() >= next {
+                    println!("    ({what} still running after {} s)", next.as_secs());
+                    next += HEARTBEAT;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        Heartbeat { stop }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The second flake signature of the nested host (ENVIRONMENT.md): the L2
 /// guest resets suddenly, so the VMM exits 0 (a reset ends it) before /init
 /// finished, the console cut off, with no word from the guest's kernel (a
