@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::netns::Netns;
 use common::{
-    images, is_embedded_reset_flake, run_suite, Case, Heartbeat, Images, MAX_FLAKE_RETRIES,
+    images, is_embedded_reset_flake, note_case_flake, run_suite, Case, Heartbeat, Images,
+    MAX_FLAKE_RETRIES,
 };
 use rvm::{ExitReason, NetConfig, RunningVm, Vm, VmConfig};
 
@@ -236,6 +237,10 @@ fn two_vms_in_one_process_one_on_a_tap_fd(img: &Images) -> Result<(), String> {
         let (mut vb, cb) = boot_until("vm b", &b, "rvm-init: start")?;
         let rb = vb.wait_timeout(BOOT);
         let text = cb.text();
+        if rb == Some(ExitReason::TripleFault) && is_embedded_reset_flake(true, &text) {
+            note_case_flake();
+            return Err("vm b reset (nested-host flake)".into());
+        }
         if rb != Some(ExitReason::Reset) || !text.contains("rvm-result: ping_ok=1") {
             return Err(format!("vm b ended with {rb:?}\n{}", cb.tail()));
         }
@@ -324,6 +329,7 @@ fn seccomp_refuses_a_forbidden_call_and_the_vm_runs_on(img: &Images) -> Result<(
         let reason = vm.wait_timeout(BOOT);
         let text = probe.console.text();
         if reason == Some(ExitReason::TripleFault) && is_embedded_reset_flake(true, &text) {
+            note_case_flake();
             return Err("the guest reset (nested-host flake)".into());
         }
         let results = probe.results.lock().unwrap().clone();
