@@ -98,7 +98,7 @@ fn address(dev: u8, reg: u8) -> u32 {
 fuzz_target!(|input: Input| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let (pio, mmio) = (Arc::new(Bus::new()), Arc::new(Bus::new()));
-    let mut root = PciRoot::new(pio.clone(), mmio.clone());
+    let mut root = PciRoot::new(&pio, &mmio);
 
     let (tap, _peer) = fake_tap(true);
     let net = VirtioNet::new(
