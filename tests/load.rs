@@ -9,6 +9,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,14 +45,19 @@ struct Received {
     error: Option<String>,
 }
 
-fn receive(listener: TcpListener, deadline: Instant) -> Received {
+/// Receives one guest's stream; gives up waiting for its connection once
+/// `guest_ended` says the guest is gone (or at `deadline`).
+fn receive(listener: TcpListener, deadline: Instant, guest_ended: &AtomicBool) -> Received {
     let mut r = Received::default();
     listener.set_nonblocking(true).unwrap();
     let mut conn = loop {
+        // Read before accept: a guest that connected before it ended has
+        // its connection queued, so accept still finds it.
+        let ended = guest_ended.load(Ordering::SeqCst);
         match listener.accept() {
             Ok((c, _)) => break c,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
+                if ended || Instant::now() > deadline {
                     r.error = Some("the guest never connected".into());
                     return r;
                 }
@@ -191,6 +197,22 @@ fn process_guest(ns: &Netns, img: &Images, i: usize) -> GuestEnd {
     }
 }
 
+/// Guest `i`: the first IN_PROCESS run in this process, the rest as rvm
+/// processes.
+fn run_guest(ns: &Netns, img: &Images, i: usize) -> GuestEnd {
+    if i < IN_PROCESS {
+        ns.run_inside(|| in_process_guest(img, i))
+            .unwrap_or_else(|e| GuestEnd {
+                console: String::new(),
+                clean: false,
+                flake: false,
+                what: e,
+            })
+    } else {
+        process_guest(ns, img, i)
+    }
+}
+
 fn result(console: &str, key: &str) -> Option<String> {
     let prefix = format!("rvm-result: {key}=");
     console
@@ -211,26 +233,20 @@ fn eight_guests_stream_tcp_for_30s(img: &Images) -> Result<(), String> {
     let deadline = Instant::now() + DEADLINE;
     let t0 = Instant::now();
     let _beat = Heartbeat::start("the load test's guests are");
+    let ended: Vec<AtomicBool> = (0..GUESTS).map(|_| AtomicBool::new(false)).collect();
     let (received, ends) = std::thread::scope(|s| {
         let receivers: Vec<_> = listeners
             .into_iter()
-            .map(|l| s.spawn(move || receive(l, deadline)))
+            .zip(&ended)
+            .map(|(l, e)| s.spawn(move || receive(l, deadline, e)))
             .collect();
         let guests: Vec<_> = (0..GUESTS)
             .map(|i| {
-                let ns = &ns;
+                let (ns, ended) = (&ns, &ended[i]);
                 s.spawn(move || {
-                    if i < IN_PROCESS {
-                        ns.run_inside(|| in_process_guest(img, i))
-                            .unwrap_or_else(|e| GuestEnd {
-                                console: String::new(),
-                                clean: false,
-                                flake: false,
-                                what: e,
-                            })
-                    } else {
-                        process_guest(ns, img, i)
-                    }
+                    let end = run_guest(ns, img, i);
+                    ended.store(true, Ordering::SeqCst);
+                    end
                 })
             })
             .collect();
