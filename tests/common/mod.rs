@@ -141,14 +141,13 @@ pub fn run_nested_suite(nested_args: &[&str], mut pending: Vec<String>) -> i32 {
                 stalled + 1
             };
         }
+        let stall_bound = STALLED_PANICS.load(std::sync::atomic::Ordering::SeqCst);
         match code {
             NESTED_PANIC
-                if stalled <= MAX_STALLED_PANICS
-                    && panics <= MAX_NESTED_PANICS
-                    && !pending.is_empty() =>
+                if stalled <= stall_bound && panics <= MAX_NESTED_PANICS && !pending.is_empty() =>
             {
                 println!(
-                    "RETRY (nested-host panic {panics}/{MAX_NESTED_PANICS} in this suite, {stalled}/{MAX_STALLED_PANICS} since the last verdict): the nested host's kernel panicked (known TCG nested-host fault, not an rvm failure); rerunning the {} test(s) without a verdict in a fresh nested host: {}",
+                    "RETRY (nested-host panic {panics}/{MAX_NESTED_PANICS} in this suite, {stalled}/{stall_bound} since the last verdict): the nested host's kernel panicked (known TCG nested-host fault, not an rvm failure); rerunning the {} test(s) without a verdict in a fresh nested host: {}",
                     pending.len(),
                     pending.join(", ")
                 );
@@ -461,6 +460,15 @@ pub const MAX_NESTED_PANICS: u32 = 10;
 /// Nested-host kernel panics in a row with no test verdict in between.
 pub const MAX_STALLED_PANICS: u32 = 3;
 
+/// The bounds a suite runs with: MAX_STALLED_PANICS and MAX_FLAKE_RETRIES
+/// (whole-case reruns) unless the suite's main sets more. Only the load
+/// suite does: eight guests at once multiply the nested host's exposure,
+/// and its kernel panicked in most 8-guest attempts seen.
+pub static STALLED_PANICS: std::sync::atomic::AtomicU32 =
+    std::sync::atomic::AtomicU32::new(MAX_STALLED_PANICS);
+pub static CASE_RERUNS: std::sync::atomic::AtomicU32 =
+    std::sync::atomic::AtomicU32::new(MAX_FLAKE_RETRIES);
+
 /// Guests of this process that reset suddenly after /init started (the
 /// reset flake mid-run); run_suite reruns the case they belonged to.
 static MIDRUN_RESETS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -557,10 +565,11 @@ pub fn run_suite<I>(
                 Err(e) => Err(e.clone()),
             };
             let reset = MIDRUN_RESETS.load(std::sync::atomic::Ordering::SeqCst) != resets;
-            if r.is_err() && reset && reruns < MAX_FLAKE_RETRIES {
+            let bound = CASE_RERUNS.load(std::sync::atomic::Ordering::SeqCst);
+            if r.is_err() && reset && reruns < bound {
                 reruns += 1;
                 println!(
-                    "RETRY {reruns}/{MAX_FLAKE_RETRIES} {name}: a guest reset suddenly after /init started (rvm exited 0 after a triple fault, console cut, no oops or panic: the nested host's reset flake); rerunning the whole case, host side included"
+                    "RETRY {reruns}/{bound} {name}: a guest reset suddenly after /init started (rvm exited 0 after a triple fault, console cut, no oops or panic: the nested host's reset flake); rerunning the whole case, host side included"
                 );
                 continue;
             }
