@@ -342,7 +342,10 @@ fn main() {
     // Eight guests at once: the nested host's kernel panics or resets a
     // guest in most attempts (see STALLED_PANICS), so more bounded,
     // printed reruns than the one-guest suites.
-    common::STALLED_PANICS.store(6, std::sync::atomic::Ordering::SeqCst);
+    common::STALLED_PANICS.store(
+        common::MAX_NESTED_PANICS,
+        std::sync::atomic::Ordering::SeqCst,
+    );
     common::CASE_RERUNS.store(4, std::sync::atomic::Ordering::SeqCst);
     run_suite(
         "load tests",
