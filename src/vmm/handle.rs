@@ -88,7 +88,9 @@ pub struct RunningVm {
     control: VmController,
     memory: GuestMemoryMmap,
     nics: Vec<NicHandle>,
-    host_nics: Vec<HostNic>,
+    /// Held only to be dropped after the NIC threads stopped: that undoes
+    /// each NIC's host setup (downscript, bridge port, TAP).
+    _host_nics: Vec<HostNic>,
     _buses: [Arc<Bus>; 2],
     _fd: Arc<VmFd>,
 }
@@ -121,7 +123,7 @@ impl RunningVm {
             control,
             memory,
             nics,
-            host_nics,
+            _host_nics: host_nics,
             _buses: buses,
             _fd: fd,
         }
@@ -178,19 +180,6 @@ impl RunningVm {
     /// (writing its eventfd is async-signal-safe; see `src/main.rs`).
     pub fn exit_signal(&self) -> Arc<ExitSignal> {
         self.exit.clone()
-    }
-
-    /// The host TAP of each NIC from the configuration, in order.
-    pub fn tap_names(&self) -> Vec<String> {
-        self.host_nics
-            .iter()
-            .map(|h| h.tap().name().to_string())
-            .collect()
-    }
-
-    /// Each NIC's live counters, in the order the NICs were added.
-    pub fn nic_stats(&self) -> Vec<Arc<NetStats>> {
-        self.nics.iter().map(|n| n.stats.clone()).collect()
     }
 
     /// A handle that feeds input to the guest's serial console.
