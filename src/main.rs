@@ -128,6 +128,53 @@ extern "C" fn on_terminate(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut li
     }
 }
 
+/// The signal that makes rvm print where every vCPU is (registers, halted
+/// or not, interrupts on or off) without stopping the guest.
+const INSPECT_SIGNAL: libc::c_int = libc::SIGUSR1;
+
+/// The signal set holding only INSPECT_SIGNAL.
+fn inspect_sigset() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t and the signal number is valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, INSPECT_SIGNAL);
+    }
+    set
+}
+
+/// Blocks INSPECT_SIGNAL in the calling thread, and so in every thread it
+/// starts afterwards (vCPUs, NIC workers): only the inspect thread takes it,
+/// with sigwait, so no system call anywhere is interrupted by it.
+fn block_inspect_signal() {
+    let set = inspect_sigset();
+    // SAFETY: a valid signal set; the old mask is not wanted.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// Prints every vCPU's state on stderr each time rvm gets INSPECT_SIGNAL.
+fn spawn_inspect_thread(vm: rvm::VmController) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("inspect".into())
+        .spawn(move || loop {
+            let set = inspect_sigset();
+            let mut sig = 0;
+            // SAFETY: a valid signal set, blocked in every thread, and a
+            // live int to receive the signal number.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                return;
+            }
+            // Never eprintln!: with stderr closed it would panic (and abort).
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "rvm: vCPU states (signal {sig}):");
+            for report in vm.vcpu_states() {
+                let _ = writeln!(err, "rvm:   {report}");
+            }
+        })
+        .map(|_| ())
+}
+
 /// Puts a terminal stdin into raw mode (keeping Ctrl-C as a signal) and
 /// restores it when dropped.
 struct RawTerminal(libc::termios);
@@ -162,6 +209,8 @@ fn run(args: RunArgs) -> Result<ExitReason, String> {
     let vm = Vm::new(&config, console).map_err(|e| e.to_string())?;
     let mut running = vm.start().map_err(|e| e.to_string())?;
 
+    spawn_inspect_thread(running.controller())
+        .map_err(|e| format!("cannot start the inspect thread: {e}"))?;
     EXIT_FD.store(running.exit_signal().raw_fd(), Ordering::SeqCst);
     for sig in [libc::SIGINT, libc::SIGTERM] {
         vmm_sys_util::signal::register_signal_handler(sig, on_terminate)
@@ -245,6 +294,7 @@ fn init_log() {
 }
 
 fn main() -> ExitCode {
+    block_inspect_signal();
     init_log();
     let cli = Cli::parse();
     let Command::Run(args) = cli.command;

@@ -9,13 +9,14 @@ mod common;
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use common::netns::Netns;
 use common::{
-    images, is_embedded_reset_flake, note_case_flake, run_suite, Case, Heartbeat, Images,
-    MAX_FLAKE_RETRIES,
+    images, is_embedded_reset_flake, note_case_flake, run_suite, vcpu_report, Case, Heartbeat,
+    Images, MAX_FLAKE_RETRIES,
 };
 use rvm::{ExitReason, NetConfig, RunningVm, Vm, VmConfig};
 
@@ -44,10 +45,13 @@ impl Console {
         self.0 .0.lock().unwrap().clone()
     }
 
-    /// Waits for a line containing `marker`, or for the VM to end.
+    /// Waits for a line containing `marker`, or for the VM to end, or for
+    /// SILENCE_SECS without a single console byte (a guest stuck early).
     fn wait_for(&self, marker: &str, vm: &rvm::VmController, within: Duration) -> bool {
         let (text, cv) = &*self.0;
-        let deadline = Instant::now() + within;
+        let start = Instant::now();
+        let deadline = start + within;
+        let silence = Duration::from_secs(common::SILENCE_SECS.load(Ordering::SeqCst));
         let mut t = text.lock().unwrap();
         loop {
             if t.contains(marker) {
@@ -55,6 +59,13 @@ impl Console {
             }
             let now = Instant::now();
             if now >= deadline || vm.has_ended() {
+                return false;
+            }
+            if t.is_empty() && now - start >= silence {
+                println!(
+                    "    the guest printed nothing at all for {} s (stuck early in boot)",
+                    silence.as_secs()
+                );
                 return false;
             }
             let wait = (deadline - now).min(Duration::from_millis(200));
@@ -101,12 +112,17 @@ fn boot_until(name: &str, config: &VmConfig, marker: &str) -> Result<(RunningVm,
         if console.wait_for(marker, &vm.controller(), BOOT) {
             return Ok((vm, console));
         }
+        let states = if vm.controller().has_ended() {
+            String::new()
+        } else {
+            vcpu_report(&vm.controller())
+        };
         let reason = vm.wait_timeout(Duration::ZERO);
         let flake =
             is_embedded_reset_flake(reason == Some(ExitReason::TripleFault), &console.text());
         if !flake || attempt == MAX_FLAKE_RETRIES {
             return Err(format!(
-                "{name}: no {marker:?} on the console (VM ended: {reason:?})\n{}",
+                "{name}: no {marker:?} on the console (VM ended: {reason:?})\n{}{states}",
                 console.tail()
             ));
         }

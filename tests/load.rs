@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::netns::Netns;
 use common::{
     images, is_embedded_reset_flake, is_nested_reset_flake, note_case_flake, run_suite,
-    run_with_deadline, rvm_bin, Case, Heartbeat, Images,
+    run_with_deadline, rvm_bin, vcpu_report, Case, Heartbeat, Images,
 };
 use rvm::{ExitReason, NetConfig, Vm, VmConfig};
 
@@ -166,6 +166,10 @@ fn in_process_guest(img: &Images, i: usize) -> GuestEnd {
         }
     };
     let reason = vm.wait_timeout(DEADLINE);
+    let states = match reason {
+        None => vcpu_report(&vm.controller()),
+        Some(_) => String::new(),
+    };
     let text = String::from_utf8_lossy(&console.0.lock().unwrap()).replace('\r', "");
     let flake = is_embedded_reset_flake(reason == Some(ExitReason::TripleFault), &text);
     let counters = vm.nic_counters();
@@ -174,7 +178,7 @@ fn in_process_guest(img: &Images, i: usize) -> GuestEnd {
         clean: reason == Some(ExitReason::Reset),
         flake,
         what: format!(
-            "in-process VM {i}: {reason:?}, NIC {:?}",
+            "in-process VM {i}: {reason:?}, NIC {:?}{states}",
             counters[0].counters
         ),
         console: text,
@@ -347,6 +351,9 @@ fn main() {
         std::sync::atomic::Ordering::SeqCst,
     );
     common::CASE_RERUNS.store(4, std::sync::atomic::Ordering::SeqCst);
+    // Eight guests booting on one emulated CPU: a guest may wait long for
+    // its first console byte without being stuck.
+    common::SILENCE_SECS.store(180, std::sync::atomic::Ordering::SeqCst);
     // A one-CPU nested host: with two, its kernel panicked or hung in
     // eight attempts in a row under eight guests; with one, the first
     // attempt passed (no cross-CPU interrupts into the emulated SVM).

@@ -126,7 +126,8 @@ fn run(
 fn finished(run: &GuestRun) -> Result<(), String> {
     match run.status {
         None => Err(format!(
-            "rvm did not exit within {DEADLINE:?}\n{}",
+            "rvm was killed: {}\n{}",
+            run.why_killed(),
             run.tail(30)
         )),
         Some(s) if !s.success() => Err(format!("rvm exited with {s}\n{}", run.tail(30))),

@@ -11,6 +11,7 @@ use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
 use super::exit::{ExitReason, ExitSignal};
+use super::inspect::{VcpuInspector, VcpuReport, ANSWER_TIMEOUT};
 use super::{memory, rss, stop_vcpus, NicHandle};
 use crate::bus::Bus;
 use crate::devices::i8042::I8042;
@@ -35,6 +36,7 @@ pub struct NicInfo {
 #[derive(Clone)]
 pub struct VmController {
     exit: Arc<ExitSignal>,
+    inspector: Arc<VcpuInspector>,
     i8042: Arc<Mutex<I8042>>,
     nics: Vec<(String, NicModel, Arc<NetStats>)>,
 }
@@ -63,6 +65,15 @@ impl VmController {
     /// Whether the VM has ended or is ending.
     pub fn has_ended(&self) -> bool {
         self.exit.is_stopping()
+    }
+
+    /// Where every vCPU is now: its registers, whether it is halted and
+    /// whether it takes interrupts. Each vCPU is briefly taken out of the
+    /// guest to read them; one that does not answer within a second (its
+    /// thread busy in a device) or has ended says so instead. For a guest
+    /// that seems stuck: run it twice, and an unchanged RIP means it is.
+    pub fn vcpu_states(&self) -> Vec<VcpuReport> {
+        self.inspector.request(ANSWER_TIMEOUT)
     }
 
     /// Every NIC's counters, in the order of the configuration.
@@ -100,6 +111,7 @@ impl RunningVm {
     pub(super) fn new(
         threads: Vec<JoinHandle<()>>,
         exit: Arc<ExitSignal>,
+        inspector: Arc<VcpuInspector>,
         serial: Arc<Mutex<SerialDevice>>,
         i8042: Arc<Mutex<I8042>>,
         memory: GuestMemoryMmap,
@@ -110,6 +122,7 @@ impl RunningVm {
     ) -> RunningVm {
         let control = VmController {
             exit: exit.clone(),
+            inspector,
             i8042,
             nics: nics
                 .iter()
@@ -174,6 +187,11 @@ impl RunningVm {
     /// Every NIC's counters, in the order of the configuration.
     pub fn nic_counters(&self) -> Vec<NicInfo> {
         self.control.nic_counters()
+    }
+
+    /// Where every vCPU is now ([`VmController::vcpu_states`]).
+    pub fn vcpu_states(&self) -> Vec<VcpuReport> {
+        self.control.vcpu_states()
     }
 
     /// The exit signal, for owners that stop the VM from a signal handler

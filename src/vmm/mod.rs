@@ -3,6 +3,7 @@
 
 pub mod exit;
 mod handle;
+pub mod inspect;
 pub mod irq;
 pub mod memory;
 pub mod rss;
@@ -21,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use exit::{ExitReason, ExitSignal};
 pub use handle::{NicInfo, RunningVm, VmController};
+pub use inspect::{VcpuRegisters, VcpuReport};
 
 use crate::arch::x86_64::mptable::PciIrqRoute;
 use crate::arch::x86_64::{boot, cpuid, mptable, paging, regs};
@@ -428,6 +430,7 @@ impl Vm {
     pub fn start(self) -> Result<RunningVm> {
         vcpu::install_kick_handler().map_err(Error::VcpuThread)?;
         let mut threads = Vec::with_capacity(self.vcpu_count);
+        let inspector = Arc::new(inspect::VcpuInspector::new(self.vcpu_count));
         for (id, fd) in self.vcpus.into_iter().enumerate() {
             let v = Vcpu {
                 id,
@@ -435,6 +438,7 @@ impl Vm {
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
                 exit: self.exit.clone(),
+                inspector: inspector.clone(),
             };
             // NIC workers started by the guest's driver (at DRIVER_OK, on
             // a vCPU thread) inherit the vCPU's filter.
@@ -459,6 +463,7 @@ impl Vm {
         Ok(RunningVm::new(
             threads,
             self.exit,
+            inspector,
             self.serial,
             self.i8042,
             self.memory,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::exit::{ExitReason, ExitSignal};
+use super::inspect::{VcpuInspector, VcpuRegisters};
 use crate::bus::Bus;
 
 /// The signal used to kick a vCPU thread out of KVM_RUN.
@@ -27,6 +28,7 @@ pub struct Vcpu {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub exit: Arc<ExitSignal>,
+    pub inspector: Arc<VcpuInspector>,
 }
 
 impl Vcpu {
@@ -34,19 +36,18 @@ impl Vcpu {
     /// (On AMD, KVM reinitialises the VMCB on shutdown, so this shows the
     /// reset state there; on Intel it is the faulting state.)
     fn log_state(&self, why: &str) {
-        match (self.fd.get_regs(), self.fd.get_sregs()) {
-            (Ok(r), Ok(s)) => log::error!(
-                "vCPU {} {why}: rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} cs {:#x} idt {:#x}/{:#x} gs_base {:#x}",
-                self.id, r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer,
-                s.cs.selector, s.idt.base, s.idt.limit, s.gs.base
-            ),
-            (Err(e), _) | (_, Err(e)) => log::error!("vCPU {} {why}: registers unreadable: {e}", self.id),
+        match VcpuRegisters::read(&self.fd) {
+            Ok(r) => log::error!("vCPU {} {why}: {r}", self.id),
+            Err(e) => log::error!("vCPU {} {why}: registers unreadable: {e}", self.id),
         }
     }
 
     /// Runs until the VM stops; every way out records an exit reason.
     pub fn run(mut self) {
+        let inspector = self.inspector.clone();
+        let mut seat = inspector.enter(self.id);
         while !self.exit.is_stopping() {
+            seat.answer_if_asked(|| VcpuRegisters::read(&self.fd));
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !self.pio.read(u64::from(port), data) {

@@ -210,8 +210,11 @@ pub fn rvm_bin() -> PathBuf {
 
 /// What a guest run produced.
 pub struct GuestRun {
-    /// None when the deadline passed and the process was killed.
+    /// None when the process was killed (see `killed`).
     pub status: Option<ExitStatus>,
+    /// Why the harness killed the process: the deadline passed, or the
+    /// guest printed nothing at all for SILENCE.
+    pub killed: Option<String>,
     pub console: String,
     pub stderr: String,
     /// Time from spawn to the first console line containing the marker.
@@ -245,14 +248,43 @@ impl GuestRun {
             self.stderr.trim_end()
         )
     }
+
+    /// Why the run has no exit status (it was killed), for failure reports.
+    pub fn why_killed(&self) -> &str {
+        self.killed.as_deref().unwrap_or("it was killed")
+    }
+}
+
+/// A guest that has printed nothing at all for this long is stuck (a stock
+/// kernel with `quiet` prints its first line a fraction of a second into
+/// boot, a few seconds on the nested host): it fails at once, with the
+/// report, instead of waiting out its deadline. Suites whose guests boot
+/// many at a time on a loaded nested host may raise it (tests/load.rs).
+pub static SILENCE_SECS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(60);
+
+/// Where an embedded VM's vCPUs are, for a failure report.
+pub fn vcpu_report(vm: &rvm::VmController) -> String {
+    let mut out = String::from("\n--- vCPU states ---\n");
+    for r in vm.vcpu_states() {
+        out.push_str(&format!("{r}\n"));
+    }
+    out
+}
+
+/// Asks an rvm process where its vCPUs are (SIGUSR1: it prints every
+/// vCPU's registers on stderr) and gives it a moment to answer.
+fn ask_for_vcpu_states(pid: u32) {
+    // SAFETY: kill(2) with a pid we spawned and have not reaped.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR1) };
+    std::thread::sleep(Duration::from_secs(2));
 }
 
 const HEARTBEAT: Duration = Duration::from_secs(60);
 
-/// Where each thread of a process that overran its deadline is: name,
+/// Where each thread of a process that was killed is: name,
 /// state and the top of its kernel stack (are the vCPUs inside KVM_RUN?).
 fn thread_report(pid: u32) -> String {
-    let mut out = format!("\n--- threads of pid {pid} at the deadline ---\n");
+    let mut out = format!("\n--- threads of pid {pid} when it was killed ---\n");
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return out;
     };
@@ -313,9 +345,12 @@ pub fn run_with_deadline(mut cmd: Command, deadline: Duration, marker: &str) -> 
         let _ = stderr.read_to_string(&mut s);
         s
     });
+    let is_rvm = Path::new(cmd.get_program()).file_name() == Some("rvm".as_ref());
+    let silence = Duration::from_secs(SILENCE_SECS.load(std::sync::atomic::Ordering::SeqCst));
     let mut console = String::new();
     let mut marker_at = None;
     let mut status = None;
+    let mut killed = None;
     let mut next_beat = HEARTBEAT;
     let mut hung_threads = String::new();
     loop {
@@ -329,10 +364,27 @@ pub fn run_with_deadline(mut cmd: Command, deadline: Duration, marker: &str) -> 
             status = Some(s);
             break;
         }
-        if start.elapsed() > deadline {
+        let why = if start.elapsed() > deadline {
+            Some(format!("it did not end within {deadline:?}"))
+        } else if console.is_empty() && start.elapsed() > silence {
+            Some(format!(
+                "the guest printed nothing at all for {} s (stuck early in boot)",
+                silence.as_secs()
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            // Where the vCPUs are (rvm prints it on stderr), then where
+            // each thread is in the host kernel.
+            if is_rvm {
+                ask_for_vcpu_states(child.id());
+            }
             hung_threads = thread_report(child.id());
             let _ = child.kill();
             let _ = child.wait();
+            println!("    killed the VMM: {why}");
+            killed = Some(why);
             break;
         }
         // A heartbeat, so that a long guest is never mistaken for a silent
@@ -357,6 +409,7 @@ pub fn run_with_deadline(mut cmd: Command, deadline: Duration, marker: &str) -> 
     stderr.push_str(&hung_threads);
     GuestRun {
         status,
+        killed,
         console,
         stderr,
         marker_at,
@@ -423,6 +476,7 @@ pub fn is_nested_reset_flake(run: &GuestRun) -> bool {
 pub fn is_embedded_reset_flake(triple_fault: bool, console: &str) -> bool {
     let run = GuestRun {
         status: None,
+        killed: None,
         console: console.to_string(),
         stderr: String::new(),
         marker_at: None,
