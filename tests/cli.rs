@@ -216,3 +216,41 @@ fn bad_nic_specs_name_the_problem() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_pvm_host_is_named_at_start() {
+    // On a host whose /dev/kvm is PVM (kvm_pvm loaded, no VT-x/AMD-V) a stock
+    // kernel hangs without a word, so rvm must say why at start; on any
+    // other host it must not.
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let hardware = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let d = tmpdir("pvm");
+    let k = fake_bzimage(&d);
+    // A kernel that asks for 1 GiB to decompress into: rvm fails to load it
+    // into 64 MiB, after it opened KVM, which is when it looks at the host.
+    let mut img = std::fs::read(&k).unwrap();
+    img[0x260..0x264].copy_from_slice(&(1u32 << 30).to_le_bytes()); // init_size
+    std::fs::write(&k, img).unwrap();
+    let out = rvm(&["run", "--kernel", k.to_str().unwrap(), "--mem", "64M"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let warned = err.contains("/dev/kvm is PVM") && err.contains("scripts/nested-host");
+    assert_eq!(
+        warned,
+        kvm && pvm && !hardware,
+        "kvm {kvm}, kvm_pvm {pvm}, VT-x/AMD-V {hardware}: {err}"
+    );
+    if warned {
+        assert_eq!(err.matches("is PVM").count(), 1, "one line: {err}");
+    }
+    std::fs::remove_dir_all(d).unwrap();
+}

@@ -3,6 +3,7 @@
 
 pub mod exit;
 mod handle;
+pub mod host_kvm;
 pub mod inspect;
 pub mod irq;
 pub mod memory;
@@ -130,6 +131,9 @@ impl Vm {
         let seccomp = ThreadFilter::new(config.seccomp).map_err(Error::Seccomp)?;
         let kvm =
             Kvm::new().map_err(|e| Error::KvmOpen(std::io::Error::from_raw_os_error(e.errno())))?;
+        if let Some(why) = host_kvm::this_host_pvm_warning() {
+            log::warn!("{why}");
+        }
         for (cap, name) in [
             (Cap::Irqchip, "an in-kernel irqchip"),
             (Cap::Irqfd, "irqfd"),
