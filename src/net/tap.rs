@@ -607,6 +607,10 @@ mod tests {
     fn writev_sends_one_whole_frame_and_readv_would_block() {
         in_fresh_netns(|| {
             let tap = Tap::open("rvmdp0", false).unwrap();
+            // No IPv6 on it: an interface coming up sends router
+            // solicitations and MLD reports, which the readv below would
+            // find (it did, in most runs on a loaded machine).
+            std::fs::write("/proc/sys/net/ipv6/conf/rvmdp0/disable_ipv6", "1").unwrap();
             tap.set_up().unwrap();
             let before = rx_stats("rvmdp0");
             let frame = test_frame(0x5a);
