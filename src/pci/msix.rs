@@ -93,8 +93,12 @@ impl MsixVectors {
         true
     }
 
+    /// Whether the vector may not signal now: masked itself, the whole
+    /// function masked, or MSI-X disabled (a pending bit then waits).
     fn blocked(&self, v: &Vector) -> bool {
-        v.masked.load(Ordering::SeqCst) || self.function_masked.load(Ordering::SeqCst)
+        v.masked.load(Ordering::SeqCst)
+            || self.function_masked.load(Ordering::SeqCst)
+            || !self.enabled()
     }
 
     /// The eventfd that delivers vector `n` (for a handoff to vhost).
@@ -332,6 +336,26 @@ mod tests {
         let mut d = [0u8; 4];
         t.read_table(16 + 8, &mut d);
         assert_eq!(u32::from_le_bytes(d), 0x4041);
+    }
+
+    #[test]
+    fn a_pending_vector_waits_while_msix_is_disabled() {
+        let (mut t, v, _) = setup(1);
+        t.set_control(CTRL_ENABLE);
+        assert!(v.trigger(0), "masked: pending");
+        t.set_control(0);
+        // Unmasked while MSI-X is off: the function may not signal.
+        t.write_table(12, &0u32.to_le_bytes());
+        assert!(v.irqfd(0).unwrap().read().is_err(), "MSI-X off: no irq");
+        let mut pba = [0u8; 8];
+        t.read_pba(0, &mut pba);
+        assert_eq!(pba[0], 1, "still pending");
+        t.set_control(CTRL_ENABLE);
+        assert_eq!(
+            v.irqfd(0).unwrap().read().unwrap(),
+            1,
+            "delivered on enable"
+        );
     }
 
     #[test]
