@@ -75,6 +75,7 @@ pub mod bus;
 pub mod config;
 pub mod devices;
 pub mod error;
+pub mod logging;
 pub mod net;
 pub mod pci;
 pub mod virtio;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use clap::{Parser, Subcommand};
+use rvm::logging::RateLimit;
 use rvm::net::NetConfig;
 use rvm::vmm::seccomp::{self, SeccompMode, ThreadFilter};
 use rvm::{parse_mem_size, ExitReason, Vm, VmConfig, DEFAULT_CMDLINE};
@@ -128,6 +129,14 @@ extern "C" fn on_terminate(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut li
     }
 }
 
+/// `eprintln!` that never panics: when stderr is gone (a pipe whose reader
+/// left answers EPIPE) the line is lost, and rvm (with panic=abort) is not.
+macro_rules! say {
+    ($($arg:tt)+) => {{
+        let _ = writeln!(std::io::stderr().lock(), $($arg)+);
+    }};
+}
+
 /// The signal that makes rvm print where every vCPU is (registers, halted
 /// or not, interrupts on or off) without stopping the guest.
 const INSPECT_SIGNAL: libc::c_int = libc::SIGUSR1;
@@ -165,12 +174,11 @@ fn spawn_inspect_thread(vm: rvm::VmController) -> std::io::Result<()> {
             if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
                 return;
             }
-            // Never eprintln!: with stderr closed it would panic (and abort).
-            let mut err = std::io::stderr().lock();
-            let _ = writeln!(err, "rvm: vCPU states (signal {sig}):");
+            let mut text = format!("rvm: vCPU states (signal {sig}):");
             for report in vm.vcpu_states() {
-                let _ = writeln!(err, "rvm:   {report}");
+                text.push_str(&format!("\nrvm:   {report}"));
             }
+            say!("{text}");
         })
         .map(|_| ())
 }
@@ -256,7 +264,7 @@ fn run(args: RunArgs) -> Result<ExitReason, String> {
         // For the boot benchmark: rvm's own overhead is peak RSS minus the
         // guest RAM the guest touched.
         let (peak, guest) = running.memory_usage_kib();
-        eprintln!(
+        say!(
             "rvm-rss: peak_kib={peak} guest_kib={guest} overhead_kib={}",
             peak.saturating_sub(guest)
         );
@@ -273,9 +281,29 @@ impl log::Log for StderrLog {
         m.level() <= self.0
     }
     fn log(&self, r: &log::Record) {
-        if self.enabled(r.metadata()) {
-            let level = r.level().as_str().to_ascii_lowercase();
-            eprintln!("rvm: {level}: {}", r.args());
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        // rvm bounds the lines a guest can cause where it logs them
+        // (guest_log!); a dependency's (virtio-queue's errors on what a
+        // driver programmed) are bounded here, all together.
+        static DEPENDENCIES: RateLimit = RateLimit::new();
+        let held = if r.target().starts_with("rvm") {
+            0
+        } else {
+            match DEPENDENCIES.admit(rvm::logging::now_ms()) {
+                Some(n) => n,
+                None => return,
+            }
+        };
+        let level = r.level().as_str().to_ascii_lowercase();
+        if held > 0 {
+            say!(
+                "rvm: {level}: {} ({held} lines of other crates held back before this one)",
+                r.args()
+            );
+        } else {
+            say!("rvm: {level}: {}", r.args());
         }
     }
     fn flush(&self) {}
@@ -303,13 +331,13 @@ fn main() -> ExitCode {
             let _ = std::io::stdout().flush();
             match &reason {
                 ExitReason::TripleFault => {
-                    eprintln!("rvm: the guest triple-faulted; treating it as a reset")
+                    say!("rvm: the guest triple-faulted; treating it as a reset")
                 }
                 ExitReason::Stopped => {
                     let sig = LAST_SIGNAL.load(Ordering::SeqCst);
-                    eprintln!("rvm: terminating on signal {sig}");
+                    say!("rvm: terminating on signal {sig}");
                 }
-                ExitReason::Error(e) => eprintln!("rvm: error: {e}"),
+                ExitReason::Error(e) => say!("rvm: error: {e}"),
                 _ => {}
             }
             if reason.is_clean() {
@@ -319,7 +347,7 @@ fn main() -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("rvm: error: {e}");
+            say!("rvm: error: {e}");
             ExitCode::FAILURE
         }
     }

@@ -254,3 +254,36 @@ fn a_pvm_host_is_named_at_start() {
     }
     std::fs::remove_dir_all(d).unwrap();
 }
+
+#[test]
+fn a_broken_stderr_never_makes_rvm_panic() {
+    // Messages (the logger's warnings, the final error) go to stderr; when
+    // nobody reads it any more (a pipe whose reader has gone: EPIPE),
+    // writing them must fail quietly, not panic (with panic=abort a guest
+    // could otherwise end rvm by making it log).
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let d = tmpdir("nostderr");
+    let k = fake_bzimage(&d);
+    let mut img = std::fs::read(&k).unwrap();
+    img[0x260..0x264].copy_from_slice(&(1u32 << 30).to_le_bytes()); // init_size
+    std::fs::write(&k, img).unwrap();
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds into a valid array of two.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both fds were just created and are owned by nobody else.
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_rvm"))
+        .env("RVM_LOG", "debug")
+        .args(["run", "--kernel", k.to_str().unwrap(), "--mem", "64M"])
+        .stderr(std::process::Stdio::from(writer))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the load error's exit status, not a panic: {:?}",
+        out.status
+    );
+    std::fs::remove_dir_all(d).unwrap();
+}

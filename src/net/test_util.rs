@@ -10,13 +10,11 @@
 //! What the tests check is read back with `ip`, not with the code under
 //! test, so a bug in `sys` cannot hide itself.
 
-use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use super::sys::{self, Ifreq};
@@ -319,40 +317,7 @@ pub fn test_frame(fill: u8) -> Vec<u8> {
     f
 }
 
-thread_local! {
-    static WARNINGS: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
-}
-
-/// A logger that keeps warnings and errors of threads that asked for them.
-struct Capture;
-
-impl log::Log for Capture {
-    fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= log::Level::Warn
-    }
-    fn log(&self, r: &log::Record) {
-        if self.enabled(r.metadata()) {
-            WARNINGS.with(|w| {
-                if let Some(v) = w.borrow_mut().as_mut() {
-                    v.push(r.args().to_string());
-                }
-            });
-        }
-    }
-    fn flush(&self) {}
-}
-
-/// Runs `f` and returns the warnings (and errors) it logged on this thread.
-pub fn warnings_of(f: impl FnOnce()) -> Vec<String> {
-    static INSTALL: Once = Once::new();
-    INSTALL.call_once(|| {
-        log::set_logger(&Capture).expect("another logger is installed in the unit tests");
-        log::set_max_level(log::LevelFilter::Warn);
-    });
-    WARNINGS.with(|w| *w.borrow_mut() = Some(Vec::new()));
-    f();
-    WARNINGS.with(|w| w.borrow_mut().take().unwrap_or_default())
-}
+pub use crate::logging::capture::warnings_of;
 
 /// A scratch directory for test scripts, removed on drop.
 pub struct TempDir(PathBuf);

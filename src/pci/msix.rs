@@ -88,7 +88,10 @@ impl MsixVectors {
             }
         }
         if let Err(e) = v.irqfd.write(1) {
-            log::warn!("MSI-X vector {n}: irqfd write failed: {e}");
+            crate::guest_log!(
+                log::Level::Warn,
+                "MSI-X vector {n}: irqfd write failed: {e}"
+            );
         }
         true
     }
@@ -263,7 +266,10 @@ impl MsixTable {
             e.dirty = false;
             let gsi = self.shared.vectors[n].gsi;
             if let Err(err) = self.router.route(gsi, e.addr, e.data) {
-                log::warn!("MSI-X vector {n}: cannot route GSI {gsi}: {err}");
+                crate::guest_log!(
+                    log::Level::Warn,
+                    "MSI-X vector {n}: cannot route GSI {gsi}: {err}"
+                );
             }
         }
     }

@@ -173,7 +173,10 @@ impl PciRoot {
                 }));
                 match bus.insert(addr, size, window) {
                     Ok(()) => s.mapped[bar] = Some(addr),
-                    Err(e) => log::warn!("PCI 00:{slot:02x}.0 BAR {bar}: {e}; left unmapped"),
+                    Err(e) => crate::guest_log!(
+                        log::Level::Warn,
+                        "PCI 00:{slot:02x}.0 BAR {bar}: {e}; left unmapped"
+                    ),
                 }
             }
             dev.bar_moved(bar, s.mapped[bar]);

@@ -328,7 +328,8 @@ impl VirtioPciDevice {
                     _ => (*field & 0xffff_ffff) | (value << 32),
                 };
             }
-            _ => log::debug!(
+            _ => crate::guest_log!(
+                log::Level::Debug,
                 "virtio-pci: ignored common write {offset:#x}/{}",
                 data.len()
             ),
@@ -355,7 +356,8 @@ impl VirtioPciDevice {
             let ok = self.driver_features & !self.offered() == 0
                 && self.driver_features & features::VERSION_1 != 0;
             if !ok {
-                log::warn!(
+                crate::guest_log!(
+                    log::Level::Warn,
                     "virtio-pci: driver asked for features {:#x}, offered {:#x}",
                     self.driver_features,
                     self.offered()
@@ -376,7 +378,7 @@ impl VirtioPciDevice {
     }
 
     fn fail(&mut self, why: String) {
-        log::warn!("virtio-pci: device needs reset: {why}");
+        crate::guest_log!(log::Level::Warn, "virtio-pci: device needs reset: {why}");
         self.status |= status::NEEDS_RESET;
         self.config_generation = self.config_generation.wrapping_add(1);
         self.interrupt.config();
@@ -470,7 +472,10 @@ impl VirtioPciDevice {
                 let addr = IoEventAddress::Mmio(new + NOTIFY + i as u64 * NOTIFY_MULTIPLIER);
                 if let Err(e) = vm.register_ioevent(k, &addr, NoDatamatch) {
                     // Kicks still work, through a vCPU exit.
-                    log::warn!("virtio-pci: no ioeventfd for queue {i}: {e}");
+                    crate::guest_log!(
+                        log::Level::Warn,
+                        "virtio-pci: no ioeventfd for queue {i}: {e}"
+                    );
                 }
             }
             self.notify_base = Some(new);

@@ -161,7 +161,7 @@ impl crate::devices::LevelIrq for IntxLine {
         let now = *mask != 0;
         if now != was {
             if let Err(e) = self.lines.vm.set_irq_line(self.gsi, now) {
-                log::warn!("KVM_IRQ_LINE {} = {now}: {e}", self.gsi);
+                crate::guest_log!(log::Level::Warn, "KVM_IRQ_LINE {} = {now}: {e}", self.gsi);
             }
         }
     }

@@ -90,7 +90,11 @@ impl Vcpu {
                     self.id
                 ))),
                 Ok(other) => {
-                    log::debug!("vCPU {}: ignored exit {other:?}", self.id);
+                    crate::guest_log!(
+                        log::Level::Debug,
+                        "vCPU {}: ignored exit {other:?}",
+                        self.id
+                    );
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);

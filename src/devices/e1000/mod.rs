@@ -231,7 +231,10 @@ impl Core {
                         Window::Io => &self.resets.io,
                     };
                     n.fetch_add(1, Ordering::Relaxed);
-                    log::info!("e1000: device reset (CTRL.RST) through the {window:?} window");
+                    crate::guest_log!(
+                        log::Level::Info,
+                        "e1000: device reset (CTRL.RST) through the {window:?} window"
+                    );
                     self.reset();
                     return;
                 }
@@ -289,7 +292,10 @@ impl Core {
 
     fn unknown_access(&mut self, off: u32, what: &str) {
         if self.unknown.len() < 256 && self.unknown.insert(off) {
-            log::debug!("e1000: {what} of unknown register {off:#x} (reads 0, writes ignored)");
+            crate::guest_log!(
+                log::Level::Debug,
+                "e1000: {what} of unknown register {off:#x} (reads 0, writes ignored)"
+            );
         }
     }
 
@@ -317,7 +323,10 @@ impl Core {
             backend.writev(&iov).map(|_| ())
         });
         if report.ring_error {
-            log::debug!("e1000: TX ring unusable (base, length or indices out of range)");
+            crate::guest_log!(
+                log::Level::Debug,
+                "e1000: TX ring unusable (base, length or indices out of range)"
+            );
         }
         self.set(TDH, report.head);
         let s = self.stats.clone();

@@ -138,7 +138,10 @@ impl Core {
             let (head, tail) = (self.reg(RDH), self.reg(RDT));
             if n == 0 || head >= n || tail >= n {
                 self.rx.broken = true;
-                log::debug!("e1000: RX ring unusable (RDLEN {n}, RDH {head}, RDT {tail})");
+                crate::guest_log!(
+                    log::Level::Debug,
+                    "e1000: RX ring unusable (RDLEN {n}, RDH {head}, RDT {tail})"
+                );
                 stop = RxStop::NeedBuffers;
                 break;
             }
@@ -157,14 +160,17 @@ impl Core {
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == ErrorKind::InvalidData => {
                     // The guest's ring is bad, not the TAP.
-                    log::debug!("e1000: RX: {e}");
+                    crate::guest_log!(log::Level::Debug, "e1000: RX: {e}");
                     bump(&self.stats.rx_dropped, 1);
                     self.rx.broken = true;
                     stop = RxStop::NeedBuffers;
                     break;
                 }
                 Err(e) => {
-                    log::warn!("e1000: reading the TAP failed: {e}; receiving stops");
+                    crate::guest_log!(
+                        log::Level::Warn,
+                        "e1000: reading the TAP failed: {e}; receiving stops"
+                    );
                     stop = RxStop::TapFailed;
                     break;
                 }
@@ -343,7 +349,7 @@ impl RxThread {
         let epoll = match Epoll::new() {
             Ok(e) => e,
             Err(e) => {
-                log::error!("e1000: no epoll: {e}");
+                crate::guest_log!(log::Level::Error, "e1000: no epoll: {e}");
                 return;
             }
         };
@@ -360,7 +366,7 @@ impl RxThread {
             .and_then(|_| watch(self.stop.as_raw_fd(), EV_STOP))
             .and_then(|_| watch(self.tx_kick.as_raw_fd(), EV_TX))
         {
-            log::error!("e1000: cannot watch fds: {e}");
+            crate::guest_log!(log::Level::Error, "e1000: cannot watch fds: {e}");
             return;
         }
         let mut events = vec![EpollEvent::default(); 4];
@@ -376,7 +382,7 @@ impl RxThread {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::error!("e1000: epoll: {e}");
+                    crate::guest_log!(log::Level::Error, "e1000: epoll: {e}");
                     return;
                 }
             };
@@ -440,7 +446,8 @@ impl RxThread {
                     tap_fd,
                     EpollEvent::new(EventSet::IN, EV_TAP),
                 );
-                log::warn!(
+                crate::guest_log!(
+                    log::Level::Warn,
                     "e1000: its TAP failed (deleted?); the link is down and frames from the guest are dropped (counted)"
                 );
                 self.lock().set_link(false);

@@ -279,7 +279,10 @@ impl TxEngine {
                     .checked_add(12)
                     .is_some_and(|a| mem.write_slice(&[status], GuestAddress(a)).is_ok());
                 if !written {
-                    log::debug!("e1000: TX descriptor {head}: status write-back failed");
+                    crate::guest_log!(
+                        log::Level::Debug,
+                        "e1000: TX descriptor {head}: status write-back failed"
+                    );
                 }
             }
             head = if head + 1 == count { 0 } else { head + 1 };
@@ -334,7 +337,10 @@ impl TxEngine {
                     self.gather(mem, addr, (lower & 0xf_ffff) as usize);
                 }
                 t => {
-                    log::debug!("e1000: TX descriptor type {t} is reserved; skipped");
+                    crate::guest_log!(
+                        log::Level::Debug,
+                        "e1000: TX descriptor type {t} is reserved; skipped"
+                    );
                     return;
                 }
             }
@@ -352,7 +358,10 @@ impl TxEngine {
             return;
         }
         if len > MAX_FRAME - f.len {
-            log::debug!("e1000: TX frame over {MAX_FRAME} bytes dropped");
+            crate::guest_log!(
+                log::Level::Debug,
+                "e1000: TX frame over {MAX_FRAME} bytes dropped"
+            );
             f.dropping = true;
             return;
         }
@@ -364,7 +373,10 @@ impl TxEngine {
         if ok {
             f.len += len;
         } else {
-            log::debug!("e1000: TX buffer {addr:#x}+{len} outside guest memory");
+            crate::guest_log!(
+                log::Level::Debug,
+                "e1000: TX buffer {addr:#x}+{len} outside guest memory"
+            );
             f.dropping = true;
         }
     }
@@ -455,7 +467,11 @@ impl TxEngine {
         rep: &mut TxReport,
     ) {
         let Some(t) = tso_plan(&self.tso_ctx, len) else {
-            log::debug!("e1000: malformed TSO frame dropped: {:?}", self.tso_ctx);
+            crate::guest_log!(
+                log::Level::Debug,
+                "e1000: malformed TSO frame dropped: {:?}",
+                self.tso_ctx
+            );
             rep.dropped += 1;
             return;
         };
@@ -586,7 +602,7 @@ fn count(rep: &mut TxReport, r: io::Result<usize>, segments: u64, extra: u64) {
         Err(e) => {
             // A full TAP queue or a frame the host refused: lost, as on a
             // wire. The ring keeps going.
-            log::debug!("e1000: TX frame dropped: {e}");
+            crate::guest_log!(log::Level::Debug, "e1000: TX frame dropped: {e}");
             rep.dropped += 1;
         }
     }
@@ -635,7 +651,10 @@ fn range_end(cse: u16, len: usize) -> usize {
 fn insert_checksum(frame: &mut [u8], start: usize, end: usize, off: usize, udp: bool) {
     let len = frame.len();
     if start >= end || end > len || off >= len || len - off < 2 {
-        log::debug!("e1000: TX checksum {start}..{end} at {off} outside a {len}-byte frame");
+        crate::guest_log!(
+            log::Level::Debug,
+            "e1000: TX checksum {start}..{end} at {off} outside a {len}-byte frame"
+        );
         return;
     }
     let mut acc = csum::sum(&frame[start..end], 0);

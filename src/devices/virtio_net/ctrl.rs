@@ -2,11 +2,10 @@
 //! read and acknowledged. A TAP delivers everything on the bridge's
 //! segment to rvm anyway; filtering would not make the guest faster.
 
-use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::stats::bump;
-use super::worker::{drain, pop, Worker, SIGNAL_CTRL};
+use super::worker::{drain, pop, put_used, Worker, SIGNAL_CTRL};
 
 const CLASS_RX: u8 = 0;
 const CLASS_MAC: u8 = 1;
@@ -49,7 +48,7 @@ impl Worker {
                 }
                 _ => bump(&stats.malformed, 1),
             }
-            if q.add_used(mem, head, len).is_err() {
+            if !put_used(q, mem, head, len) {
                 return false;
             }
             used = true;

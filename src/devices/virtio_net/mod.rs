@@ -236,7 +236,10 @@ impl VirtioDevice for VirtioNet {
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
         // The MAC is read-only for VERSION_1 drivers.
-        log::debug!("virtio-net: ignored config write at {offset:#x}");
+        crate::guest_log!(
+            log::Level::Debug,
+            "virtio-net: ignored config write at {offset:#x}"
+        );
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
@@ -278,11 +281,16 @@ impl VirtioNet {
         let in_kernel = self.vhost.is_some()
             && match self.start_vhost(&a) {
                 Ok(()) => {
-                    log::info!("{}: data path: vhost-net", self.params.name);
+                    crate::guest_log!(
+                        log::Level::Info,
+                        "{}: data path: vhost-net",
+                        self.params.name
+                    );
                     true
                 }
                 Err(e) => {
-                    log::warn!(
+                    crate::guest_log!(
+                        log::Level::Warn,
                         "{}: vhost-net cannot take this driver's queues ({e}); data path: userspace",
                         self.params.name
                     );

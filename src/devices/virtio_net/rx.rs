@@ -15,7 +15,7 @@ use virtio_queue::QueueT;
 
 use super::chain::{self, MAX_IOV};
 use super::stats::bump;
-use super::worker::{pop, rearm, Worker, SIGNAL_RX};
+use super::worker::{pop, put_used, rearm, Worker, SIGNAL_RX};
 use super::HDR_LEN;
 
 /// Most chains kept popped at once.
@@ -39,7 +39,7 @@ impl Worker {
                     // Typically a frame larger than the buffers (EFAULT or
                     // EMSGSIZE): the kernel dropped it. Go on with the next.
                     bump(&self.stats.rx_dropped, 1);
-                    log::debug!("virtio-net: RX read failed: {e}");
+                    crate::guest_log!(log::Level::Debug, "virtio-net: RX read failed: {e}");
                     if e.raw_os_error() == Some(libc::EBADFD) || e.raw_os_error() == Some(libc::EIO)
                     {
                         // The TAP went away or down: wait for the next event.
@@ -101,9 +101,12 @@ impl Worker {
                     }
                     r => {
                         let why = r.map_or_else(|e| e.to_string(), |_| "too short".into());
-                        log::debug!("virtio-net: RX chain {head} refused: {why}");
+                        crate::guest_log!(
+                            log::Level::Debug,
+                            "virtio-net: RX chain {head} refused: {why}"
+                        );
                         bump(&self.stats.malformed, 1);
-                        if q.add_used(mem, head, 0).is_ok() {
+                        if put_used(q, mem, head, 0) {
                             used = true;
                         }
                     }
@@ -174,7 +177,7 @@ impl Worker {
             self.pool.bytes -= u64::from(len);
             let filled = rest.min(u64::from(len));
             rest -= filled;
-            let _ = self.rx.queue.add_used(&self.mem, head, filled as u32);
+            let _ = put_used(&mut self.rx.queue, &self.mem, head, filled as u32);
         }
         bump(&self.stats.rx_frames, 1);
         bump(&self.stats.rx_bytes, (n - HDR_LEN.min(n)) as u64);

@@ -24,11 +24,17 @@ struct Rig {
 }
 
 fn rig(vnet: bool) -> Rig {
+    rig_named(vnet, "net-test")
+}
+
+/// A rig whose worker thread has a name of its own (`name`), so a test can
+/// tell its log lines from other tests'.
+fn rig_named(vnet: bool, name: &str) -> Rig {
     let (tap, b) = fake_tap(vnet);
     let params = NetParams {
         mac: [0x52, 0x54, 0, 1, 2, 3],
         mtu: 1500,
-        name: "net-test".into(),
+        name: name.into(),
     };
     let net = VirtioNet::new(params, tap.clone(), None);
     let stats = net.stats();
@@ -520,4 +526,66 @@ fn sync_net_moves_frames_only_when_a_pass_runs() {
     drv.write(0x14, &[0]);
     assert!(!passes.active());
     passes.rx();
+}
+
+#[test]
+fn a_ring_of_out_of_range_heads_prints_a_bounded_number_of_lines() {
+    crate::logging::capture::install();
+    let mut r = rig_named(true, "net-flood-tx");
+    r.drv.init(all_features(true), &[256, 256, 64]);
+    let mem = r.drv.mem.clone();
+    // Heads at and beyond the queue size, each published with a kick (no
+    // more than the ring holds: more would be a hostile available index,
+    // which stalls the queue instead).
+    const N: u64 = 250;
+    for i in 0..N {
+        r.drv.queues[TXQ].publish(&mem, 256 + i as u16);
+        r.drv.kick(TXQ as u16);
+    }
+    let t0 = std::time::Instant::now();
+    while r.stats.snapshot().malformed < N {
+        assert!(t0.elapsed() < T, "{:?}", r.stats.snapshot());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let lines = crate::logging::capture::lines_of("net-flood-tx");
+    // Two call sites a bad chain reaches (refused, and its used entry),
+    // each bounded per minute; without the bound, a line per entry each.
+    assert!(
+        lines.len() <= 2 * crate::logging::LINES_PER_WINDOW as usize,
+        "{} lines for {N} bad heads, first: {:?}",
+        lines.len(),
+        lines.first()
+    );
+    // The device still works.
+    let frame = pattern(HDR_LEN + 64, 9);
+    mem.write_slice(&frame, GuestAddress(DATA_START)).unwrap();
+    r.drv.queues[TXQ].add_chain(&mem, &[(DATA_START, frame.len() as u32)], false);
+    r.drv.kick(TXQ as u16);
+    assert_eq!(peer_recv(&r.peer).as_deref(), Some(&frame[..]));
+}
+
+#[test]
+fn a_driver_repeating_a_refused_features_ok_prints_a_bounded_number_of_lines() {
+    crate::logging::capture::install();
+    let mut r = rig(false);
+    let s = r
+        .drv
+        .init(all_features(false) | GUEST_TSO4, &[256, 256, 64]);
+    assert_eq!(s & status::FEATURES_OK, 0);
+    // The same refused FEATURES_OK, written again and again.
+    let asked = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+    for _ in 0..500 {
+        r.drv.write(0x14, &[asked]);
+    }
+    // Logged on this thread (the vCPU's, in a real VM).
+    let lines = crate::logging::capture::lines_of(
+        "a_driver_repeating_a_refused_features_ok_prints_a_bounded_number_of_lines",
+    );
+    assert!(
+        lines.len() <= crate::logging::LINES_PER_WINDOW as usize,
+        "{} lines for 501 refusals: {:?}",
+        lines.len(),
+        lines.first()
+    );
+    assert!(!lines.is_empty(), "the refusal is still said");
 }

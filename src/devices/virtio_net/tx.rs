@@ -1,11 +1,9 @@
 //! Guest to host: each TX chain is a virtio-net header and a frame; both go
 //! to the backend with one writev straight from guest memory.
 
-use virtio_queue::QueueT;
-
 use super::chain::{self, ChainError};
 use super::stats::bump;
-use super::worker::{drain, pop, Worker, SIGNAL_TX};
+use super::worker::{drain, pop, put_used, Worker, SIGNAL_TX};
 use super::HDR_LEN;
 
 impl Worker {
@@ -44,17 +42,23 @@ impl Worker {
                             // A full TAP queue or a header the host refused:
                             // the frame is lost, as on a wire.
                             bump(&stats.tx_dropped, 1);
-                            log::debug!("virtio-net: TX frame dropped: {e}");
+                            crate::guest_log!(
+                                log::Level::Debug,
+                                "virtio-net: TX frame dropped: {e}"
+                            );
                         }
                     }
                 }
                 Err(e) => {
                     bump(&stats.malformed, 1);
-                    log::debug!("virtio-net: TX chain {head} refused: {e}");
+                    crate::guest_log!(
+                        log::Level::Debug,
+                        "virtio-net: TX chain {head} refused: {e}"
+                    );
                 }
             }
             // TX buffers are only read: the used length is 0.
-            if q.add_used(mem, head, 0).is_err() {
+            if !put_used(q, mem, head, 0) {
                 return false;
             }
             used = true;

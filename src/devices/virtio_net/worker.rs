@@ -116,14 +116,14 @@ impl Worker {
         let mut em = match EventManager::<Worker>::new() {
             Ok(em) => em,
             Err(e) => {
-                log::error!("virtio-net: no event loop: {e:?}");
+                crate::guest_log!(log::Level::Error, "virtio-net: no event loop: {e:?}");
                 return;
             }
         };
         let id = em.add_subscriber(self);
         loop {
             if let Err(e) = em.run() {
-                log::error!("virtio-net: event loop failed: {e:?}");
+                crate::guest_log!(log::Level::Error, "virtio-net: event loop failed: {e:?}");
                 break;
             }
             if em.subscriber_mut(id).map_or(true, |w| w.stopped) {
@@ -170,7 +170,11 @@ impl MutEventSubscriber for Worker {
     fn init(&mut self, ops: &mut EventOps) {
         let mut add = |fd: &dyn std::os::fd::AsRawFd, data, set| {
             if let Err(e) = ops.add(Events::with_data_raw(fd.as_raw_fd(), data, set)) {
-                log::error!("virtio-net: cannot watch fd {}: {e:?}", fd.as_raw_fd());
+                crate::guest_log!(
+                    log::Level::Error,
+                    "virtio-net: cannot watch fd {}: {e:?}",
+                    fd.as_raw_fd()
+                );
             }
         };
         if let Some(c) = &self.ctrl {
@@ -228,10 +232,18 @@ pub(super) fn pop<'m>(
     match q.iter(mem) {
         Ok(mut chains) => chains.next(),
         Err(e) => {
-            log::debug!("virtio-net: queue unusable: {e}");
+            crate::guest_log!(log::Level::Debug, "virtio-net: queue unusable: {e}");
             None
         }
     }
+}
+
+/// Returns chain `head` to the driver with `len` bytes written. A head the
+/// driver put on the available ring beyond the queue size cannot be
+/// returned: false, quietly (virtio-queue's add_used would log an error
+/// for each one, and a guest could fill a ring with them).
+pub(super) fn put_used(q: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> bool {
+    head < q.size() && q.add_used(mem, head, len).is_ok()
 }
 
 /// Drains a queue's chains with notifications off, then re-enables them
