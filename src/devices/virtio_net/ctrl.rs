@@ -4,6 +4,7 @@
 
 use vm_memory::{Bytes, GuestAddress};
 
+use super::chain::MAX_IOV;
 use super::stats::bump;
 use super::worker::{drain, pop, put_used, Worker, SIGNAL_CTRL};
 
@@ -25,14 +26,27 @@ impl Worker {
             };
             let head = c.head_index();
             // Readable part: class, command, data. Writable part: the ack.
+            // Only buffers of at least a byte count, and a chain longer
+            // than any command needs is refused without reading further.
             let mut class = None;
             let mut ack_at = None;
-            for d in c {
+            let mut too_long = false;
+            for (i, d) in c.enumerate() {
+                if i >= MAX_IOV {
+                    too_long = true;
+                    break;
+                }
+                if d.len() == 0 {
+                    continue;
+                }
                 if d.is_write_only() {
                     ack_at.get_or_insert(d.addr());
                 } else if class.is_none() {
                     class = mem.read_obj::<u8>(d.addr()).ok();
                 }
+            }
+            if too_long {
+                (class, ack_at) = (None, None);
             }
             let mut len = 0;
             match (class, ack_at) {

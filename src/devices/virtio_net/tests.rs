@@ -589,3 +589,78 @@ fn a_driver_repeating_a_refused_features_ok_prints_a_bounded_number_of_lines() {
     );
     assert!(!lines.is_empty(), "the refusal is still said");
 }
+
+/// One control command: class 0 (RX), command 0, one data byte, then the
+/// ack buffer `(addr, len)`. Returns the used length.
+fn ctrl_command(r: &mut Rig, ack: (u64, u32)) -> u32 {
+    let mem = r.drv.mem.clone();
+    let d = DATA_START;
+    mem.write_slice(&[0u8, 0, 1], GuestAddress(d)).unwrap();
+    let q = &mut r.drv.queues[CTRLQ];
+    let first = q.write_descs(&mem, &[]);
+    let head = q.write_descs(
+        &mem,
+        &[
+            (d, 2, DESC_F_NEXT, first + 1),
+            (d + 2, 1, DESC_F_NEXT, first + 2),
+            (ack.0, ack.1, DESC_F_WRITE, 0),
+        ],
+    );
+    q.publish(&mem, head);
+    r.drv.kick(CTRLQ as u16);
+    r.drv.queues[CTRLQ].wait_used(&mem, T).expect("returned").1
+}
+
+#[test]
+fn a_control_ack_needs_a_buffer_of_at_least_one_byte() {
+    let mut r = rig(true);
+    r.drv.init(all_features(true), &[256, 256, 64]);
+    let mem = r.drv.mem.clone();
+    let at = DATA_START + 0x100;
+    mem.write_obj(0xeeu8, GuestAddress(at)).unwrap();
+    assert_eq!(ctrl_command(&mut r, (at, 0)), 0, "nothing written");
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(at)).unwrap(), 0xee);
+    assert_eq!(r.stats.snapshot().malformed, 1);
+    // A one-byte ack buffer still gets its ack.
+    assert_eq!(ctrl_command(&mut r, (at, 1)), 1);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(at)).unwrap(), 0);
+}
+
+#[test]
+fn a_control_chain_beyond_the_descriptor_cap_is_refused_unread() {
+    use crate::virtio::sim::DESC_F_INDIRECT;
+    let mut r = rig(true);
+    r.drv.init(
+        all_features(true) | crate::virtio::features::RING_INDIRECT_DESC,
+        &[256, 256, 64],
+    );
+    let mem = r.drv.mem.clone();
+    let d = DATA_START;
+    mem.write_slice(&[0u8, 0, 1], GuestAddress(d)).unwrap();
+    // An indirect table of 2000 one-byte readable descriptors, then the ack.
+    let n = 2001u64;
+    let table = d + 0x1_0000;
+    let ack = d + 0x100;
+    mem.write_obj(0xeeu8, GuestAddress(ack)).unwrap();
+    for i in 0..n {
+        let at = table + 16 * i;
+        let (addr, len, flags) = if i + 1 == n {
+            (ack, 1u32, DESC_F_WRITE)
+        } else {
+            (d, 1, DESC_F_NEXT)
+        };
+        mem.write_obj(addr, GuestAddress(at)).unwrap();
+        mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+        mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+        mem.write_obj((i + 1) as u16, GuestAddress(at + 14))
+            .unwrap();
+    }
+    let q = &mut r.drv.queues[CTRLQ];
+    let head = q.write_descs(&mem, &[(table, (16 * n) as u32, DESC_F_INDIRECT, 0)]);
+    q.publish(&mem, head);
+    r.drv.kick(CTRLQ as u16);
+    let (_, len) = r.drv.queues[CTRLQ].wait_used(&mem, T).expect("returned");
+    assert_eq!(len, 0, "refused, not acknowledged");
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(ack)).unwrap(), 0xee);
+    assert_eq!(r.stats.snapshot().malformed, 1);
+}
