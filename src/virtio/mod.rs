@@ -47,6 +47,9 @@ pub trait Interrupt: Send + Sync {
 
 /// One queue the driver enabled, handed to the device at DRIVER_OK.
 pub struct ActiveQueue {
+    /// Its number on the transport: a device must not take a queue for
+    /// another when the driver left one out.
+    pub index: u16,
     pub queue: Queue,
     /// Written when the driver notifies this queue (an ioeventfd).
     pub kick: EventFd,
@@ -64,8 +67,8 @@ pub struct Activation {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
-    #[error("the driver enabled {got} queues, the device needs {want}")]
-    QueueCount { got: usize, want: usize },
+    #[error("the driver enabled queues {got:?}, the device needs queues 0 to {}", .want - 1)]
+    QueueSet { got: Vec<u16>, want: u16 },
     #[error("cannot start the device: {0}")]
     Start(String),
 }

@@ -407,6 +407,7 @@ impl VirtioPciDevice {
             }
             let kick = self.kicks[i].try_clone().map_err(|e| e.to_string())?;
             queues.push(ActiveQueue {
+                index: i as u16,
                 queue: q,
                 kick,
                 vector: r.vector,

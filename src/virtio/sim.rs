@@ -239,8 +239,9 @@ impl SimDriver {
     }
 
     /// The driver's initialisation (virtio 1.x, 3.1.1) accepting
-    /// `features`, with `sizes` queue sizes and MSI-X vector i for queue i.
-    /// Returns the device status after DRIVER_OK.
+    /// `features`, with `sizes` queue sizes (0: that queue stays disabled)
+    /// and MSI-X vector i for queue i. Returns the device status after
+    /// DRIVER_OK.
     pub fn init(&mut self, features: u64, sizes: &[u16]) -> u8 {
         self.enable_msix();
         self.write(0x14, &[0]);
@@ -258,6 +259,11 @@ impl SimDriver {
         self.queues.clear();
         for (i, &size) in sizes.iter().enumerate() {
             let q = SimQueue::new(i as u64, size);
+            if size == 0 {
+                // Size 0: the driver leaves this queue disabled.
+                self.queues.push(q);
+                continue;
+            }
             // Fresh rings: nothing left from a driver before a reset.
             self.mem
                 .write_slice(&[0u8; RING_STRIDE as usize], GuestAddress(q.desc))

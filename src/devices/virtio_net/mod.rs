@@ -266,10 +266,13 @@ impl VirtioNet {
         a: Activation,
     ) -> Result<(worker::Worker, EventFd), ActivateError> {
         self.stop_worker();
-        let want = if a.features & CTRL_VQ != 0 { 3 } else { 2 };
-        if a.queues.len() != want {
-            return Err(ActivateError::QueueCount {
-                got: a.queues.len(),
+        // Exactly RX, TX and (with CTRL_VQ) the control queue, each at its
+        // own number: a driver that left one out gets NEEDS_RESET rather
+        // than another ring in its place.
+        let want: u16 = if a.features & CTRL_VQ != 0 { 3 } else { 2 };
+        if !a.queues.iter().map(|q| q.index).eq(0..want) {
+            return Err(ActivateError::QueueSet {
+                got: a.queues.iter().map(|q| q.index).collect(),
                 want,
             });
         }

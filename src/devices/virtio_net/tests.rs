@@ -664,3 +664,30 @@ fn a_control_chain_beyond_the_descriptor_cap_is_refused_unread() {
     assert_eq!(mem.read_obj::<u8>(GuestAddress(ack)).unwrap(), 0xee);
     assert_eq!(r.stats.snapshot().malformed, 1);
 }
+
+#[test]
+fn queues_are_never_renumbered_a_missing_one_makes_the_device_ask_for_a_reset() {
+    let no_ctrl = all_features(false) & !CTRL_VQ;
+    // RX and the control ring's slot enabled, TX left out: the control
+    // ring must not be taken for TX.
+    let mut r = rig(false);
+    let s = r.drv.init(no_ctrl, &[256, 0, 64]);
+    assert_eq!(
+        s & status::NEEDS_RESET,
+        status::NEEDS_RESET,
+        "status {s:#x}"
+    );
+    // With CTRL_VQ, the control queue missing is the same.
+    let s = r.drv.init(all_features(false), &[256, 256, 0]);
+    assert_eq!(
+        s & status::NEEDS_RESET,
+        status::NEEDS_RESET,
+        "status {s:#x}"
+    );
+    // The whole set works.
+    let s = r.drv.init(all_features(false), &[256, 256, 64]);
+    assert_eq!(
+        s & (status::DRIVER_OK | status::NEEDS_RESET),
+        status::DRIVER_OK
+    );
+}
