@@ -352,6 +352,12 @@ impl Core {
         if self.phy.link_up() != up {
             self.phy.set_link(up);
             self.cause(ICR_LSC);
+            if up {
+                // Receiving stopped while the link was down (the RX thread
+                // stops watching the TAP when it cannot receive), and the
+                // driver will not write RDT before it received something.
+                self.kick_rx();
+            }
         }
     }
 
