@@ -284,6 +284,23 @@ impl Core {
         }
     }
 
+    /// A write with byte enables: `mask` has 0xff in each byte lane the
+    /// access covers. Write-1-to-clear/set registers take the missing bytes
+    /// as zeros (no effect); every other register keeps its other bytes.
+    pub fn write_masked(&mut self, off: u32, v: u32, mask: u32, window: Window) {
+        let off = off & !3;
+        let v = if mask == u32::MAX || matches!(off, ICR | ICS | IMS | IMC) {
+            v & mask
+        } else {
+            let cur = match off {
+                EECD => self.eeprom.read_eecd(),
+                _ => self.reg(off),
+            };
+            (cur & !mask) | (v & mask)
+        };
+        self.write(off, v, window);
+    }
+
     fn is_table(&self, off: u32) -> bool {
         (MTA..MTA + 4 * MTA_LEN).contains(&off)
             || (RA..RA + 8 * RA_PAIRS).contains(&off)
@@ -377,12 +394,15 @@ impl Core {
         }
     }
 
-    fn io_write(&mut self, offset: u64, v: u32) {
+    /// A write through the I/O window with byte enables (see
+    /// [`Core::write_masked`]): IOADDR keeps its other bytes, IODATA
+    /// passes them on to the register IOADDR names.
+    fn io_write(&mut self, offset: u64, v: u32, mask: u32) {
         match offset {
-            0 => self.io_addr = v & 0x1_fffc,
+            0 => self.io_addr = ((self.io_addr & !mask) | (v & mask)) & 0x1_fffc,
             4 => {
                 let a = self.io_addr;
-                self.write(a, v, Window::Io);
+                self.write_masked(a, v, mask, Window::Io);
             }
             _ => {}
         }
@@ -576,22 +596,15 @@ impl PciDevice for E1000 {
         if data.is_empty() || shift + data.len() > 4 {
             return;
         }
+        // The bytes written, in their lanes, and which lanes they are.
+        let (mut b, mut m) = ([0u8; 4], [0u8; 4]);
+        b[shift..shift + data.len()].copy_from_slice(data);
+        m[shift..shift + data.len()].fill(0xff);
+        let (v, mask) = (u32::from_le_bytes(b), u32::from_le_bytes(m));
         let mut core = self.core();
-        let v = if data.len() == 4 {
-            u32::from_le_bytes([data[0], data[1], data[2], data[3]])
-        } else {
-            // A partial write: keep the other bytes of the register.
-            let cur = match bar {
-                0 => core.reg(off),
-                _ => core.io_addr,
-            };
-            let mut b = cur.to_le_bytes();
-            b[shift..shift + data.len()].copy_from_slice(data);
-            u32::from_le_bytes(b)
-        };
         match bar {
-            0 if offset < MMIO_SIZE => core.write(off, v, Window::Mmio),
-            1 => core.io_write(u64::from(off), v),
+            0 if offset < MMIO_SIZE => core.write_masked(off, v, mask, Window::Mmio),
+            1 => core.io_write(u64::from(off), v, mask),
             _ => {}
         }
     }

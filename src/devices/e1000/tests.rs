@@ -535,3 +535,35 @@ fn synchronous_e1000_transmits_only_when_asked() {
     assert!(!r.dev.receive_now(), "drained, not short of buffers");
     assert_eq!(r.r(RDH), 1);
 }
+
+/// Byte enables per register, as the hardware applies them: a partial
+/// write changes only its bytes, and on write-1-to-clear/set registers the
+/// bytes not written act as zeros.
+#[test]
+fn partial_writes_touch_only_their_bytes() {
+    let mut r = rig();
+    let causes = ICR_TXDW | ICR_LSC | ICR_RXO | (1 << 7) | (1 << 16);
+    r.w(IMS, causes);
+    // One byte of 0x01 to IMC masks TXDW only.
+    r.dev.bar_write(0, u64::from(IMC), &[0x01]);
+    assert_eq!(r.r(IMS), causes & !ICR_TXDW);
+    // One byte to ICR clears the causes it names, and no other.
+    r.w(ICS, causes);
+    r.dev.bar_write(0, u64::from(ICR), &[ICR_LSC as u8]);
+    let mut b = [0u8; 4];
+    r.dev.bar_read(0, u64::from(ICR), &mut b); // (reading clears: last)
+    assert_eq!(u32::from_le_bytes(b), causes & !ICR_LSC);
+    // The upper half of IMS, written alone, sets only its own bits.
+    r.w(IMC, u32::MAX);
+    r.dev.bar_write(0, u64::from(IMS) + 2, &[0x01, 0x00]);
+    assert_eq!(r.r(IMS), 1 << 16);
+    // A byte written through IODATA lands in the register IOADDR names,
+    // merged with that register's other bytes, and IOADDR stays.
+    r.w(RCTL, 0x0400_8000);
+    r.dev.bar_write(1, 0, &RCTL.to_le_bytes());
+    r.dev.bar_write(1, 4, &[0x02]);
+    assert_eq!(r.r(RCTL), 0x0400_8002);
+    let mut a = [0u8; 4];
+    r.dev.bar_read(1, 0, &mut a);
+    assert_eq!(u32::from_le_bytes(a), RCTL, "IOADDR unchanged");
+}
