@@ -219,7 +219,8 @@ fn drain(tap: &Tap) -> usize {
         iov_len: buf.len(),
     }];
     let mut n = 0;
-    while tap.readv(&iov).is_ok() {
+    // SAFETY: `buf` lives, untouched, until the loop ends.
+    while unsafe { tap.readv(&iov) }.is_ok() {
         n += 1;
     }
     n
@@ -333,7 +334,9 @@ fn raw_tx_round(tap: &Tap, shape: Shape, drv: &SimDriver) -> (Duration, Duration
     let want = HDR_LEN + shape.frame_len();
     let (t, c) = (Instant::now(), own_cpu());
     for _ in 0..shape.round() {
-        let n = tap.writev(&iov).expect("raw writev");
+        // SAFETY: host_iov points into the driver's guest RAM, mapped for
+        // the whole round.
+        let n = unsafe { tap.writev(&iov) }.expect("raw writev");
         assert_eq!(n, want, "short write");
     }
     (t.elapsed(), own_cpu() - c)
@@ -363,9 +366,9 @@ fn raw_rx_round(
         }
         let iov = &ring[next..next + per_frame as usize];
         next += per_frame as usize;
-        let n = tap
-            .readv(iov)
-            .expect("raw readv: a frame should be waiting");
+        // SAFETY: the ring's iovecs point into the driver's guest RAM,
+        // mapped for the whole round and read by nothing meanwhile.
+        let n = unsafe { tap.readv(iov) }.expect("raw readv: a frame should be waiting");
         assert_eq!(n, pkt.len(), "frame of the wrong size");
     }
     (t.elapsed(), own_cpu() - c)

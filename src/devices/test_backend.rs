@@ -30,8 +30,8 @@ impl AsFd for FakeTap {
 }
 
 impl NetBackend for FakeTap {
-    fn readv(&self, iov: &[libc::iovec]) -> std::io::Result<usize> {
-        // SAFETY: the iovecs point into live guest memory owned by the test.
+    unsafe fn readv(&self, iov: &[libc::iovec]) -> std::io::Result<usize> {
+        // SAFETY: the caller promises writable memory (NetBackend::readv).
         let n = unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
         if n < 0 {
             Err(std::io::Error::last_os_error())
@@ -39,8 +39,8 @@ impl NetBackend for FakeTap {
             Ok(n as usize)
         }
     }
-    fn writev(&self, iov: &[libc::iovec]) -> std::io::Result<usize> {
-        // SAFETY: as above; the kernel only reads the buffers.
+    unsafe fn writev(&self, iov: &[libc::iovec]) -> std::io::Result<usize> {
+        // SAFETY: the caller promises readable memory (NetBackend::writev).
         let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
         if n < 0 {
             Err(std::io::Error::last_os_error())

@@ -13,11 +13,44 @@ pub mod offload {
 }
 
 /// `AsFd` lets a kernel data path (vhost-net) take the same TAP.
+///
+/// Frames move through raw iovecs (the NICs build them over guest RAM, so
+/// that no frame is copied), which a safe function could not check; so
+/// [`NetBackend::readv`] and [`NetBackend::writev`] are `unsafe`, and their
+/// callers promise what the iovecs point to:
+///
+/// ```compile_fail
+/// # fn read(tap: &dyn rvm::net::backend::NetBackend) {
+/// let mut buf = [0u8; 64];
+/// let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+/// let _ = tap.readv(&iov); // refused: readv is unsafe
+/// # }
+/// ```
+///
+/// ```
+/// # fn read(tap: &dyn rvm::net::backend::NetBackend) {
+/// let mut buf = [0u8; 64];
+/// let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+/// // SAFETY: `buf` is a live local buffer of iov_len bytes, borrowed by
+/// // nothing else during the call.
+/// let _ = unsafe { tap.readv(&iov) };
+/// # }
+/// ```
 pub trait NetBackend: AsRawFd + AsFd + Send + Sync {
     /// Reads one frame into `iov`; WouldBlock when there is none.
-    fn readv(&self, iov: &[libc::iovec]) -> std::io::Result<usize>;
+    ///
+    /// # Safety
+    /// Each iovec must point to `iov_len` bytes that are valid for writes
+    /// for the whole call and that no Rust reference reads or writes
+    /// meanwhile (guest RAM kept mapped by the caller, or a buffer the
+    /// caller borrows mutably for the call).
+    unsafe fn readv(&self, iov: &[libc::iovec]) -> std::io::Result<usize>;
     /// Writes one frame gathered from `iov`.
-    fn writev(&self, iov: &[libc::iovec]) -> std::io::Result<usize>;
+    ///
+    /// # Safety
+    /// Each iovec must point to `iov_len` bytes that are valid for reads
+    /// for the whole call.
+    unsafe fn writev(&self, iov: &[libc::iovec]) -> std::io::Result<usize>;
     /// Whether frames carry a virtio-net header.
     fn vnet_hdr(&self) -> bool;
     /// Sets the header size and the offloads the guest accepted. Only

@@ -192,7 +192,8 @@ mod tests {
     fn read_test_frame(tap: &Tap, hdr: &mut [u8; 12], data: &mut [u8]) -> usize {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(5) {
-            match tap.readv(&[iov_mut(hdr), iov_mut(data)]) {
+            // SAFETY: `hdr` and `data` are borrowed mutably for the call.
+            match unsafe { tap.readv(&[iov_mut(hdr), iov_mut(data)]) } {
                 Ok(n) if n >= 12 + 14 && data[12..14] == [0x88, 0xb5] => return n,
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -221,7 +222,8 @@ mod tests {
             let hdr = [0u8; 12];
             let frame = test_frame(0xa5);
             let (f1, f2) = frame.split_at(20);
-            let n = a.writev(&[iov(&hdr), iov(f1), iov(f2)]).unwrap();
+            // SAFETY: the buffers are live locals borrowed for the call.
+            let n = unsafe { a.writev(&[iov(&hdr), iov(f1), iov(f2)]) }.unwrap();
             assert_eq!(n, hdr.len() + frame.len());
 
             // The header lands in its own buffer, as virtio-net wants it.

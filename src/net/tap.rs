@@ -270,9 +270,9 @@ impl AsFd for Tap {
 }
 
 impl NetBackend for Tap {
-    fn readv(&self, iov: &[libc::iovec]) -> std::io::Result<usize> {
-        // SAFETY: the caller's iovecs describe writable memory that stays
-        // mapped for the call (guest RAM held by the NIC worker); the
+    unsafe fn readv(&self, iov: &[libc::iovec]) -> std::io::Result<usize> {
+        // SAFETY: the caller promises (NetBackend::readv) that the iovecs
+        // describe writable memory that stays valid for the call; the
         // kernel checks the count against UIO_MAXIOV.
         let n = unsafe { libc::readv(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
         if n < 0 {
@@ -282,8 +282,9 @@ impl NetBackend for Tap {
         }
     }
 
-    fn writev(&self, iov: &[libc::iovec]) -> std::io::Result<usize> {
-        // SAFETY: as for readv; the kernel only reads the buffers.
+    unsafe fn writev(&self, iov: &[libc::iovec]) -> std::io::Result<usize> {
+        // SAFETY: the caller promises (NetBackend::writev) readable memory
+        // for the call; the kernel only reads the buffers.
         let n = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
         if n < 0 {
             Err(std::io::Error::last_os_error())
@@ -562,7 +563,8 @@ mod tests {
             // raw_tun leaves the fd inheritable, as a caller passing fd=N must.
             assert_ne!(fd_fl & libc::FD_CLOEXEC, 0, "scripts would inherit the TAP");
             let mut buf = [0u8; 64];
-            let err = tap.readv(&[iov_mut(&mut buf)]).unwrap_err();
+            // SAFETY: `buf` is a local buffer borrowed for the call.
+            let err = unsafe { tap.readv(&[iov_mut(&mut buf)]) }.unwrap_err();
             assert_eq!(err.kind(), ErrorKind::WouldBlock);
 
             // A vnet header the fd has is used even when not asked for.
@@ -615,7 +617,9 @@ mod tests {
             let before = rx_stats("rvmdp0");
             let frame = test_frame(0x5a);
             let (head, tail) = frame.split_at(6);
-            assert_eq!(tap.writev(&[iov(head), iov(tail)]).unwrap(), frame.len());
+            // SAFETY: `frame` is a live buffer borrowed for the call.
+            let sent = unsafe { tap.writev(&[iov(head), iov(tail)]) };
+            assert_eq!(sent.unwrap(), frame.len());
             // The host received it as one frame of that length.
             let after = rx_stats("rvmdp0");
             assert_eq!(after.1, before.1 + 1);
@@ -623,7 +627,8 @@ mod tests {
             // Nothing is queued for the guest: the namespace sends nothing
             // to a TAP without addresses so soon.
             let mut buf = [0u8; 128];
-            let err = tap.readv(&[iov_mut(&mut buf)]).unwrap_err();
+            // SAFETY: `buf` is a local buffer borrowed for the call.
+            let err = unsafe { tap.readv(&[iov_mut(&mut buf)]) }.unwrap_err();
             assert_eq!(err.kind(), ErrorKind::WouldBlock);
         });
     }

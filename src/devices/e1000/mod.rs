@@ -337,7 +337,8 @@ impl Core {
                 iov_base: frame.as_ptr() as *mut libc::c_void,
                 iov_len: frame.len(),
             }];
-            backend.writev(&iov).map(|_| ())
+            // SAFETY: `frame` is borrowed for the call.
+            unsafe { backend.writev(&iov) }.map(|_| ())
         });
         if report.ring_error {
             crate::guest_log!(

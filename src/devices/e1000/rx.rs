@@ -226,7 +226,10 @@ impl Core {
             iov_base: self.rx.overflow.as_mut_ptr().cast(),
             iov_len: self.rx.overflow.len(),
         });
-        let got = self.backend.readv(&self.rx.iov)?;
+        // SAFETY: the iovecs are bounds-checked slices of guest RAM (mapped
+        // while self.mem lives) and the overflow buffer self.rx owns, which
+        // nothing else touches during the call.
+        let got = unsafe { self.backend.readv(&self.rx.iov) }?;
         let hdr = if self.rx.vnet_hdr { VNET_HDR_LEN } else { 0 };
         let len = got.saturating_sub(hdr);
         if len > room {

@@ -29,7 +29,9 @@ impl Worker {
                     // Without a vnet header on the TAP the header stays behind.
                     let skip = if strip { HDR_LEN } else { 0 };
                     let wrote = if chain::iovecs_skipping(segs, skip, iov) {
-                        backend.writev(iov)
+                        // SAFETY: bounds-checked slices of guest RAM
+                        // (chain::collect), mapped while `mem` lives.
+                        unsafe { backend.writev(iov) }
                     } else {
                         Ok(0) // a header and nothing after it: nothing to send
                     };
