@@ -347,6 +347,12 @@ impl Core {
             );
         }
         self.set(TDH, report.head);
+        if report.more {
+            // Bounded passes: the RX/TX thread comes back for the rest
+            // after it released the lock (vCPUs get the registers in
+            // between) and looked at its other events (a stop).
+            let _ = self.tx_kick.write(1);
+        }
         let s = self.stats.clone();
         s.tx_frames.fetch_add(report.frames, Ordering::Relaxed);
         s.tx_bytes.fetch_add(report.bytes, Ordering::Relaxed);

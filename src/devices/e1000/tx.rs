@@ -94,7 +94,16 @@ pub struct TxReport {
     /// The ring registers are unusable or a descriptor lies outside guest
     /// memory; `head` stops at the offending descriptor.
     pub ring_error: bool,
+    /// The pass used up its budget with descriptors left: run another.
+    pub more: bool,
 }
+
+/// Writes to the backend one pass may start before it stops at the next
+/// descriptor (a pass holds the device lock that vCPUs need; a single
+/// frame adds at most MAX_SEGMENTS).
+pub const PASS_WRITES: u64 = 1024;
+/// Descriptors one pass walks at most.
+pub const PASS_DESCRIPTORS: u32 = 256;
 
 /// Offload parameters from a context descriptor.
 #[derive(Debug, Default, Clone, Copy)]
@@ -238,6 +247,8 @@ impl TxEngine {
     /// Processes descriptors from ring.head up to (not including)
     /// ring.tail, emitting each finished frame through `send` (the whole
     /// bytes to write to the TAP, vnet header included when vnet_hdr).
+    /// One pass does a bounded amount of work (PASS_WRITES,
+    /// PASS_DESCRIPTORS) and says when it left descriptors (`more`).
     /// Returns the new head and counters. Writes back DD (status bit 0)
     /// into descriptors that have RS (report status) set.
     pub fn process(
@@ -257,9 +268,19 @@ impl TxEngine {
             return rep;
         }
         let mut head = ring.head;
+        // Every backend write counts against the pass's budget.
+        let writes = std::cell::Cell::new(0u64);
+        let mut counted = |b: &[u8]| {
+            writes.set(writes.get() + 1);
+            send(b)
+        };
         // head == tail ends the walk within one lap; the bound says so.
         for _ in 0..count {
             if head == ring.tail {
+                break;
+            }
+            if writes.get() >= PASS_WRITES || rep.descriptors >= PASS_DESCRIPTORS {
+                rep.more = true;
                 break;
             }
             let Some(addr) = ring.base.checked_add(u64::from(head) * DESC_LEN) else {
@@ -272,7 +293,7 @@ impl TxEngine {
                 rep.ring_error = true;
                 break;
             }
-            self.descriptor(mem, &d, send, &mut rep);
+            self.descriptor(mem, &d, &mut counted, &mut rep);
             if d[11] & CMD_RS != 0 {
                 let status = (d[12] | STA_DD) & !STA_ERRORS;
                 let written = addr
@@ -1068,7 +1089,8 @@ mod tests {
                 frames: 2,
                 bytes: 410,
                 dropped: 0,
-                ring_error: false
+                ring_error: false,
+                more: false,
             }
         );
         assert_eq!(out, vec![a, b]);
@@ -1884,8 +1906,12 @@ mod tests {
             });
             let count = ring.len_bytes / 16;
             assert!(rep.descriptors <= count);
-            if !rep.ring_error {
+            if !rep.ring_error && !rep.more {
                 assert_eq!(rep.head, ring.tail);
+            }
+            if rep.more {
+                assert!(rep.descriptors >= PASS_DESCRIPTORS || sent + failed >= PASS_WRITES);
+                assert_ne!(rep.head, ring.tail);
             }
             assert!(rep.dropped >= failed);
             // Only a GSO frame counts as more than one.
