@@ -30,9 +30,17 @@ impl AsFd for FakeTap {
 }
 
 impl NetBackend for FakeTap {
+    /// As tun does: copies what fits and returns the frame's whole length
+    /// (MSG_TRUNC), so a short copy shows only as a length beyond the
+    /// buffers.
     unsafe fn readv(&self, iov: &[libc::iovec]) -> std::io::Result<usize> {
-        // SAFETY: the caller promises writable memory (NetBackend::readv).
-        let n = unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+        // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iov.len();
+        // SAFETY: the caller promises writable memory (NetBackend::readv)
+        // behind the iovecs; msg points at them and lives for the call.
+        let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, libc::MSG_TRUNC) };
         if n < 0 {
             Err(std::io::Error::last_os_error())
         } else {

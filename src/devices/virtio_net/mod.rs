@@ -309,6 +309,7 @@ impl VirtioNet {
             stop.try_clone()
                 .map_err(|e| ActivateError::Start(e.to_string()))?,
             in_kernel,
+            self.params.mtu,
         );
         Ok((w, stop))
     }

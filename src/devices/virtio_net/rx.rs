@@ -142,7 +142,17 @@ impl Worker {
         // SAFETY: the iovecs are chain::collect's bounds-checked slices of
         // guest RAM (mapped while self.mem lives), popped from the ring for
         // this read and referenced by nothing else in rvm.
-        let n = unsafe { self.backend.readv(&self.iov) }? + skip;
+        let got = unsafe { self.backend.readv(&self.iov) }?;
+        // tun returns a frame's whole length even when it copied less: a
+        // length beyond the buffers is a frame cut short. The guest must
+        // not get it as whole; its buffers stay in the pool for the next.
+        let room: usize = self.iov.iter().map(|v| v.iov_len).sum();
+        if got > room {
+            return Err(std::io::Error::other(format!(
+                "a {got}-byte frame did not fit the {room} bytes of buffers; dropped"
+            )));
+        }
+        let n = got + skip;
 
         // Which chains the frame filled, and how much of each.
         let mut rest = n as u64;

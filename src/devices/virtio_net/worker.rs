@@ -70,12 +70,14 @@ pub struct Worker {
 unsafe impl Send for Worker {}
 
 impl Worker {
+    /// `mtu` is the MTU the device offered the driver.
     pub fn new(
         a: Activation,
         backend: Arc<dyn NetBackend>,
         stats: Arc<NetStats>,
         stop: EventFd,
         data_in_kernel: bool,
+        mtu: u16,
     ) -> Self {
         let mut queues = a.queues.into_iter().map(|q| QueueCtx {
             queue: q.queue,
@@ -103,8 +105,7 @@ impl Worker {
             data_in_kernel,
             tap_readable: true,
             mergeable: a.features & MRG_RXBUF != 0,
-            // A GSO frame is up to 64 KiB of IP plus Ethernet and VLAN.
-            max_frame: super::HDR_LEN + if big { 65_550 } else { 9_018 },
+            max_frame: super::HDR_LEN + max_frame(big, mtu),
             pool: RxPool::default(),
             segs: Vec::with_capacity(super::chain::MAX_IOV),
             iov: Vec::with_capacity(super::chain::MAX_IOV),
@@ -218,6 +219,19 @@ impl MutEventSubscriber for Worker {
             }
             _ => {}
         }
+    }
+}
+
+/// The largest frame (Ethernet header and a VLAN tag included) the backend
+/// may hand the guest: a GSO frame of 64 KiB of IP when the guest takes
+/// them, else one MTU's worth, and never less than a standard frame.
+pub(super) fn max_frame(gso: bool, mtu: u16) -> usize {
+    const ETH_VLAN: usize = 14 + 4;
+    let one = usize::from(mtu).max(1500) + ETH_VLAN;
+    if gso {
+        one.max(65_532 + ETH_VLAN)
+    } else {
+        one
     }
 }
 
