@@ -3,6 +3,10 @@
 
 use std::process::{Command, Output};
 
+// The guest harness's helpers; this harness-run target tests the pure ones.
+#[path = "common/mod.rs"]
+mod common;
+
 fn rvm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_rvm"))
         .args(args)
@@ -286,4 +290,33 @@ fn a_broken_stderr_never_makes_rvm_panic() {
         out.status
     );
     std::fs::remove_dir_all(d).unwrap();
+}
+
+fn lines(l: &[&str]) -> Vec<String> {
+    l.iter().map(|s| s.to_string()).collect()
+}
+
+/// The guest harness fails a silent guest at once only when two looks at
+/// its vCPUs (SIGUSR1 reports) show none runnable and none moved.
+#[test]
+fn the_harness_calls_a_guest_stuck_only_when_no_vcpu_runs_or_moves() {
+    use common::vcpus_stuck;
+    let hung = lines(&[
+        "vCPU 0: halted, interrupts off: rip 0xffffffff8a00 rsp 0x1",
+        "vCPU 1: waiting for INIT, interrupts off: rip 0xfff0 rsp 0x0",
+    ]);
+    assert!(vcpus_stuck(&hung, &hung));
+    let moved = lines(&[
+        "vCPU 0: halted, interrupts on: rip 0xffffffff8b00 rsp 0x1",
+        "vCPU 1: waiting for INIT, interrupts off: rip 0xfff0 rsp 0x0",
+    ]);
+    assert!(!vcpus_stuck(&hung, &moved));
+    let running = lines(&[
+        "vCPU 0: runnable, interrupts off: rip 0xffffffff8a00 rsp 0x1",
+        "vCPU 1: waiting for INIT, interrupts off: rip 0xfff0 rsp 0x0",
+    ]);
+    assert!(!vcpus_stuck(&running, &running));
+    let busy = lines(&["vCPU 0: no answer within 1000 ms (its thread is busy outside KVM_RUN)"]);
+    assert!(!vcpus_stuck(&busy, &busy));
+    assert!(!vcpus_stuck(&[], &[]));
 }

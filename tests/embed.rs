@@ -46,30 +46,45 @@ impl Console {
     }
 
     /// Waits for a line containing `marker`, or for the VM to end, or for
-    /// SILENCE_SECS without a single console byte (a guest stuck early).
+    /// its vCPUs to be stuck after SILENCE_SECS without a console byte
+    /// (see common::SILENCE_SECS).
     fn wait_for(&self, marker: &str, vm: &rvm::VmController, within: Duration) -> bool {
         let (text, cv) = &*self.0;
         let start = Instant::now();
         let deadline = start + within;
         let silence = Duration::from_secs(common::SILENCE_SECS.load(Ordering::SeqCst));
-        let mut t = text.lock().unwrap();
+        let mut next_look = start + silence;
         loop {
-            if t.contains(marker) {
-                return true;
+            let silent = {
+                let t = text.lock().unwrap();
+                if t.contains(marker) {
+                    return true;
+                }
+                let now = Instant::now();
+                if now >= deadline || vm.has_ended() {
+                    return false;
+                }
+                let wait = (deadline - now).min(Duration::from_millis(200));
+                let t = cv.wait_timeout(t, wait).unwrap().0;
+                t.is_empty()
+            };
+            // (The console lock is not held here: a vCPU writing to the
+            // console must be free to answer.)
+            if silent && Instant::now() >= next_look {
+                next_look += silence;
+                let look =
+                    || -> Vec<String> { vm.vcpu_states().iter().map(|r| r.to_string()).collect() };
+                let first = look();
+                std::thread::sleep(Duration::from_secs(2));
+                if common::vcpus_stuck(&first, &look()) {
+                    println!(
+                        "    the guest printed nothing at all for {} s and its vCPUs are stuck",
+                        (next_look - start - silence).as_secs()
+                    );
+                    return false;
+                }
+                println!("    (the guest has printed nothing yet, but its vCPUs are working: waiting on)");
             }
-            let now = Instant::now();
-            if now >= deadline || vm.has_ended() {
-                return false;
-            }
-            if t.is_empty() && now - start >= silence {
-                println!(
-                    "    the guest printed nothing at all for {} s (stuck early in boot)",
-                    silence.as_secs()
-                );
-                return false;
-            }
-            let wait = (deadline - now).min(Duration::from_millis(200));
-            t = cv.wait_timeout(t, wait).unwrap().0;
         }
     }
 

@@ -255,11 +255,15 @@ impl GuestRun {
     }
 }
 
-/// A guest that has printed nothing at all for this long is stuck (a stock
-/// kernel with `quiet` prints its first line a fraction of a second into
-/// boot, a few seconds on the nested host): it fails at once, with the
-/// report, instead of waiting out its deadline. Suites whose guests boot
-/// many at a time on a loaded nested host may raise it (tests/load.rs).
+/// A guest that has printed nothing at all for this long is looked at: if
+/// its vCPUs are stuck (none runnable and none moved, in two looks two
+/// seconds apart: a CPU halted with interrupts off, secondaries still
+/// waiting for their start-up IPI) it fails at once with the report
+/// instead of waiting out its deadline. A guest that is only slow (the
+/// minimal kernel with `quiet` prints nothing before /init, which took
+/// over 60 s on a loaded nested host while its driver probed the NIC) is
+/// looked at again after as long. Suites whose guests boot many at a time
+/// may raise it (tests/load.rs).
 pub static SILENCE_SECS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(60);
 
 /// Where an embedded VM's vCPUs are, for a failure report.
@@ -271,12 +275,62 @@ pub fn vcpu_report(vm: &rvm::VmController) -> String {
     out
 }
 
+/// One look at a vCPU: (not runnable, RIP), from a report line such as
+/// "vCPU 0: halted, interrupts off: rip 0x... ...". None when the vCPU
+/// gave no registers (its thread busy in rvm: not stuck in the guest).
+fn vcpu_look(line: &str) -> Option<(bool, String)> {
+    let (_, rest) = line.split_once(": ")?;
+    let idle = !rest.starts_with("runnable");
+    let rip = rest.split_once(" rip ")?.1.split_whitespace().next()?;
+    Some((idle, rip.to_string()))
+}
+
+/// Whether two looks at the same vCPUs (their report lines) show a guest
+/// stuck for good: every vCPU answered, none runnable, none moved.
+pub fn vcpus_stuck(first: &[String], second: &[String]) -> bool {
+    let (a, b): (Vec<_>, Vec<_>) = (
+        first.iter().map(|l| vcpu_look(l)).collect(),
+        second.iter().map(|l| vcpu_look(l)).collect(),
+    );
+    !a.is_empty()
+        && a.len() == b.len()
+        && a.iter().zip(&b).all(|(x, y)| match (x, y) {
+            (Some((true, r1)), Some((true, r2))) => r1 == r2,
+            _ => false,
+        })
+}
+
 /// Asks an rvm process where its vCPUs are (SIGUSR1: it prints every
-/// vCPU's registers on stderr) and gives it a moment to answer.
-fn ask_for_vcpu_states(pid: u32) {
+/// vCPU's state on stderr, collected in `stderr`) and returns the report's
+/// lines, or nothing if none came within 3 s.
+fn ask_for_vcpu_states(pid: u32, stderr: &std::sync::Mutex<String>) -> Vec<String> {
+    const HEAD: &str = "rvm: vCPU states (signal 10):";
+    let before = stderr.lock().unwrap().matches(HEAD).count();
     // SAFETY: kill(2) with a pid we spawned and have not reaped.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR1) };
-    std::thread::sleep(Duration::from_secs(2));
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        let text = stderr.lock().unwrap().clone();
+        if text.matches(HEAD).count() > before {
+            // The report is written at once, in one piece.
+            std::thread::sleep(Duration::from_millis(100));
+            let text = stderr.lock().unwrap().clone();
+            let last = text.rsplit(HEAD).next().unwrap_or("");
+            return last
+                .lines()
+                .filter_map(|l| l.strip_prefix("rvm:   "))
+                .map(str::to_string)
+                .collect();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Vec::new()
+}
+
+/// Whether `pid` is an rvm process (a guest command may be wrapped, as in
+/// `ip netns exec NS rvm ...`, which becomes rvm).
+fn is_rvm(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "rvm")
 }
 
 const HEARTBEAT: Duration = Duration::from_secs(60);
@@ -340,13 +394,23 @@ pub fn run_with_deadline(mut cmd: Command, deadline: Duration, marker: &str) -> 
             }
         }
     });
+    // stderr as it comes, so that vCPU reports can be read while it runs.
+    let err_text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let err_sink = err_text.clone();
     let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            err_sink
+                .lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
     });
-    let is_rvm = Path::new(cmd.get_program()).file_name() == Some("rvm".as_ref());
     let silence = Duration::from_secs(SILENCE_SECS.load(std::sync::atomic::Ordering::SeqCst));
+    let mut next_look = silence;
     let mut console = String::new();
     let mut marker_at = None;
     let mut status = None;
@@ -364,21 +428,31 @@ pub fn run_with_deadline(mut cmd: Command, deadline: Duration, marker: &str) -> 
             status = Some(s);
             break;
         }
-        let why = if start.elapsed() > deadline {
-            Some(format!("it did not end within {deadline:?}"))
-        } else if console.is_empty() && start.elapsed() > silence {
-            Some(format!(
-                "the guest printed nothing at all for {} s (stuck early in boot)",
-                silence.as_secs()
-            ))
-        } else {
-            None
-        };
+        let mut why = None;
+        if start.elapsed() > deadline {
+            why = Some(format!("it did not end within {deadline:?}"));
+        } else if console.is_empty() && start.elapsed() > next_look && is_rvm(child.id()) {
+            // Silent so far: stuck, or only slow?
+            let silent = next_look.as_secs();
+            next_look += silence;
+            let first = ask_for_vcpu_states(child.id(), &err_text);
+            std::thread::sleep(Duration::from_secs(2));
+            let second = ask_for_vcpu_states(child.id(), &err_text);
+            if vcpus_stuck(&first, &second) {
+                why = Some(format!(
+                    "the guest printed nothing at all for {silent} s and its vCPUs are stuck (none runnable, none moved)"
+                ));
+            } else {
+                println!(
+                    "    (the guest has printed nothing for {silent} s, but its vCPUs are working: waiting on)"
+                );
+            }
+        }
         if let Some(why) = why {
             // Where the vCPUs are (rvm prints it on stderr), then where
             // each thread is in the host kernel.
-            if is_rvm {
-                ask_for_vcpu_states(child.id());
+            if is_rvm(child.id()) {
+                ask_for_vcpu_states(child.id(), &err_text);
             }
             hung_threads = thread_report(child.id());
             let _ = child.kill();
@@ -405,7 +479,8 @@ pub fn run_with_deadline(mut cmd: Command, deadline: Duration, marker: &str) -> 
         }
         console.push_str(&line);
     }
-    let mut stderr = err_reader.join().unwrap_or_default();
+    let _ = err_reader.join();
+    let mut stderr = std::mem::take(&mut *err_text.lock().unwrap());
     stderr.push_str(&hung_threads);
     GuestRun {
         status,
