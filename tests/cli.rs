@@ -297,7 +297,8 @@ fn lines(l: &[&str]) -> Vec<String> {
 }
 
 /// The guest harness fails a silent guest at once only when two looks at
-/// its vCPUs (SIGUSR1 reports) show none runnable and none moved.
+/// its vCPUs (SIGUSR1 reports) show each halted with interrupts off or
+/// never started, and none moved.
 #[test]
 fn the_harness_calls_a_guest_stuck_only_when_no_vcpu_runs_or_moves() {
     use common::vcpus_stuck;
@@ -307,10 +308,16 @@ fn the_harness_calls_a_guest_stuck_only_when_no_vcpu_runs_or_moves() {
     ]);
     assert!(vcpus_stuck(&hung, &hung));
     let moved = lines(&[
-        "vCPU 0: halted, interrupts on: rip 0xffffffff8b00 rsp 0x1",
+        "vCPU 0: halted, interrupts off: rip 0xffffffff8b00 rsp 0x1",
         "vCPU 1: waiting for INIT, interrupts off: rip 0xfff0 rsp 0x0",
     ]);
     assert!(!vcpus_stuck(&hung, &moved));
+    // An idle CPU (HLT, interrupts on) is waiting for a timer, not stuck.
+    let idle = lines(&[
+        "vCPU 0: halted, interrupts on: rip 0xffffffff8a00 rsp 0x1",
+        "vCPU 1: halted, interrupts on: rip 0xffffffff8a00 rsp 0x2",
+    ]);
+    assert!(!vcpus_stuck(&idle, &idle));
     let running = lines(&[
         "vCPU 0: runnable, interrupts off: rip 0xffffffff8a00 rsp 0x1",
         "vCPU 1: waiting for INIT, interrupts off: rip 0xfff0 rsp 0x0",

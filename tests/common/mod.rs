@@ -275,18 +275,22 @@ pub fn vcpu_report(vm: &rvm::VmController) -> String {
     out
 }
 
-/// One look at a vCPU: (not runnable, RIP), from a report line such as
-/// "vCPU 0: halted, interrupts off: rip 0x... ...". None when the vCPU
-/// gave no registers (its thread busy in rvm: not stuck in the guest).
+/// One look at a vCPU: (stopped for good, RIP), from a report line such
+/// as "vCPU 0: halted, interrupts off: rip 0x... ...". Stopped for good is
+/// a HLT with interrupts off or a secondary still waiting for INIT/SIPI; a
+/// HLT with interrupts on is an idle CPU that a timer will wake (a booting
+/// kernel sleeps now and then). None when the vCPU gave no registers (its
+/// thread busy in rvm: not stuck in the guest).
 fn vcpu_look(line: &str) -> Option<(bool, String)> {
     let (_, rest) = line.split_once(": ")?;
-    let idle = !rest.starts_with("runnable");
+    let stopped = rest.starts_with("halted, interrupts off") || rest.starts_with("waiting for");
     let rip = rest.split_once(" rip ")?.1.split_whitespace().next()?;
-    Some((idle, rip.to_string()))
+    Some((stopped, rip.to_string()))
 }
 
 /// Whether two looks at the same vCPUs (their report lines) show a guest
-/// stuck for good: every vCPU answered, none runnable, none moved.
+/// stuck for good: every vCPU answered, each stopped for good (see
+/// vcpu_look), none moved.
 pub fn vcpus_stuck(first: &[String], second: &[String]) -> bool {
     let (a, b): (Vec<_>, Vec<_>) = (
         first.iter().map(|l| vcpu_look(l)).collect(),
@@ -440,7 +444,7 @@ pub fn run_with_deadline(mut cmd: Command, deadline: Duration, marker: &str) -> 
             let second = ask_for_vcpu_states(child.id(), &err_text);
             if vcpus_stuck(&first, &second) {
                 why = Some(format!(
-                    "the guest printed nothing at all for {silent} s and its vCPUs are stuck (none runnable, none moved)"
+                    "the guest printed nothing at all for {silent} s and its vCPUs are stuck (halted with interrupts off or never started, none moved)"
                 ));
             } else {
                 println!(
