@@ -283,10 +283,15 @@ fn hostile_tx_chains_are_dropped_counted_and_returned() {
         "nothing hostile reached the TAP"
     );
     assert_eq!(r.stats.snapshot().malformed, heads.len() as u64);
-    // The device still works.
-    let frame = pattern(HDR_LEN + 64, 5);
-    mem.write_slice(&frame, GuestAddress(d)).unwrap();
-    r.drv.queues[TXQ].add_chain(&mem, &[(d, frame.len() as u32)], false);
+    assert_still_transmits(&mut r, 5);
+}
+
+/// The device still works: a well-formed TX frame reaches the TAP whole.
+fn assert_still_transmits(r: &mut Rig, seed: u8) {
+    let mem = r.drv.mem.clone();
+    let frame = pattern(HDR_LEN + 64, seed);
+    mem.write_slice(&frame, GuestAddress(DATA_START)).unwrap();
+    r.drv.queues[TXQ].add_chain(&mem, &[(DATA_START, frame.len() as u32)], false);
     r.drv.kick(TXQ as u16);
     assert_eq!(peer_recv(&r.peer).as_deref(), Some(&frame[..]));
 }
@@ -561,12 +566,7 @@ fn a_ring_of_out_of_range_heads_prints_a_bounded_number_of_lines() {
         lines.len(),
         lines.first()
     );
-    // The device still works.
-    let frame = pattern(HDR_LEN + 64, 9);
-    mem.write_slice(&frame, GuestAddress(DATA_START)).unwrap();
-    r.drv.queues[TXQ].add_chain(&mem, &[(DATA_START, frame.len() as u32)], false);
-    r.drv.kick(TXQ as u16);
-    assert_eq!(peer_recv(&r.peer).as_deref(), Some(&frame[..]));
+    assert_still_transmits(&mut r, 9);
 }
 
 #[test]
