@@ -195,6 +195,13 @@ fuzz_target!(|input: Input| {
         Box::new(NoLine),
     )
     .unwrap();
+    // Memory space and bus mastering on, as Linux's probe leaves them.
+    {
+        use rvm::pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_IO, COMMAND_MEMORY};
+        let cmd = (COMMAND_IO | COMMAND_MEMORY | COMMAND_BUS_MASTER).to_le_bytes();
+        dev.config_mut().write(COMMAND, &cmd);
+        dev.config_written(COMMAND, &cmd);
+    }
     let at = |a: Addr| a.resolve(MEM, DATA, RINGS);
     for op in &input.ops {
         match *op {

@@ -164,6 +164,33 @@ impl VhostNet {
         Ok(())
     }
 
+    /// Whether the kernel has the rings now.
+    pub fn running(&self) -> bool {
+        self.started > 0
+    }
+
+    /// Holds the kernel's data path (it stops touching the rings and guest
+    /// memory; bus mastering went off) until [`VhostNet::resume`], which
+    /// carries on from where it stopped.
+    pub fn pause(&mut self) {
+        for i in 0..self.started {
+            let _ = self.net.set_backend(i, None);
+        }
+    }
+
+    /// Gives the kernel its data path back after [`VhostNet::pause`].
+    pub fn resume(&mut self, tap: &File) -> Result<(), VhostError> {
+        for i in 0..self.started {
+            self.net
+                .set_backend(i, Some(tap))
+                .map_err(|source| VhostError::Setup {
+                    what: "VHOST_NET_SET_BACKEND",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
     /// Takes the rings and the TAP back from the kernel (its worker thread
     /// ends); the handle is ready for the next start.
     pub fn stop(&mut self) {

@@ -100,6 +100,17 @@ impl PciConfig {
         self.read_u16(COMMAND)
     }
 
+    /// Bus Master Enable: whether the function may access memory (DMA).
+    pub fn bus_master(&self) -> bool {
+        self.command() & COMMAND_BUS_MASTER != 0
+    }
+
+    /// Whether a configuration write of `len` bytes at `offset` touched
+    /// the command register.
+    pub fn touches_command(offset: usize, len: usize) -> bool {
+        offset < COMMAND + 2 && offset + len > COMMAND
+    }
+
     /// Declares the legacy interrupt pin (1 = INTA#) and the line the
     /// platform routed it to.
     pub fn set_interrupt(&mut self, pin: u8, line: u8) {

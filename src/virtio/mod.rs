@@ -87,4 +87,8 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// The driver reset the device: stop and drop every queue.
     fn reset(&mut self);
+    /// Bus Master Enable changed: while it is off the device must not
+    /// touch guest memory (it starts off). The transport kicks every
+    /// queue when it comes back on, so that held work resumes.
+    fn set_bus_master(&mut self, on: bool);
 }

@@ -130,6 +130,8 @@ pub struct VirtioPciDevice {
     config_generation: u8,
     /// Where the ioeventfds are registered now.
     notify_base: Option<u64>,
+    /// Bus Master Enable as the device last heard it.
+    bus_master: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -211,6 +213,7 @@ impl VirtioPciDevice {
             interrupt,
             config_generation: 0,
             notify_base: None,
+            bus_master: false,
         })
     }
 
@@ -506,6 +509,19 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn config_written(&mut self, offset: usize, data: &[u8]) {
+        if PciConfig::touches_command(offset, data.len()) {
+            let on = self.config.bus_master();
+            if on != self.bus_master {
+                self.bus_master = on;
+                self.device.set_bus_master(on);
+                if on {
+                    // Work held while DMA was off resumes.
+                    for k in &self.kicks {
+                        let _ = k.write(1);
+                    }
+                }
+            }
+        }
         let control = self.msix_cap + 2;
         if offset < control + 2 && offset + data.len() > control {
             let value = self.config.read_u16(control);

@@ -282,8 +282,13 @@ impl SimDriver {
         self.status()
     }
 
-    /// Enables MSI-X in config space and unmasks every vector.
+    /// Enables memory space and bus mastering (as Linux's probe does), then
+    /// MSI-X in config space, and unmasks every vector.
     fn enable_msix(&mut self) {
+        use crate::pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY};
+        let cmd = (COMMAND_MEMORY | COMMAND_BUS_MASTER).to_le_bytes();
+        self.pci.config_mut().write(COMMAND, &cmd);
+        self.pci.config_written(COMMAND, &cmd);
         let cfg = self.pci.config();
         let mut cap = cfg.bytes()[crate::pci::config::CAPABILITIES_POINTER] as usize;
         while cap != 0 && cfg.bytes()[cap] != crate::pci::msix::CAP_ID {

@@ -96,6 +96,9 @@ pub struct Core {
     unknown: BTreeSet<u32>,
     irq_high: bool,
     pub(crate) rx: rx::RxState,
+    /// Bus Master Enable (PCI command register, not a device register:
+    /// CTRL.RST leaves it): no descriptor or buffer is touched while off.
+    bus_master: bool,
 }
 
 impl Core {
@@ -125,6 +128,7 @@ impl Core {
             unknown: BTreeSet::new(),
             irq_high: false,
             rx: rx::RxState::new(vnet),
+            bus_master: false,
         };
         c.reset();
         c
@@ -321,8 +325,24 @@ impl Core {
     }
 
     /// Sends what the driver queued between TDH and TDT.
+    /// Whether the NIC may touch guest memory (Bus Master Enable).
+    pub(crate) fn may_dma(&self) -> bool {
+        self.bus_master
+    }
+
+    /// Bus Master Enable changed; work held while it was off resumes.
+    fn set_bus_master(&mut self, on: bool) {
+        if on != self.bus_master {
+            self.bus_master = on;
+            if on {
+                self.kick_rx();
+                let _ = self.tx_kick.write(1);
+            }
+        }
+    }
+
     pub(crate) fn transmit(&mut self) {
-        if self.reg(TCTL) & TCTL_EN == 0 {
+        if self.reg(TCTL) & TCTL_EN == 0 || !self.bus_master {
             return;
         }
         let ring = TxRing {
@@ -582,6 +602,13 @@ impl PciDevice for E1000 {
 
     fn config_mut(&mut self) -> &mut PciConfig {
         &mut self.config
+    }
+
+    fn config_written(&mut self, offset: usize, data: &[u8]) {
+        if PciConfig::touches_command(offset, data.len()) {
+            let on = self.config.bus_master();
+            self.core().set_bus_master(on);
+        }
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {

@@ -126,7 +126,7 @@ impl Core {
     /// Reads frames from the TAP into the ring until either runs out.
     pub(crate) fn receive(&mut self) -> RxStop {
         let rctl = self.reg(RCTL);
-        if rctl & RCTL_EN == 0 || !self.phy.link_up() || self.rx.broken {
+        if rctl & RCTL_EN == 0 || !self.phy.link_up() || self.rx.broken || !self.may_dma() {
             return RxStop::NeedBuffers;
         }
         let n = self.reg(RDLEN) / 16;

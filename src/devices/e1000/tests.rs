@@ -55,15 +55,27 @@ fn rig() -> Rig {
         Box::new(Line(irq.clone())),
     )
     .unwrap();
-    Rig {
+    let mut r = Rig {
         dev,
         mem,
         peer,
         irq,
-    }
+    };
+    // As Linux's driver does at probe (pci_set_master).
+    r.bus_master(true);
+    r
 }
 
 impl Rig {
+    /// Writes the PCI command register: I/O and memory space on, bus
+    /// mastering as `on`.
+    fn bus_master(&mut self, on: bool) {
+        use crate::pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_IO, COMMAND_MEMORY};
+        let cmd = COMMAND_IO | COMMAND_MEMORY | if on { COMMAND_BUS_MASTER } else { 0 };
+        self.dev.config_mut().write(COMMAND, &cmd.to_le_bytes());
+        self.dev.config_written(COMMAND, &cmd.to_le_bytes());
+    }
+
     fn w(&mut self, reg: u32, v: u32) {
         self.dev.bar_write(0, u64::from(reg), &v.to_le_bytes());
     }
@@ -518,6 +530,7 @@ fn synchronous_e1000_transmits_only_when_asked() {
         peer,
         irq: Arc::new(AtomicBool::new(false)),
     };
+    r.bus_master(true);
     r.tx_ring(8);
     let f = frame_to([2, 0, 0, 0, 0, 9], 100, 1);
     r.mem.write_slice(&f, GuestAddress(BUFS)).unwrap();
@@ -631,4 +644,36 @@ fn a_long_tx_ring_neither_holds_the_registers_nor_delays_shutdown() {
     let tdh = r.r(TDH);
     assert!(tdh < tail, "shutdown waited for the whole ring ({took:?})");
     assert!(took < Duration::from_secs(1), "shutdown took {took:?}");
+}
+
+/// With Bus Master Enable clear the e1000 neither reads TX descriptors nor
+/// writes RX buffers or descriptors; both resume when the bit is set.
+#[test]
+fn no_dma_while_bus_mastering_is_off() {
+    let mut r = rig();
+    r.tx_ring(8);
+    r.rx_ring(8);
+    r.bus_master(false);
+    let f = frame_to([2, 0, 0, 0, 0, 9], 200, 3);
+    r.mem.write_slice(&f, GuestAddress(BUFS + 0x8000)).unwrap();
+    r.tx_desc(0, BUFS + 0x8000, f.len() as u16);
+    r.w(TDT, 1);
+    let incoming = frame_to(MAC, 100, 4);
+    peer_send(&r.peer, &incoming);
+    assert!(peer_recv_nothing(&r.peer), "a TX descriptor was read");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!((r.r(TDH), r.r(RDH)), (0, 0), "descriptors were processed");
+    let mut untouched = vec![0u8; incoming.len()];
+    r.mem
+        .read_slice(&mut untouched, GuestAddress(BUFS))
+        .unwrap();
+    assert!(
+        untouched.iter().all(|&b| b == 0),
+        "an RX buffer was written"
+    );
+    let status: u8 = r.mem.read_obj(GuestAddress(TX_RING + 12)).unwrap();
+    assert_eq!(status, 0, "a TX status was written back");
+    r.bus_master(true);
+    assert_eq!(peer_recv(&r.peer).as_deref(), Some(&f[..]));
+    assert!(r.wait_rdh(1), "RX after bus mastering came back");
 }

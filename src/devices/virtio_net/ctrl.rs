@@ -15,6 +15,9 @@ const ERR: u8 = 1;
 
 impl Worker {
     pub(super) fn process_ctrl(&mut self) {
+        if !self.may_dma() {
+            return;
+        }
         let Some(ctrl) = self.ctrl.as_mut() else {
             return;
         };

@@ -75,6 +75,10 @@ impl VirtioDevice for SyncNet {
         *lock(&self.worker) = None;
         self.net.reset();
     }
+
+    fn set_bus_master(&mut self, on: bool) {
+        self.net.set_bus_master(on)
+    }
 }
 
 impl Passes {

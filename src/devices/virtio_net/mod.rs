@@ -24,6 +24,7 @@ pub mod worker;
 
 use std::fs::File;
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -78,6 +79,9 @@ pub struct VirtioNet {
     running: Option<(EventFd, JoinHandle<()>)>,
     /// The kernel data path, when the NIC may use one.
     vhost: Option<VhostNet>,
+    /// Bus Master Enable, shared with the worker: no guest memory is
+    /// touched while it is off.
+    bus_master: Arc<AtomicBool>,
 }
 
 /// The feature bits vhost-net interprets itself: the guest may only have
@@ -120,6 +124,7 @@ impl VirtioNet {
             avail_features: f,
             running: None,
             vhost,
+            bus_master: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -151,19 +156,23 @@ impl VirtioNet {
                 call,
             })
             .collect();
-        let tap = self
-            .backend
+        let tap = Self::tap_file(&self.backend)?;
+        vhost
+            .start(a.features, self.backend.vnet_hdr(), &rings, &tap)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The TAP as a file of its own, for the kernel's data path.
+    fn tap_file(backend: &Arc<dyn NetBackend>) -> Result<File, String> {
+        backend
             .as_fd()
             .try_clone_to_owned()
-            .map_err(|e| format!("cannot share the TAP: {e}"))?;
-        vhost
-            .start(
-                a.features,
-                self.backend.vnet_hdr(),
-                &rings,
-                &File::from(tap),
-            )
-            .map_err(|e| e.to_string())
+            .map(File::from)
+            .map_err(|e| format!("cannot share the TAP: {e}"))
+    }
+
+    fn shared_tap(&self) -> Result<File, String> {
+        Self::tap_file(&self.backend)
     }
 
     pub fn stats(&self) -> Arc<NetStats> {
@@ -255,6 +264,23 @@ impl VirtioDevice for VirtioNet {
     fn reset(&mut self) {
         self.stop_worker();
     }
+
+    fn set_bus_master(&mut self, on: bool) {
+        self.bus_master.store(on, Ordering::SeqCst);
+        // The kernel's data path holds still too, and carries on after.
+        let tap = self.shared_tap();
+        if let Some(v) = self.vhost.as_mut().filter(|v| v.running()) {
+            if !on {
+                v.pause();
+            } else if let Err(e) = tap.and_then(|t| v.resume(&t).map_err(|e| e.to_string())) {
+                crate::guest_log!(
+                    log::Level::Warn,
+                    "{}: vhost-net did not resume after bus mastering came back: {e}",
+                    self.params.name
+                );
+            }
+        }
+    }
 }
 
 impl VirtioNet {
@@ -281,7 +307,10 @@ impl VirtioNet {
                 .configure_offloads(HDR_LEN, Self::tap_offloads(a.features))
                 .map_err(|e| ActivateError::Start(format!("TAP offloads: {e}")))?;
         }
+        // With bus mastering off at DRIVER_OK (no Linux does that) the
+        // session stays in userspace, held until it comes on.
         let in_kernel = self.vhost.is_some()
+            && self.bus_master.load(Ordering::SeqCst)
             && match self.start_vhost(&a) {
                 Ok(()) => {
                     crate::guest_log!(
@@ -310,6 +339,7 @@ impl VirtioNet {
                 .map_err(|e| ActivateError::Start(e.to_string()))?,
             in_kernel,
             self.params.mtu,
+            self.bus_master.clone(),
         );
         Ok((w, stop))
     }

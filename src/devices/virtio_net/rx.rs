@@ -23,6 +23,9 @@ const MAX_POOL_CHAINS: usize = 64;
 
 impl Worker {
     pub(super) fn process_rx(&mut self) {
+        if !self.may_dma() {
+            return;
+        }
         let mut used = false;
         while self.tap_readable {
             used |= self.refill_pool();

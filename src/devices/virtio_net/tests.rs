@@ -763,3 +763,48 @@ fn a_frame_cut_by_the_read_is_dropped_not_delivered() {
     let s = r.stats.snapshot();
     assert_eq!((s.rx_frames, s.rx_dropped), (1, 1));
 }
+
+/// Writes the PCI command register as a driver does (memory space on, bus
+/// mastering as `master`).
+fn set_bus_master(r: &mut Rig, master: bool) {
+    use crate::pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY};
+    use crate::pci::PciDevice;
+    let cmd = COMMAND_MEMORY | if master { COMMAND_BUS_MASTER } else { 0 };
+    r.drv.pci.config_mut().write(COMMAND, &cmd.to_le_bytes());
+    r.drv.pci.config_written(COMMAND, &cmd.to_le_bytes());
+}
+
+/// With Bus Master Enable clear (kexec, a driver unbound without a reset)
+/// the device may not touch guest memory: no TX chain is read, no RX
+/// buffer written, no used entry; it all happens once the bit is set.
+#[test]
+fn no_dma_while_bus_mastering_is_off() {
+    let mut r = rig(true);
+    r.drv.init(all_features(true), &[256, 256, 64]);
+    set_bus_master(&mut r, false);
+    let mem = r.drv.mem.clone();
+    let frame = pattern(HDR_LEN + 64, 7);
+    mem.write_slice(&frame, GuestAddress(DATA_START)).unwrap();
+    r.drv.queues[TXQ].add_chain(&mem, &[(DATA_START, frame.len() as u32)], false);
+    r.drv.kick(TXQ as u16);
+    let addrs = post_rx(&mut r, 45, 1536);
+    let mut pkt = vec![0u8; HDR_LEN];
+    pkt.extend(pattern(100, 8));
+    peer_send(&r.peer, &pkt);
+    assert!(peer_recv_nothing(&r.peer), "a TX chain was read");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(r.drv.queues[TXQ].pop_used(&mem).is_none(), "TX used entry");
+    assert!(r.drv.queues[RXQ].pop_used(&mem).is_none(), "RX used entry");
+    let mut untouched = vec![0u8; pkt.len()];
+    mem.read_slice(&mut untouched, GuestAddress(addrs[0]))
+        .unwrap();
+    assert!(
+        untouched.iter().all(|&b| b == 0),
+        "an RX buffer was written"
+    );
+    // Bus mastering on: both go through.
+    set_bus_master(&mut r, true);
+    assert_eq!(peer_recv(&r.peer).as_deref(), Some(&frame[..]));
+    let (_, len) = r.drv.queues[RXQ].wait_used(&mem, T).expect("RX after BME");
+    assert_eq!(len as usize, pkt.len());
+}

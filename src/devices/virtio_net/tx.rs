@@ -8,6 +8,9 @@ use super::HDR_LEN;
 
 impl Worker {
     pub(super) fn process_tx(&mut self) {
+        if !self.may_dma() {
+            return;
+        }
         let mut used = false;
         let strip = !self.backend.vnet_hdr();
         let (backend, stats, segs, iov) =

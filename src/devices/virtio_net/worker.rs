@@ -63,6 +63,9 @@ pub struct Worker {
     /// Scratch space reused for every frame: no allocation per frame.
     pub(super) segs: Vec<Segment>,
     pub(super) iov: Vec<libc::iovec>,
+    /// Bus Master Enable: while off, no queue is touched (the transport
+    /// kicks every queue when it comes back on).
+    pub(super) bus_master: Arc<std::sync::atomic::AtomicBool>,
 }
 
 // SAFETY: the iovecs in `iov` point into guest memory that `mem` keeps
@@ -78,6 +81,7 @@ impl Worker {
         stop: EventFd,
         data_in_kernel: bool,
         mtu: u16,
+        bus_master: Arc<std::sync::atomic::AtomicBool>,
     ) -> Self {
         let mut queues = a.queues.into_iter().map(|q| QueueCtx {
             queue: q.queue,
@@ -109,7 +113,16 @@ impl Worker {
             pool: RxPool::default(),
             segs: Vec::with_capacity(super::chain::MAX_IOV),
             iov: Vec::with_capacity(super::chain::MAX_IOV),
+            bus_master,
         }
+    }
+
+    /// Whether the device may touch guest memory now. Every pass (RX, TX,
+    /// control) begins by asking: while bus mastering is off the work
+    /// waits (kicks are still read, and a TAP event still noted), and the
+    /// transport kicks every queue when it comes back on.
+    pub(super) fn may_dma(&self) -> bool {
+        self.bus_master.load(Ordering::SeqCst)
     }
 
     /// Runs the event loop until the device is reset or the VM stops.
