@@ -120,6 +120,22 @@ pub fn peer_try_send(fd: &OwnedFd, data: &[u8]) -> bool {
     n >= 0 && n as usize == data.len()
 }
 
+/// Sends one frame from the device's end, as its writev would, without
+/// blocking; false once the host end's queue is full (what a TAP with a
+/// small sndbuf answers with EAGAIN).
+pub fn device_try_send(tap: &FakeTap, data: &[u8]) -> bool {
+    // SAFETY: data is a live buffer of the given length.
+    let n = unsafe {
+        libc::send(
+            tap.fd.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    n >= 0 && n as usize == data.len()
+}
+
 pub fn peer_send(fd: &OwnedFd, data: &[u8]) {
     assert!(peer_try_send(fd, data), "the host end could not send");
 }

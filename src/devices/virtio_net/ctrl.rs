@@ -6,7 +6,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::chain::MAX_IOV;
 use super::stats::bump;
-use super::worker::{drain, pop, put_used, Worker, SIGNAL_CTRL};
+use super::worker::{drain, pop, put_used, Step, Worker, SIGNAL_CTRL};
 
 const CLASS_RX: u8 = 0;
 const CLASS_MAC: u8 = 1;
@@ -25,7 +25,7 @@ impl Worker {
         let mut used = false;
         drain(&self.mem, &mut ctrl.queue, |q, mem| {
             let Some(c) = pop(q, mem) else {
-                return false;
+                return Step::Done;
             };
             let head = c.head_index();
             // Readable part: class, command, data. Writable part: the ack.
@@ -66,10 +66,10 @@ impl Worker {
                 _ => bump(&stats.malformed, 1),
             }
             if !put_used(q, mem, head, len) {
-                return false;
+                return Step::Done;
             }
             used = true;
-            true
+            Step::Next
         });
         if used {
             self.signal(SIGNAL_CTRL);

@@ -87,9 +87,11 @@ impl Passes {
         lock(&self.0).is_some()
     }
 
-    /// The worker's answer to a TX kick.
+    /// The worker's answer to a TX kick, or to the TAP having room again
+    /// after TX parked on a full one (callers drain the host end first).
     pub fn tx(&self) {
         if let Some(w) = lock(&self.0).as_mut() {
+            w.tx_parked = false;
             w.process_tx();
         }
     }

@@ -3,21 +3,22 @@
 
 use super::chain::{self, ChainError};
 use super::stats::bump;
-use super::worker::{drain, pop, put_used, Worker, SIGNAL_TX};
+use super::worker::{drain, pop, put_used, Step, Worker, SIGNAL_TX};
 use super::HDR_LEN;
 
 impl Worker {
     pub(super) fn process_tx(&mut self) {
-        if !self.may_dma() {
+        // Parked: the TAP's room (EPOLLOUT) resumes TX, not a kick.
+        if !self.may_dma() || self.tx_parked {
             return;
         }
         let mut used = false;
         let strip = !self.backend.vnet_hdr();
         let (backend, stats, segs, iov) =
             (&self.backend, &self.stats, &mut self.segs, &mut self.iov);
-        drain(&self.mem, &mut self.tx.queue, |q, mem| {
+        let parked = drain(&self.mem, &mut self.tx.queue, |q, mem| {
             let Some(c) = pop(q, mem) else {
-                return false;
+                return Step::Done;
             };
             let head = c.head_index();
             segs.clear();
@@ -39,13 +40,21 @@ impl Worker {
                         Ok(0) // a header and nothing after it: nothing to send
                     };
                     match wrote {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            // The TAP's queue is full (a small sndbuf=):
+                            // the chain goes back, unanswered, and the
+                            // guest waits, as on a busy wire with flow
+                            // control, instead of losing the frame.
+                            Worker::unpop(q, 1);
+                            return Step::Park;
+                        }
                         Ok(_) => {
                             bump(&stats.tx_frames, 1);
                             bump(&stats.tx_bytes, u64::from(len) - HDR_LEN as u64);
                         }
                         Err(e) => {
-                            // A full TAP queue or a header the host refused:
-                            // the frame is lost, as on a wire.
+                            // A header the host refused, a TAP gone: the
+                            // frame is lost, as on a wire.
                             bump(&stats.tx_dropped, 1);
                             crate::guest_log!(
                                 log::Level::Debug,
@@ -64,11 +73,12 @@ impl Worker {
             }
             // TX buffers are only read: the used length is 0.
             if !put_used(q, mem, head, 0) {
-                return false;
+                return Step::Done;
             }
             used = true;
-            true
+            Step::Next
         });
+        self.tx_parked = parked;
         if used {
             self.signal(SIGNAL_TX);
         }

@@ -66,6 +66,11 @@ pub struct Worker {
     /// Bus Master Enable: while off, no queue is touched (the transport
     /// kicks every queue when it comes back on).
     pub(super) bus_master: Arc<std::sync::atomic::AtomicBool>,
+    /// TX is parked: the backend would block, the chain is back in the
+    /// ring, and the TAP is watched for room (EPOLLOUT) to go on.
+    pub(super) tx_parked: bool,
+    /// Whether the TAP's epoll registration includes EPOLLOUT now.
+    tap_watch_out: bool,
 }
 
 // SAFETY: the iovecs in `iov` point into guest memory that `mem` keeps
@@ -114,6 +119,29 @@ impl Worker {
             segs: Vec::with_capacity(super::chain::MAX_IOV),
             iov: Vec::with_capacity(super::chain::MAX_IOV),
             bus_master,
+            tx_parked: false,
+            tap_watch_out: false,
+        }
+    }
+
+    /// Watches the TAP for room (EPOLLOUT) exactly while TX is parked: a
+    /// TAP with room is writable almost always, so watching it otherwise
+    /// would wake the loop for nothing.
+    fn sync_tap_watch(&mut self, ops: &mut EventOps) {
+        if self.tx_parked == self.tap_watch_out || self.data_in_kernel {
+            return;
+        }
+        let mut set = EventSet::IN | EventSet::EDGE_TRIGGERED;
+        if self.tx_parked {
+            set |= EventSet::OUT;
+        }
+        let fd = self.backend.as_raw_fd();
+        match ops.modify(Events::with_data_raw(fd, TAP, set)) {
+            Ok(()) => self.tap_watch_out = self.tx_parked,
+            Err(e) => crate::guest_log!(
+                log::Level::Error,
+                "virtio-net: cannot watch the TAP for room: {e:?}"
+            ),
         }
     }
 
@@ -204,13 +232,22 @@ impl MutEventSubscriber for Worker {
         // Frames may have been queued before the driver came up.
         self.process_tx();
         self.process_rx();
+        self.sync_tap_watch(ops);
     }
 
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             TAP => {
-                self.tap_readable = true;
-                self.process_rx();
+                let set = events.event_set();
+                if set.contains(EventSet::OUT) && self.tx_parked {
+                    // Room again: the parked chain goes first.
+                    self.tx_parked = false;
+                    self.process_tx();
+                }
+                if !set.contains(EventSet::OUT) || set.contains(EventSet::IN) {
+                    self.tap_readable = true;
+                    self.process_rx();
+                }
             }
             RX_KICK => {
                 let _ = self.rx.kick.read();
@@ -232,6 +269,7 @@ impl MutEventSubscriber for Worker {
             }
             _ => {}
         }
+        self.sync_tap_watch(ops);
     }
 }
 
@@ -273,18 +311,36 @@ pub(super) fn put_used(q: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32
     head < q.size() && q.add_used(mem, head, len).is_ok()
 }
 
+/// What a drain step says about the queue.
+pub(super) enum Step {
+    /// One chain done: take the next.
+    Next,
+    /// No chain left (or the queue is unusable).
+    Done,
+    /// The backend would block: the chain went back to the ring and the
+    /// queue waits, notifications off, until the backend takes writes.
+    Park,
+}
+
 /// Drains a queue's chains with notifications off, then re-enables them
 /// and goes again if the driver added more meanwhile (the event-idx
-/// protocol; also correct without event idx).
-pub(super) fn drain<F>(mem: &GuestMemoryMmap, q: &mut Queue, mut each: F)
+/// protocol; also correct without event idx). Returns true when a step
+/// parked the queue.
+pub(super) fn drain<F>(mem: &GuestMemoryMmap, q: &mut Queue, mut each: F) -> bool
 where
-    F: FnMut(&mut Queue, &GuestMemoryMmap) -> bool,
+    F: FnMut(&mut Queue, &GuestMemoryMmap) -> Step,
 {
     loop {
         let _ = q.disable_notification(mem);
-        while each(q, mem) {}
+        loop {
+            match each(q, mem) {
+                Step::Next => {}
+                Step::Done => break,
+                Step::Park => return true,
+            }
+        }
         if !rearm(q, mem) {
-            break;
+            return false;
         }
     }
 }
