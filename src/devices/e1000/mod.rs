@@ -99,6 +99,9 @@ pub struct Core {
     /// Bus Master Enable (PCI command register, not a device register:
     /// CTRL.RST leaves it): no descriptor or buffer is touched while off.
     bus_master: bool,
+    /// The TAP would block: TX waits at TDH for room (the NIC thread
+    /// watches the TAP for it).
+    pub(crate) tx_blocked: bool,
 }
 
 impl Core {
@@ -129,6 +132,7 @@ impl Core {
             irq_high: false,
             rx: rx::RxState::new(vnet),
             bus_master: false,
+            tx_blocked: false,
         };
         c.reset();
         c
@@ -367,6 +371,7 @@ impl Core {
             );
         }
         self.set(TDH, report.head);
+        self.tx_blocked = report.blocked;
         if report.more {
             // Bounded passes: the RX/TX thread comes back for the rest
             // after it released the lock (vCPUs get the registers in

@@ -6,7 +6,7 @@
 //! interrupt for everything that was waiting).
 
 use std::io::ErrorKind;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -344,6 +344,8 @@ const EV_TAP: u64 = 0;
 const EV_KICK: u64 = 1;
 const EV_STOP: u64 = 2;
 const EV_TX: u64 = 3;
+/// The TAP has room again after TX blocked on it (EPOLLOUT).
+const EV_TX_ROOM: u64 = 4;
 /// How often the TAP's link state is looked at.
 const LINK_POLL: Duration = Duration::from_secs(1);
 
@@ -364,6 +366,22 @@ impl RxThread {
             )
         };
         let tap_fd = self.backend.as_raw_fd();
+        // The TAP again, under a second fd: the one watched for room while
+        // TX waits (the first one's watch follows RX's needs).
+        // SAFETY: dup of a valid fd this thread's backend keeps open; the
+        // new fd is owned by `room_fd` alone.
+        let room_fd = unsafe { libc::fcntl(tap_fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if room_fd < 0 {
+            crate::guest_log!(
+                log::Level::Error,
+                "e1000: cannot watch the TAP for room: {}",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        // SAFETY: room_fd was just created and nothing else owns it.
+        let room_fd = unsafe { OwnedFd::from_raw_fd(room_fd) };
+        let mut watching_room = false;
         if let Err(e) = watch(tap_fd, EV_TAP)
             .and_then(|_| watch(self.kick.as_raw_fd(), EV_KICK))
             .and_then(|_| watch(self.stop.as_raw_fd(), EV_STOP))
@@ -405,6 +423,9 @@ impl RxThread {
                         let _ = self.tx_kick.read();
                         self.lock().transmit();
                     }
+                    EV_TX_ROOM => {
+                        self.lock().transmit();
+                    }
                     EV_KICK => {
                         let _ = self.kick.read();
                         run = true;
@@ -440,6 +461,21 @@ impl RxThread {
                         let _ = epoll.ctl(op, tap_fd, EpollEvent::new(EventSet::IN, EV_TAP));
                     }
                     waiting_for_buffers = now_waiting;
+                }
+            }
+            // TX waits for room exactly while it is blocked (a TAP with
+            // room is writable almost always: watching it otherwise would
+            // spin this level-triggered loop).
+            let blocked = self.lock().tx_blocked && !tap_failed;
+            if blocked != watching_room {
+                let op = if blocked {
+                    ControlOperation::Add
+                } else {
+                    ControlOperation::Delete
+                };
+                let ev = EpollEvent::new(EventSet::OUT, EV_TX_ROOM);
+                if epoll.ctl(op, room_fd.as_raw_fd(), ev).is_ok() {
+                    watching_room = blocked;
                 }
             }
             if tap_error && !tap_failed {

@@ -34,12 +34,15 @@ struct Rig {
     mem: GuestMemoryMmap,
     peer: OwnedFd,
     irq: Arc<AtomicBool>,
+    /// The device's end of the fake TAP.
+    tap: Arc<crate::devices::test_backend::FakeTap>,
 }
 
 fn rig() -> Rig {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
     let (tap, peer) = fake_tap(false);
     let irq = Arc::new(AtomicBool::new(false));
+    let fake = tap.clone();
     let dev = E1000::new(
         E1000Params {
             mac: MAC,
@@ -60,6 +63,7 @@ fn rig() -> Rig {
         mem,
         peer,
         irq,
+        tap: fake,
     };
     // As Linux's driver does at probe (pci_set_master).
     r.bus_master(true);
@@ -509,6 +513,7 @@ fn rx_thread_cpu_secs(dev: &E1000) -> f64 {
 fn synchronous_e1000_transmits_only_when_asked() {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
     let (tap, peer) = fake_tap(false);
+    let fake = tap.clone();
     let dev = E1000::new_synchronous(
         E1000Params {
             mac: MAC,
@@ -529,6 +534,7 @@ fn synchronous_e1000_transmits_only_when_asked() {
         mem,
         peer,
         irq: Arc::new(AtomicBool::new(false)),
+        tap: fake,
     };
     r.bus_master(true);
     r.tx_ring(8);
@@ -676,4 +682,49 @@ fn no_dma_while_bus_mastering_is_off() {
     r.bus_master(true);
     assert_eq!(peer_recv(&r.peer).as_deref(), Some(&f[..]));
     assert!(r.wait_rdh(1), "RX after bus mastering came back");
+}
+
+/// A TAP answering EAGAIN (a small sndbuf=, its queue full) holds the
+/// guest back instead of losing its frames: TDH stays at the frame that
+/// could not go, no drop is counted, and once the TAP takes writes again
+/// every frame goes out in order.
+#[test]
+fn tx_waits_for_a_tap_that_would_block_instead_of_dropping() {
+    let mut r = rig();
+    r.tx_ring(8);
+    let filler = vec![0u8; 1000];
+    let mut queued = 0;
+    while crate::devices::test_backend::device_try_send(&r.tap, &filler) {
+        queued += 1;
+        assert!(queued < 100_000, "the socket never filled");
+    }
+    let frames: Vec<Vec<u8>> = (0..4)
+        .map(|i| frame_to([2, 0, 0, 0, 0, 9], 200, 50 + i))
+        .collect();
+    for (i, f) in frames.iter().enumerate() {
+        let at = BUFS + 0x1000 * i as u64;
+        r.mem.write_slice(f, GuestAddress(at)).unwrap();
+        r.tx_desc(i as u64, at, f.len() as u16);
+    }
+    r.w(TDT, 4);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(r.r(TDH), 0, "a frame was consumed while the TAP was full");
+    assert_eq!(
+        r.dev.stats().snapshot().tx_dropped,
+        0,
+        "frames were dropped"
+    );
+    for _ in 0..queued {
+        assert!(peer_recv(&r.peer).is_some());
+    }
+    for f in &frames {
+        assert_eq!(
+            peer_recv(&r.peer).as_deref(),
+            Some(&f[..]),
+            "in order, whole"
+        );
+    }
+    assert!(r.wait_reg(TDH, 4));
+    let s = r.dev.stats().snapshot();
+    assert_eq!((s.tx_frames, s.tx_dropped), (4, 0));
 }

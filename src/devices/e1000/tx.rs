@@ -96,6 +96,10 @@ pub struct TxReport {
     pub ring_error: bool,
     /// The pass used up its budget with descriptors left: run another.
     pub more: bool,
+    /// The backend would block (EAGAIN): `head` is the first descriptor
+    /// of the frame that could not go, to be sent again once there is
+    /// room; nothing of that frame went out and nothing was dropped.
+    pub blocked: bool,
 }
 
 /// Writes to the backend one pass may start before it stops at the next
@@ -210,6 +214,11 @@ pub struct TxEngine {
     buf: Box<[u8]>,
     /// The original headers of the TSO frame being segmented.
     hdr_save: [u8; 256],
+    /// The ring index of the current frame's first descriptor: where TX
+    /// starts again if the backend would block on the frame.
+    frame_head: u32,
+    /// The last send of the frame being finished would have blocked.
+    would_block: bool,
 }
 
 impl TxEngine {
@@ -228,6 +237,8 @@ impl TxEngine {
             frame: Frame::default(),
             buf: vec![0u8; HEADROOM + MAX_FRAME].into_boxed_slice(),
             hdr_save: [0u8; 256],
+            frame_head: 0,
+            would_block: false,
         }
     }
 
@@ -293,7 +304,20 @@ impl TxEngine {
                 rep.ring_error = true;
                 break;
             }
+            if !self.frame.started {
+                self.frame_head = head;
+            }
+            self.would_block = false;
             self.descriptor(mem, &d, &mut counted, &mut rep);
+            if self.would_block {
+                // Back to the frame's first descriptor, to be gathered and
+                // sent again when the backend has room: the guest's buffers
+                // stay its own until then (no DD on them).
+                self.frame = Frame::default();
+                rep.head = self.frame_head;
+                rep.blocked = true;
+                return rep;
+            }
             if d[11] & CMD_RS != 0 {
                 let status = (d[12] | STA_DD) & !STA_ERRORS;
                 let written = addr
@@ -437,7 +461,17 @@ impl TxEngine {
             checksum_offload(frame, &self.csum_ctx, f.popts, self.vnet_hdr)
         };
         let r = self.emit(HEADROOM, len, hdr, tag, send);
-        count(rep, r, 1, 0);
+        if !self.blocked_on(&r) {
+            count(rep, r, 1, 0);
+        }
+    }
+
+    /// Whether a send would have blocked (EAGAIN); notes it for process()
+    /// to start the frame again later.
+    fn blocked_on(&mut self, r: &io::Result<usize>) -> bool {
+        let blocked = matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        self.would_block |= blocked;
+        blocked
     }
 
     /// Writes the vnet header and the VLAN tag around the frame at
@@ -541,6 +575,9 @@ impl TxEngine {
             csum_offset: (t.tucso - t.tucss) as u16,
         };
         let r = self.emit(HEADROOM, len, hdr, tag, send);
+        if self.blocked_on(&r) {
+            return;
+        }
         // Every segment after the first repeats the headers (and tag).
         let tag_len = if tag.is_some() { VLAN_TAG_LEN } else { 0 };
         let extra = (t.segments - 1) * (t.hdr_len + tag_len);
@@ -607,6 +644,12 @@ impl TxEngine {
             }
             put16(seg, t.tucso, c);
             let r = self.emit(start, seg_len, VnetHdr::default(), tag, send);
+            // Only the first segment can wait for room: once some went
+            // out, sending the frame again would repeat them, so the rest
+            // of a frame cut short by a full backend is lost (counted).
+            if i == 0 && self.blocked_on(&r) {
+                return;
+            }
             count(rep, r, 1, 0);
         }
     }
@@ -1091,6 +1134,7 @@ mod tests {
                 dropped: 0,
                 ring_error: false,
                 more: false,
+                blocked: false,
             }
         );
         assert_eq!(out, vec![a, b]);
@@ -1787,7 +1831,8 @@ mod tests {
         let rep = TxEngine::new(false).process(&m, &ring, &mut |_: &[u8]| {
             calls += 1;
             if calls % 2 == 0 {
-                Err(io::Error::from_raw_os_error(libc::EAGAIN))
+                // A frame the host refused (EAGAIN is not a drop: below).
+                Err(io::Error::from_raw_os_error(libc::EINVAL))
             } else {
                 Ok(())
             }
@@ -1797,6 +1842,46 @@ mod tests {
             (4, 2, 120, 2)
         );
         assert!((0..4).all(|i| read_desc(&m, RING, i)[12] == STA_DD));
+    }
+
+    /// EAGAIN stops the ring at the frame's first descriptor, untouched
+    /// (no DD), and the next pass sends it from there.
+    #[test]
+    fn a_send_that_would_block_waits_at_its_frame() {
+        let m = mem();
+        let f = pattern(60, 26);
+        write(&m, BUFS, &f);
+        // Frame 0 in one descriptor, frame 1 in two.
+        let ring = post(
+            &m,
+            &[
+                legacy(BUFS, 60, CMD_EOP | CMD_RS),
+                legacy(BUFS, 30, CMD_RS),
+                legacy(BUFS + 30, 30, CMD_EOP | CMD_RS),
+            ],
+        );
+        let mut e = TxEngine::new(false);
+        let mut calls = 0;
+        let rep = e.process(&m, &ring, &mut |_: &[u8]| {
+            calls += 1;
+            if calls == 2 {
+                Err(io::Error::from_raw_os_error(libc::EAGAIN))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(rep.blocked);
+        assert_eq!((rep.head, rep.frames, rep.dropped), (1, 1, 0));
+        assert_eq!(read_desc(&m, RING, 2)[12], 0, "no DD on the frame's end");
+        let rest = TxRing {
+            head: rep.head,
+            ..ring
+        };
+        let (rep, out) = run(&mut e, &m, &rest);
+        assert!(!rep.blocked);
+        assert_eq!((rep.head, rep.frames, rep.dropped), (3, 1, 0));
+        assert_eq!(out, vec![f.clone()], "frame 1 whole, gathered again");
+        assert_eq!(read_desc(&m, RING, 2)[12], STA_DD);
     }
 
     #[test]
