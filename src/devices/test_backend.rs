@@ -136,6 +136,30 @@ pub fn device_try_send(tap: &FakeTap, data: &[u8]) -> bool {
     n >= 0 && n as usize == data.len()
 }
 
+/// Sends from the device's end until the host end's queue is full, so
+/// that the device's next write would block; returns how many frames of
+/// `len` bytes that took.
+pub fn fill_until_blocked(tap: &FakeTap, len: usize) -> usize {
+    let filler = vec![0u8; len];
+    let mut n = 0;
+    while device_try_send(tap, &filler) {
+        n += 1;
+        assert!(n < 100_000, "the socket never filled");
+    }
+    n
+}
+
+/// The host reads the `queued` filler frames, then must find `frames`,
+/// whole and in order: what a device held back while its writes blocked.
+pub fn expect_after_filler(peer: &OwnedFd, queued: usize, frames: &[Vec<u8>]) {
+    for _ in 0..queued {
+        assert!(peer_recv(peer).is_some(), "filler frame missing");
+    }
+    for f in frames {
+        assert_eq!(peer_recv(peer).as_deref(), Some(&f[..]), "in order, whole");
+    }
+}
+
 pub fn peer_send(fd: &OwnedFd, data: &[u8]) {
     assert!(peer_try_send(fd, data), "the host end could not send");
 }

@@ -692,12 +692,7 @@ fn no_dma_while_bus_mastering_is_off() {
 fn tx_waits_for_a_tap_that_would_block_instead_of_dropping() {
     let mut r = rig();
     r.tx_ring(8);
-    let filler = vec![0u8; 1000];
-    let mut queued = 0;
-    while crate::devices::test_backend::device_try_send(&r.tap, &filler) {
-        queued += 1;
-        assert!(queued < 100_000, "the socket never filled");
-    }
+    let queued = crate::devices::test_backend::fill_until_blocked(&r.tap, 1000);
     let frames: Vec<Vec<u8>> = (0..4)
         .map(|i| frame_to([2, 0, 0, 0, 0, 9], 200, 50 + i))
         .collect();
@@ -714,16 +709,7 @@ fn tx_waits_for_a_tap_that_would_block_instead_of_dropping() {
         0,
         "frames were dropped"
     );
-    for _ in 0..queued {
-        assert!(peer_recv(&r.peer).is_some());
-    }
-    for f in &frames {
-        assert_eq!(
-            peer_recv(&r.peer).as_deref(),
-            Some(&f[..]),
-            "in order, whole"
-        );
-    }
+    crate::devices::test_backend::expect_after_filler(&r.peer, queued, &frames);
     assert!(r.wait_reg(TDH, 4));
     let s = r.dev.stats().snapshot();
     assert_eq!((s.tx_frames, s.tx_dropped), (4, 0));

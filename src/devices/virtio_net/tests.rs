@@ -329,22 +329,8 @@ fn control_commands_are_acknowledged() {
     let d = DATA_START;
     // VIRTIO_NET_CTRL_RX / PROMISC on; then an unknown class.
     for (class, want) in [(0u8, 0u8), (42, 1)] {
-        mem.write_slice(&[class, 0, 1], GuestAddress(d)).unwrap();
         mem.write_obj(0xeeu8, GuestAddress(d + 0x100)).unwrap();
-        let q = &mut r.drv.queues[CTRLQ];
-        let first = q.write_descs(&mem, &[]);
-        let head = q.write_descs(
-            &mem,
-            &[
-                (d, 2, DESC_F_NEXT, first + 1),
-                (d + 2, 1, DESC_F_NEXT, first + 2),
-                (d + 0x100, 1, DESC_F_WRITE, 0),
-            ],
-        );
-        q.publish(&mem, head);
-        r.drv.kick(CTRLQ as u16);
-        let (_, len) = r.drv.queues[CTRLQ].wait_used(&mem, T).expect("ack");
-        assert_eq!(len, 1);
+        assert_eq!(ctrl_command(&mut r, class, (d + 0x100, 1)), 1);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(d + 0x100)).unwrap(), want);
     }
 }
@@ -595,12 +581,12 @@ fn a_driver_repeating_a_refused_features_ok_prints_a_bounded_number_of_lines() {
     assert!(!lines.is_empty(), "the refusal is still said");
 }
 
-/// One control command: class 0 (RX), command 0, one data byte, then the
-/// ack buffer `(addr, len)`. Returns the used length.
-fn ctrl_command(r: &mut Rig, ack: (u64, u32)) -> u32 {
+/// One control command: `class`, command 0, one data byte, then the ack
+/// buffer `(addr, len)`. Returns the used length.
+fn ctrl_command(r: &mut Rig, class: u8, ack: (u64, u32)) -> u32 {
     let mem = r.drv.mem.clone();
     let d = DATA_START;
-    mem.write_slice(&[0u8, 0, 1], GuestAddress(d)).unwrap();
+    mem.write_slice(&[class, 0, 1], GuestAddress(d)).unwrap();
     let q = &mut r.drv.queues[CTRLQ];
     let first = q.write_descs(&mem, &[]);
     let head = q.write_descs(
@@ -623,11 +609,11 @@ fn a_control_ack_needs_a_buffer_of_at_least_one_byte() {
     let mem = r.drv.mem.clone();
     let at = DATA_START + 0x100;
     mem.write_obj(0xeeu8, GuestAddress(at)).unwrap();
-    assert_eq!(ctrl_command(&mut r, (at, 0)), 0, "nothing written");
+    assert_eq!(ctrl_command(&mut r, 0, (at, 0)), 0, "nothing written");
     assert_eq!(mem.read_obj::<u8>(GuestAddress(at)).unwrap(), 0xee);
     assert_eq!(r.stats.snapshot().malformed, 1);
     // A one-byte ack buffer still gets its ack.
-    assert_eq!(ctrl_command(&mut r, (at, 1)), 1);
+    assert_eq!(ctrl_command(&mut r, 0, (at, 1)), 1);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(at)).unwrap(), 0);
 }
 
@@ -707,18 +693,32 @@ fn merged_frame(r: &Rig, addrs: &[u64], size: u32, len: usize) -> Vec<u8> {
     got
 }
 
+/// A device offering MTU 16000 to a driver without GUEST_TSO, with RX
+/// queue size `rx_size` and `buffers` 4 KiB RX buffers posted; returns
+/// the rig and the buffers' addresses.
+fn mtu_16000_rig(rx_size: u16, buffers: usize) -> (Rig, Vec<u64>) {
+    let mut r = rig_with(true, "net-test", 16000);
+    let no_tso = all_features(true) & !(GUEST_TSO4 | GUEST_TSO6);
+    r.drv.init(no_tso, &[rx_size, 256, 64]);
+    let addrs = post_rx(&mut r, buffers, 4096);
+    (r, addrs)
+}
+
+/// A frame from the host: a zeroed vnet header, then `len` bytes.
+fn host_frame(len: usize, seed: u8) -> Vec<u8> {
+    let mut pkt = vec![0u8; HDR_LEN];
+    pkt.extend(pattern(len, seed));
+    pkt
+}
+
 /// The device offers MTU 16000 without GUEST_TSO: before it reads a frame
 /// it must hold buffers for the largest frame that MTU allows, not for a
 /// 9000-byte one (the rest would be cut off, and the frame delivered as
 /// if whole).
 #[test]
 fn rx_holds_buffers_for_the_mtu_it_offers() {
-    let mut r = rig_with(true, "net-test", 16000);
-    let no_tso = all_features(true) & !(GUEST_TSO4 | GUEST_TSO6);
-    r.drv.init(no_tso, &[256, 256, 64]);
-    let addrs = post_rx(&mut r, 8, 4096);
-    let mut pkt = vec![0u8; HDR_LEN];
-    pkt.extend(pattern(14 + 16000, 3));
+    let (mut r, addrs) = mtu_16000_rig(256, 8);
+    let pkt = host_frame(14 + 16000, 3);
     peer_send(&r.peer, &pkt);
     let mut total = 0;
     for i in 0..4 {
@@ -740,15 +740,9 @@ fn rx_holds_buffers_for_the_mtu_it_offers() {
 /// go on with the next frame in the same buffers.
 #[test]
 fn a_frame_cut_by_the_read_is_dropped_not_delivered() {
-    let mut r = rig_with(true, "net-test", 16000);
-    let no_tso = all_features(true) & !(GUEST_TSO4 | GUEST_TSO6);
-    r.drv.init(no_tso, &[2, 256, 64]);
-    let addrs = post_rx(&mut r, 2, 4096);
-    let mut big = vec![0u8; HDR_LEN];
-    big.extend(pattern(14 + 16000, 4));
-    peer_send(&r.peer, &big);
-    let mut small = vec![0u8; HDR_LEN];
-    small.extend(pattern(100, 5));
+    let (mut r, addrs) = mtu_16000_rig(2, 2);
+    peer_send(&r.peer, &host_frame(14 + 16000, 4));
+    let small = host_frame(100, 5);
     peer_send(&r.peer, &small);
     let (id, len) = r.drv.queues[RXQ].wait_used(&r.drv.mem, T).expect("used");
     assert_eq!(
@@ -809,18 +803,6 @@ fn no_dma_while_bus_mastering_is_off() {
     assert_eq!(len as usize, pkt.len());
 }
 
-/// Fills the host end's socket until a send would block; returns how many
-/// frames of `len` bytes it took.
-fn fill_host_queue(r: &Rig, len: usize) -> usize {
-    let filler = vec![0u8; len];
-    let mut n = 0;
-    while crate::devices::test_backend::device_try_send(&r.tap, &filler) {
-        n += 1;
-        assert!(n < 100_000, "the socket never filled");
-    }
-    n
-}
-
 /// A backend that answers EAGAIN (a TAP with a small sndbuf=, whose
 /// queue is full) holds the guest back instead of losing its frames: the
 /// chains stay in the ring, unanswered, until the backend takes writes
@@ -831,7 +813,7 @@ fn tx_waits_for_a_backend_that_would_block_instead_of_dropping() {
     r.drv.init(all_features(true), &[256, 256, 64]);
     let mem = r.drv.mem.clone();
     // The device's side of the socketpair is full: its writes block.
-    let queued = fill_host_queue(&r, 1000);
+    let queued = crate::devices::test_backend::fill_until_blocked(&r.tap, 1000);
     let frames: Vec<Vec<u8>> = (0..8).map(|i| pattern(HDR_LEN + 200, 40 + i)).collect();
     for (i, f) in frames.iter().enumerate() {
         let at = DATA_START + 0x1000 * i as u64;
@@ -846,16 +828,7 @@ fn tx_waits_for_a_backend_that_would_block_instead_of_dropping() {
     );
     assert_eq!(r.stats.snapshot().tx_dropped, 0, "frames were dropped");
     // The host reads what was queued: the device's writes go through.
-    for _ in 0..queued {
-        assert!(peer_recv(&r.peer).is_some());
-    }
-    for f in &frames {
-        assert_eq!(
-            peer_recv(&r.peer).as_deref(),
-            Some(&f[..]),
-            "in order, whole"
-        );
-    }
+    crate::devices::test_backend::expect_after_filler(&r.peer, queued, &frames);
     for _ in 0..frames.len() {
         r.drv.queues[TXQ]
             .wait_used(&mem, T)
