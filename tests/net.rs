@@ -318,6 +318,30 @@ fn tcp_on(
     path: DataPath,
     model: &'static str,
 ) -> impl Fn(&Images) -> Result<(), String> {
+    tcp_with(k, vnet_hdr, path, model, "")
+}
+
+/// The same on a TAP whose send buffer holds about one frame
+/// (`sndbuf=65536`): its writes answer EAGAIN again and again, and the
+/// guest must be slowed, not lose frames: rvm's TX drop counter at exit
+/// stays 0 (and every byte still arrives).
+fn tcp_small_sndbuf(model: &'static str) -> impl Fn(&Images) -> Result<(), String> {
+    tcp_with(
+        Kernel::Minimal,
+        true,
+        DataPath::Userspace,
+        model,
+        ",sndbuf=65536",
+    )
+}
+
+fn tcp_with(
+    k: Kernel,
+    vnet_hdr: bool,
+    path: DataPath,
+    model: &'static str,
+    extra: &'static str,
+) -> impl Fn(&Images) -> Result<(), String> {
     move |img| {
         let ns = Netns::new("tcp")?;
         ns.bridge("10.0.0.1/24", 1500)?;
@@ -344,7 +368,7 @@ fn tcp_on(
             .spawn()
             .map_err(|e| e.to_string())?;
         let net = format!(
-            "tap=rvmtcp,bridge=br0,vnet_hdr={},{},model={model}",
+            "tap=rvmtcp,bridge=br0,vnet_hdr={},{},model={model}{extra}",
             if vnet_hdr { "on" } else { "off" },
             path.spec()
         );
@@ -399,6 +423,24 @@ fn tcp_on(
         expect(&r, "rx_sha256", &sha256(&tx)?)?;
         let host_rx = sha256(&rx)?;
         expect(&r, "tx_sha256", &host_rx)?;
+        if !extra.is_empty() {
+            // "NIC on rvmtcp: rx ... dropped; tx F frames B bytes, D dropped; ..."
+            let tx_dropped = r
+                .stderr
+                .lines()
+                .find_map(|l| l.split_once("NIC on rvmtcp: ").map(|(_, c)| c.to_string()))
+                .and_then(|c| c.split_once("; tx ").map(|(_, t)| t.to_string()))
+                .and_then(|t| t.split(", ").nth(1).map(str::to_string));
+            if !tx_dropped
+                .as_deref()
+                .is_some_and(|t| t.starts_with("0 dropped"))
+            {
+                return Err(format!(
+                    "TX frames were dropped on a TAP that blocks ({tx_dropped:?}):\n{}",
+                    r.stderr
+                ));
+            }
+        }
         if model == "e1000" {
             // The e1000 driver always does TSO; rvm finishes it (a GSO
             // frame to a TAP with a vnet header, segments without).
@@ -903,6 +945,14 @@ fn cases() -> Vec<Case<Images>> {
         case(
             "stock_tcp_32mib_both_ways_vnet_hdr_off",
             tcp(Stock, false, Userspace),
+        ),
+        case(
+            "minimal_tcp_small_sndbuf_slows_the_guest_loses_nothing",
+            tcp_small_sndbuf("virtio"),
+        ),
+        case(
+            "e1000_minimal_tcp_small_sndbuf_slows_the_guest_loses_nothing",
+            tcp_small_sndbuf("e1000"),
         ),
         case("minimal_dhcp_from_dnsmasq", dhcp(Minimal)),
         case("stock_dhcp_from_dnsmasq", dhcp(Stock)),
