@@ -256,8 +256,8 @@ fn run(args: RunArgs) -> Result<ExitReason, String> {
     for nic in running.nic_counters() {
         let c = nic.counters;
         log::info!(
-            "NIC on {}: rx {} frames {} bytes, {} dropped; tx {} frames {} bytes, {} dropped; {} malformed chains",
-            nic.name, c.rx_frames, c.rx_bytes, c.rx_dropped, c.tx_frames, c.tx_bytes, c.tx_dropped, c.malformed
+            "NIC on {}: rx {} frames {} bytes, {} dropped; tx {} frames {} bytes, {} dropped, {} waits for room; {} malformed chains",
+            nic.name, c.rx_frames, c.rx_bytes, c.rx_dropped, c.tx_frames, c.tx_bytes, c.tx_dropped, c.tx_waits, c.malformed
         );
     }
     if std::env::var_os("RVM_REPORT_RSS").is_some() {

@@ -424,19 +424,24 @@ fn tcp_with(
         let host_rx = sha256(&rx)?;
         expect(&r, "tx_sha256", &host_rx)?;
         if !extra.is_empty() {
-            // "NIC on rvmtcp: rx ... dropped; tx F frames B bytes, D dropped; ..."
-            let tx_dropped = r
+            // "NIC on rvmtcp: rx ...; tx F frames B bytes, D dropped, W
+            // waits for room; M malformed chains": TX waited (the TAP
+            // did block) and dropped nothing.
+            let tx = r
                 .stderr
                 .lines()
                 .find_map(|l| l.split_once("NIC on rvmtcp: ").map(|(_, c)| c.to_string()))
                 .and_then(|c| c.split_once("; tx ").map(|(_, t)| t.to_string()))
-                .and_then(|t| t.split(", ").nth(1).map(str::to_string));
-            if !tx_dropped
-                .as_deref()
-                .is_some_and(|t| t.starts_with("0 dropped"))
-            {
+                .unwrap_or_default();
+            let field = |name: &str| -> Option<u64> {
+                tx.split([',', ';'])
+                    .find_map(|f| f.trim().strip_suffix(name))
+                    .and_then(|n| n.trim().parse().ok())
+            };
+            let (dropped, waits) = (field("dropped"), field("waits for room"));
+            if dropped != Some(0) || waits.unwrap_or(0) == 0 {
                 return Err(format!(
-                    "TX frames were dropped on a TAP that blocks ({tx_dropped:?}):\n{}",
+                    "on a TAP that blocks, TX must wait and drop nothing (dropped {dropped:?}, waits {waits:?}):\n{}",
                     r.stderr
                 ));
             }

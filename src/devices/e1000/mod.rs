@@ -372,6 +372,9 @@ impl Core {
         }
         self.set(TDH, report.head);
         self.tx_blocked = report.blocked;
+        if report.blocked {
+            self.stats.tx_waits.fetch_add(1, Ordering::Relaxed);
+        }
         if report.more {
             // Bounded passes: the RX/TX thread comes back for the rest
             // after it released the lock (vCPUs get the registers in

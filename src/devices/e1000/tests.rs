@@ -713,4 +713,5 @@ fn tx_waits_for_a_tap_that_would_block_instead_of_dropping() {
     assert!(r.wait_reg(TDH, 4));
     let s = r.dev.stats().snapshot();
     assert_eq!((s.tx_frames, s.tx_dropped), (4, 0));
+    assert!(s.tx_waits >= 1, "the wait is counted: {s:?}");
 }

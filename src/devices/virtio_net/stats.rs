@@ -12,6 +12,8 @@ pub struct NetStats {
     pub tx_bytes: AtomicU64,
     /// Frames from the guest the backend did not take.
     pub tx_dropped: AtomicU64,
+    /// Times the backend had no room (EAGAIN) and TX waited for it.
+    pub tx_waits: AtomicU64,
     /// Descriptor chains refused because they broke the rules.
     pub malformed: AtomicU64,
 }
@@ -25,6 +27,9 @@ pub struct NetCounters {
     pub tx_frames: u64,
     pub tx_bytes: u64,
     pub tx_dropped: u64,
+    /// Times the backend had no room (EAGAIN) and TX waited for it,
+    /// holding the guest back instead of dropping.
+    pub tx_waits: u64,
     pub malformed: u64,
 }
 
@@ -42,6 +47,7 @@ impl NetStats {
             tx_frames: r(&self.tx_frames),
             tx_bytes: r(&self.tx_bytes),
             tx_dropped: r(&self.tx_dropped),
+            tx_waits: r(&self.tx_waits),
             malformed: r(&self.malformed),
         }
     }

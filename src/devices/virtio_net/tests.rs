@@ -836,4 +836,5 @@ fn tx_waits_for_a_backend_that_would_block_instead_of_dropping() {
     }
     let s = r.stats.snapshot();
     assert_eq!((s.tx_frames, s.tx_dropped), (frames.len() as u64, 0));
+    assert!(s.tx_waits >= 1, "the wait is counted: {s:?}");
 }

@@ -79,6 +79,9 @@ impl Worker {
             Step::Next
         });
         self.tx_parked = parked;
+        if parked {
+            bump(&self.stats.tx_waits, 1);
+        }
         if used {
             self.signal(SIGNAL_TX);
         }
