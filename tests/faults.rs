@@ -10,11 +10,15 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::netns::Netns;
-use common::{images, run_guest_retrying, run_suite, rvm_bin, Case, Heartbeat, Images};
+use common::{
+    ask_for_vcpu_states, images, run_guest_retrying, run_suite, rvm_bin, thread_report,
+    vcpus_stuck, Case, Heartbeat, Images, SILENCE_SECS,
+};
 
 const BOOT: Duration = Duration::from_secs(300);
 
@@ -79,9 +83,28 @@ impl Running {
     fn wait_for(&mut self, marker: &str) -> Result<(), String> {
         let _beat = Heartbeat::start("a guest is");
         let t = Instant::now();
+        let silence = Duration::from_secs(SILENCE_SECS.load(Ordering::SeqCst));
+        let mut next_look = silence;
         while t.elapsed() < BOOT {
-            if self.console.lock().unwrap().contains(marker) {
+            let console = self.console.lock().unwrap().clone();
+            if console.contains(marker) {
                 return Ok(());
+            }
+            // Silent so far: stuck for good (fail now, with where the
+            // vCPUs are), or only slow (look again later)?
+            if console.is_empty() && t.elapsed() > next_look {
+                next_look += silence;
+                let pid = self.pid() as u32;
+                let first = ask_for_vcpu_states(pid, &self.stderr);
+                std::thread::sleep(Duration::from_secs(2));
+                if vcpus_stuck(&first, &ask_for_vcpu_states(pid, &self.stderr)) {
+                    return Err(format!(
+                        "the guest printed nothing for {} s and its vCPUs are stuck\n{}{}",
+                        (next_look - silence).as_secs(),
+                        self.report(),
+                        thread_report(pid)
+                    ));
+                }
             }
             if let Ok(Some(s)) = self.child.try_wait() {
                 return Err(format!(
@@ -91,7 +114,14 @@ impl Running {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Err(format!("no {marker:?} within {BOOT:?}\n{}", self.report()))
+        // Where the vCPUs are (rvm prints it on stderr) and the threads.
+        let pid = self.pid() as u32;
+        ask_for_vcpu_states(pid, &self.stderr);
+        Err(format!(
+            "no {marker:?} within {BOOT:?}\n{}{}",
+            self.report(),
+            thread_report(pid)
+        ))
     }
 
     fn alive(&mut self) -> bool {

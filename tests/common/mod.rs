@@ -307,7 +307,7 @@ pub fn vcpus_stuck(first: &[String], second: &[String]) -> bool {
 /// Asks an rvm process where its vCPUs are (SIGUSR1: it prints every
 /// vCPU's state on stderr, collected in `stderr`) and returns the report's
 /// lines, or nothing if none came within 3 s.
-fn ask_for_vcpu_states(pid: u32, stderr: &std::sync::Mutex<String>) -> Vec<String> {
+pub fn ask_for_vcpu_states(pid: u32, stderr: &std::sync::Mutex<String>) -> Vec<String> {
     const HEAD: &str = "rvm: vCPU states (signal 10):";
     let before = stderr.lock().unwrap().matches(HEAD).count();
     // SAFETY: kill(2) with a pid we spawned and have not reaped.
@@ -333,7 +333,7 @@ fn ask_for_vcpu_states(pid: u32, stderr: &std::sync::Mutex<String>) -> Vec<Strin
 
 /// Whether `pid` is an rvm process (a guest command may be wrapped, as in
 /// `ip netns exec NS rvm ...`, which becomes rvm).
-fn is_rvm(pid: u32) -> bool {
+pub fn is_rvm(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "rvm")
 }
 
@@ -341,7 +341,7 @@ const HEARTBEAT: Duration = Duration::from_secs(60);
 
 /// Where each thread of a process that was killed is: name,
 /// state and the top of its kernel stack (are the vCPUs inside KVM_RUN?).
-fn thread_report(pid: u32) -> String {
+pub fn thread_report(pid: u32) -> String {
     let mut out = format!("\n--- threads of pid {pid} when it was killed ---\n");
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return out;
