@@ -115,14 +115,28 @@ fn sigusr1_reports_idle_vcpus_and_sigterm_stops_them(img: &Images) -> Result<(),
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let idle = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .any(|l| l.contains("rvm-init: idle"));
-    if !idle {
+    // The console is read on a thread, so that a guest that never gets
+    // idle fails at a deadline (with rvm's vCPU report) instead of
+    // blocking the test.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+        let idle = lines.by_ref().any(|l| l.contains("rvm-init: idle"));
+        let _ = tx.send(idle);
+        // Keep reading (the console stays open) until rvm ends.
+        lines.for_each(drop);
+    });
+    if rx.recv_timeout(DEADLINE) != Ok(true) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+        std::thread::sleep(Duration::from_secs(2));
+        let report = common::thread_report(child.id());
         let _ = child.kill();
-        return Err("the guest never reported idle".into());
+        let mut err = String::new();
+        use std::io::Read;
+        child.stderr.take().unwrap().read_to_string(&mut err).ok();
+        return Err(format!("the guest never reported idle\n{err}{report}"));
     }
     std::thread::sleep(Duration::from_secs(1));
     for _ in 0..2 {
