@@ -346,6 +346,10 @@ impl Core {
     }
 
     pub(crate) fn transmit(&mut self) {
+        // Only a pass that hits a full TAP leaves TX waiting for room; TX
+        // off (or DMA off) has nothing to wait for, and the NIC thread
+        // must stop watching the TAP, or it would spin on its room.
+        self.tx_blocked = false;
         if self.reg(TCTL) & TCTL_EN == 0 || !self.bus_master {
             return;
         }

@@ -715,3 +715,26 @@ fn tx_waits_for_a_tap_that_would_block_instead_of_dropping() {
     assert_eq!((s.tx_frames, s.tx_dropped), (4, 0));
     assert!(s.tx_waits >= 1, "the wait is counted: {s:?}");
 }
+
+/// TX blocked on a full TAP, then the driver turns TX off (a reset, an
+/// ifdown) and the TAP drains: the NIC thread must stop watching the TAP
+/// for room, not spin on a writable TAP it has nothing to write to.
+#[test]
+fn a_blocked_tx_turned_off_does_not_spin_on_the_taps_room() {
+    let mut r = rig();
+    r.tx_ring(8);
+    let queued = crate::devices::test_backend::fill_until_blocked(&r.tap, 1000);
+    let f = frame_to([2, 0, 0, 0, 0, 9], 200, 60);
+    r.mem.write_slice(&f, GuestAddress(BUFS)).unwrap();
+    r.tx_desc(0, BUFS, f.len() as u16);
+    r.w(TDT, 1);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(r.r(TDH), 0, "blocked");
+    r.w(TCTL, 0);
+    crate::devices::test_backend::expect_after_filler(&r.peer, queued, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = rx_thread_cpu_secs(&r.dev);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = rx_thread_cpu_secs(&r.dev) - before;
+    assert!(used < 0.5, "the NIC thread used {used:.2} CPU-s in 2 s");
+}
