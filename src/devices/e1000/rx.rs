@@ -409,6 +409,9 @@ impl RxThread {
             };
             let mut run = false;
             let mut tap_error = false;
+            // Whether TX ran this round (only a TX pass changes whether
+            // it waits for room; no lock taken otherwise).
+            let mut transmitted = false;
             for ev in &events[..n] {
                 match ev.data() {
                     EV_TAP
@@ -422,9 +425,11 @@ impl RxThread {
                     EV_TX => {
                         let _ = self.tx_kick.read();
                         self.lock().transmit();
+                        transmitted = true;
                     }
                     EV_TX_ROOM => {
                         self.lock().transmit();
+                        transmitted = true;
                     }
                     EV_KICK => {
                         let _ = self.kick.read();
@@ -466,7 +471,11 @@ impl RxThread {
             // TX waits for room exactly while it is blocked (a TAP with
             // room is writable almost always: watching it otherwise would
             // spin this level-triggered loop).
-            let blocked = self.lock().tx_blocked && !tap_failed;
+            let blocked = if transmitted {
+                self.lock().tx_blocked && !tap_failed
+            } else {
+                watching_room && !tap_failed
+            };
             if blocked != watching_room {
                 let op = if blocked {
                     ControlOperation::Add
