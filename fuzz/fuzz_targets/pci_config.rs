@@ -18,7 +18,7 @@ use rvm::devices::virtio_net::fuzzing::SyncNet;
 use rvm::devices::virtio_net::{NetParams, VirtioNet};
 use rvm::devices::LevelIrq;
 use rvm::pci::config::BarKind;
-use rvm::pci::msix::{MsiRouter, MsixTable, MsixVectors};
+use rvm::pci::msix::{MsixTable, MsixVectors, NoRoutes};
 use rvm::pci::root::{SharedDevice, PORT_LEN};
 use rvm::pci::{HostBridge, PciRoot};
 use rvm::virtio::VirtioPciDevice;
@@ -73,13 +73,6 @@ enum Op {
 #[derive(Arbitrary, Debug)]
 struct Input {
     ops: Vec<Op>,
-}
-
-struct NoRoutes;
-impl MsiRouter for NoRoutes {
-    fn route(&self, _gsi: u32, _addr: u64, _data: u32) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 struct NoLine;

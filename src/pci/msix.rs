@@ -6,7 +6,13 @@
 //! guest's table writes and keeps KVM's GSI routes in step. The device side
 //! ([`MsixVectors`]) fires a vector from any thread: an eventfd write when
 //! the vector is unmasked, a pending bit otherwise, delivered on unmask.
-
+//!
+//! A vector's eventfd may also be written by the kernel (vhost-net signals
+//! it without rvm in the way), so masking cannot be left to rvm's own
+//! writes: the eventfd is connected to KVM only while the vector may
+//! signal (enabled, neither it nor the function masked). While it is
+//! disconnected a write stays in the eventfd's counter; a PBA read or the
+//! unmask moves it into the pending bit, and the unmask delivers it.
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -23,6 +29,25 @@ const VECTOR_MASKED: u32 = 1;
 pub trait MsiRouter: Send + Sync {
     /// Routes `gsi` to the message (address, data).
     fn route(&self, gsi: u32, addr: u64, data: u32) -> std::io::Result<()>;
+    /// Connects the eventfd `evt` to `gsi` (`on`), so that a write to it
+    /// interrupts the guest, or disconnects it, so that a write only
+    /// counts in the eventfd.
+    fn connect(&self, evt: &EventFd, gsi: u32, on: bool) -> std::io::Result<()>;
+}
+
+/// A router for device models run without a hypervisor (unit tests, the
+/// simulated driver, fuzzing): routes go nowhere, and a vector's eventfd
+/// is read by whoever plays the guest.
+pub struct NoRoutes;
+
+impl MsiRouter for NoRoutes {
+    fn route(&self, _gsi: u32, _addr: u64, _data: u32) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn connect(&self, _evt: &EventFd, _gsi: u32, _on: bool) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// One vector's delivery path.
@@ -115,6 +140,16 @@ impl MsixVectors {
             let _ = v.irqfd.write(1);
         }
     }
+
+    /// Moves what was written to a disconnected vector's eventfd (by
+    /// vhost-net, or a trigger racing a mask) into its pending bit.
+    fn collect_signals(&self, n: usize) {
+        let Some(v) = self.vectors.get(n) else { return };
+        // Non-blocking: EAGAIN means the counter is zero.
+        if v.irqfd.read().is_ok_and(|c| c > 0) {
+            v.pending.store(true, Ordering::SeqCst);
+        }
+    }
 }
 
 #[derive(Clone, Copy, Default)]
@@ -124,6 +159,8 @@ struct Entry {
     ctrl: u32,
     /// The route KVM has for this vector is stale.
     dirty: bool,
+    /// The vector's eventfd is connected to KVM (it may signal now).
+    connected: bool,
 }
 
 /// The vCPU side: the table and PBA as the guest sees them.
@@ -176,25 +213,63 @@ impl MsixTable {
 
     /// The guest wrote the capability's message control word.
     pub fn set_control(&mut self, control: u16) {
-        let was_on = self.shared.enabled() && !self.shared.function_masked.load(Ordering::SeqCst);
         let (enable, fmask) = (
             control & CTRL_ENABLE != 0,
             control & CTRL_FUNCTION_MASK != 0,
         );
         let is_on = enable && !fmask;
-        if is_on && !was_on {
-            // Routes first: device threads fire vectors as soon as they
-            // see them on.
+        if is_on {
+            // Routes and connections first: device threads (and the
+            // kernel) fire vectors as soon as they see them on.
             for n in 0..self.entries.len() {
-                self.sync_route(n);
+                self.gate(n, is_on);
             }
         }
         self.shared.function_masked.store(fmask, Ordering::SeqCst);
         self.shared.enabled.store(enable, Ordering::SeqCst);
-        if is_on && !was_on {
+        if is_on {
             for n in 0..self.entries.len() {
                 self.shared.deliver_pending(n);
             }
+        } else {
+            for n in 0..self.entries.len() {
+                self.gate(n, is_on);
+            }
+        }
+    }
+
+    /// Whether the function as a whole may signal (enabled, not masked).
+    fn function_on(&self) -> bool {
+        self.shared.enabled() && !self.shared.function_masked.load(Ordering::SeqCst)
+    }
+
+    /// Connects vector `n`'s eventfd to KVM if it may signal (`function_on`
+    /// and the vector unmasked), with its route up to date, and
+    /// disconnects it otherwise.
+    fn gate(&mut self, n: usize, function_on: bool) {
+        let Some(e) = self.entries.get(n) else { return };
+        let deliverable = function_on && e.ctrl & VECTOR_MASKED == 0;
+        if deliverable == e.connected {
+            if deliverable {
+                self.sync_route(n);
+            }
+            return;
+        }
+        let gsi = self.shared.vectors[n].gsi;
+        if deliverable {
+            self.sync_route(n);
+            // What came while disconnected becomes a pending bit, which
+            // the caller delivers once the vector is marked unmasked.
+            self.shared.collect_signals(n);
+        }
+        let irqfd = &self.shared.vectors[n].irqfd;
+        match self.router.connect(irqfd, gsi, deliverable) {
+            Ok(()) => self.entries[n].connected = deliverable,
+            Err(err) => crate::guest_log!(
+                log::Level::Warn,
+                "MSI-X vector {n}: cannot {} the irqfd of GSI {gsi}: {err}",
+                if deliverable { "connect" } else { "disconnect" }
+            ),
         }
     }
 
@@ -245,15 +320,18 @@ impl MsixTable {
             e.dirty = true;
         }
         let masked = e.ctrl & VECTOR_MASKED != 0;
+        let function_on = self.function_on();
         if !masked {
-            // The route first: a device thread that sees the vector
-            // unmasked fires it at once.
-            self.sync_route(n);
+            // Route and connection first: a device thread that sees the
+            // vector unmasked fires it at once.
+            self.gate(n, function_on);
         }
         self.shared.vectors[n]
             .masked
             .store(masked, Ordering::SeqCst);
-        if !masked {
+        if masked {
+            self.gate(n, function_on);
+        } else {
             self.shared.deliver_pending(n);
         }
     }
@@ -276,6 +354,11 @@ impl MsixTable {
 
     pub fn read_pba(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
+        for (n, e) in self.entries.iter().enumerate() {
+            if !e.connected {
+                self.shared.collect_signals(n);
+            }
+        }
         for (i, b) in data.iter_mut().enumerate() {
             let first = (offset as usize).saturating_add(i).saturating_mul(8);
             for bit in 0..8 {
@@ -297,12 +380,35 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
+    /// Records routes, and which GSIs have an eventfd connected the way
+    /// KVM_IRQFD refuses a second connection or a missing one.
     #[derive(Default)]
-    struct Routes(Mutex<Vec<(u32, u64, u32)>>);
+    struct Routes(Mutex<Vec<(u32, u64, u32)>>, Mutex<Vec<u32>>);
     impl MsiRouter for Routes {
         fn route(&self, gsi: u32, addr: u64, data: u32) -> std::io::Result<()> {
             self.0.lock().unwrap().push((gsi, addr, data));
             Ok(())
+        }
+
+        fn connect(&self, _evt: &EventFd, gsi: u32, on: bool) -> std::io::Result<()> {
+            let mut connected = self.1.lock().unwrap();
+            match (on, connected.iter().position(|&g| g == gsi)) {
+                (true, None) => connected.push(gsi),
+                (false, Some(i)) => {
+                    connected.remove(i);
+                }
+                (true, Some(_)) => return Err(std::io::Error::from_raw_os_error(libc::EBUSY)),
+                (false, None) => return Err(std::io::Error::from_raw_os_error(libc::ENOENT)),
+            }
+            Ok(())
+        }
+    }
+
+    impl Routes {
+        fn connected(&self) -> Vec<u32> {
+            let mut c = self.1.lock().unwrap().clone();
+            c.sort_unstable();
+            c
         }
     }
 
@@ -373,6 +479,53 @@ mod tests {
         assert!(v.irqfd(0).unwrap().read().is_err());
         t.set_control(CTRL_ENABLE);
         assert_eq!(v.irqfd(0).unwrap().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn what_vhost_signals_on_a_masked_vector_pends() {
+        let (mut t, v, routes) = setup(2);
+        t.set_control(CTRL_ENABLE);
+        assert!(routes.connected().is_empty(), "masked: KVM not listening");
+        // The kernel's vhost worker writes the vector's eventfd directly.
+        v.irqfd(1).unwrap().write(1).unwrap();
+        let mut pba = [0u8; 8];
+        t.read_pba(0, &mut pba);
+        assert_eq!(pba[0], 0b10, "a masked vector's signal shows as pending");
+        t.write_table(16 + 12, &0u32.to_le_bytes());
+        assert_eq!(routes.connected(), vec![25], "unmasked: connected");
+        assert_eq!(v.irqfd(1).unwrap().read().unwrap(), 1, "delivered once");
+        t.read_pba(0, &mut pba);
+        assert_eq!(pba[0], 0);
+        // Masked again while the kernel signals twice: one pending bit,
+        // one interrupt on unmask.
+        t.write_table(16 + 12, &1u32.to_le_bytes());
+        assert!(routes.connected().is_empty());
+        v.irqfd(1).unwrap().write(1).unwrap();
+        v.irqfd(1).unwrap().write(1).unwrap();
+        t.write_table(16 + 12, &0u32.to_le_bytes());
+        assert_eq!(v.irqfd(1).unwrap().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn disabling_or_function_masking_disconnects_every_vector() {
+        let (mut t, v, routes) = setup(3);
+        t.set_control(CTRL_ENABLE);
+        t.write_table(12, &0u32.to_le_bytes());
+        t.write_table(2 * 16 + 12, &0u32.to_le_bytes());
+        assert_eq!(routes.connected(), vec![24, 26]);
+        t.set_control(CTRL_ENABLE | CTRL_FUNCTION_MASK);
+        assert!(routes.connected().is_empty(), "function masked");
+        v.irqfd(2).unwrap().write(1).unwrap();
+        t.set_control(CTRL_ENABLE);
+        assert_eq!(routes.connected(), vec![24, 26]);
+        assert_eq!(v.irqfd(2).unwrap().read().unwrap(), 1, "held, then sent");
+        assert!(v.irqfd(0).unwrap().read().is_err(), "nothing for vector 0");
+        t.set_control(0);
+        assert!(routes.connected().is_empty(), "MSI-X disabled");
+        // Re-enabling twice connects once (KVM would refuse a second).
+        t.set_control(CTRL_ENABLE);
+        t.set_control(CTRL_ENABLE);
+        assert_eq!(routes.connected(), vec![24, 26]);
     }
 
     #[test]

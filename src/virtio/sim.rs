@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::pci::{VirtioPciDevice, BAR};
 use super::{status, VirtioDevice};
-use crate::pci::msix::{MsiRouter, MsixTable, MsixVectors};
+use crate::pci::msix::{MsixTable, MsixVectors, NoRoutes};
 use crate::pci::PciDevice;
 
 pub const DESC_F_NEXT: u16 = 1;
@@ -24,13 +24,6 @@ pub const DESC_F_INDIRECT: u16 = 4;
 const RINGS_START: u64 = 0x10_0000;
 const RING_STRIDE: u64 = 0x1_0000;
 pub const DATA_START: u64 = 0x40_0000;
-
-struct NoRoutes;
-impl MsiRouter for NoRoutes {
-    fn route(&self, _gsi: u32, _addr: u64, _data: u32) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// One split virtqueue as the driver sees it.
 pub struct SimQueue {

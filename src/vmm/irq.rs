@@ -13,7 +13,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::pci::msix::MsiRouter;
 
 /// GSIs below this are the IOAPIC's pins.
@@ -40,8 +40,9 @@ impl GsiRouter {
         }
     }
 
-    /// A fresh GSI with an irqfd bound to it, for one MSI-X vector. Until
-    /// the guest programs the vector, the GSI has no route and fires nothing.
+    /// A fresh GSI and the eventfd that will signal it, for one MSI-X
+    /// vector. The eventfd is connected to the GSI (KVM_IRQFD) only while
+    /// the guest lets the vector signal: [`MsiRouter::connect`].
     pub fn msi_irqfd(&self) -> Result<(EventFd, u32)> {
         let gsi = {
             let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -50,9 +51,6 @@ impl GsiRouter {
             gsi
         };
         let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
-        self.vm
-            .register_irqfd(&evt, gsi)
-            .map_err(Error::kvm("KVM_IRQFD"))?;
         Ok((evt, gsi))
     }
 
@@ -101,6 +99,17 @@ impl MsiRouter for GsiRouter {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         s.msi.insert(gsi, (addr, data));
         self.commit(&s)
+    }
+
+    fn connect(&self, evt: &EventFd, gsi: u32, on: bool) -> std::io::Result<()> {
+        // KVM injects at once when an eventfd connected here already has
+        // a count, so a signal that came while disconnected is not lost.
+        let r = if on {
+            self.vm.register_irqfd(evt, gsi)
+        } else {
+            self.vm.unregister_irqfd(evt, gsi)
+        };
+        r.map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
     }
 }
 
