@@ -82,7 +82,7 @@ pub mod virtio;
 pub mod vmm;
 
 pub use config::{parse_mem_size, VmConfig, DEFAULT_CMDLINE};
-pub use devices::virtio_net::NetCounters;
 pub use error::{Error, Result};
+pub use net::NetCounters;
 pub use net::{MacAddr, NetConfig, NicModel, VhostMode};
 pub use vmm::{ExitReason, NicInfo, RunningVm, VcpuRegisters, VcpuReport, Vm, VmController};

@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod bridge;
 pub mod config;
+pub mod counters;
 pub mod host_nic;
 pub mod script;
 pub mod sys;
@@ -15,4 +16,5 @@ mod test_util;
 pub mod vhost;
 
 pub use config::{MacAddr, NetConfig, NicModel, VhostMode};
+pub use counters::{NetCounters, NetStats};
 pub use host_nic::{HostNic, HostNicError};

@@ -16,8 +16,8 @@ use super::{memory, rss, stop_vcpus, NicHandle};
 use crate::bus::Bus;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{SerialDevice, SerialInput};
-use crate::devices::virtio_net::{NetCounters, NetStats};
 use crate::net::{HostNic, NicModel};
+use crate::net::{NetCounters, NetStats};
 
 /// One NIC's identity and counters at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]

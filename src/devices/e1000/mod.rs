@@ -33,9 +33,9 @@ use std::thread::JoinHandle;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::virtio_net::NetStats;
 use super::LevelIrq;
 use crate::net::backend::NetBackend;
+use crate::net::NetStats;
 use crate::pci::config::PciConfig;
 use crate::pci::PciDevice;
 use eeprom::Eeprom;

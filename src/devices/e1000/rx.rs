@@ -16,8 +16,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::regs::*;
 use super::{Core, VNET_HDR_LEN};
-use crate::devices::virtio_net::stats::bump;
 use crate::net::backend::NetBackend;
+use crate::net::counters::bump;
 
 /// The largest frame the device takes, CRC included: with RCTL.LPE (jumbo)
 /// 16 KiB, else a VLAN-tagged 1522 bytes. Linux's e1000 relies on the

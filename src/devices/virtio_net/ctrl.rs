@@ -5,8 +5,8 @@
 use vm_memory::{Bytes, GuestAddress};
 
 use super::chain::MAX_IOV;
-use super::stats::bump;
 use super::worker::{drain, pop, put_used, Step, Worker, SIGNAL_CTRL};
+use crate::net::counters::bump;
 
 const CLASS_RX: u8 = 0;
 const CLASS_MAC: u8 = 1;

@@ -16,7 +16,6 @@ pub mod ctrl;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod rx;
-pub mod stats;
 #[cfg(test)]
 mod tests;
 pub mod tx;
@@ -33,9 +32,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::net::backend::{offload, NetBackend};
 use crate::net::vhost::{VhostNet, VringSetup};
+use crate::net::NetStats;
 use crate::virtio::features::{RING_EVENT_IDX, RING_INDIRECT_DESC, VERSION_1};
 use crate::virtio::{ActivateError, Activation, VirtioDevice};
-pub use stats::{NetCounters, NetStats};
 
 pub const DEVICE_TYPE: u16 = 1;
 /// RX, TX, control.

@@ -14,9 +14,9 @@ use std::io::ErrorKind;
 use virtio_queue::QueueT;
 
 use super::chain::{self, MAX_IOV};
-use super::stats::bump;
 use super::worker::{pop, put_used, rearm, Worker, SIGNAL_RX};
 use super::HDR_LEN;
+use crate::net::counters::bump;
 
 /// Most chains kept popped at once.
 const MAX_POOL_CHAINS: usize = 64;

@@ -20,7 +20,7 @@ struct Rig {
     drv: SimDriver,
     peer: OwnedFd,
     tap: Arc<FakeTap>,
-    stats: Arc<super::NetStats>,
+    stats: Arc<crate::net::NetStats>,
 }
 
 fn rig(vnet: bool) -> Rig {

@@ -2,9 +2,9 @@
 //! to the backend with one writev straight from guest memory.
 
 use super::chain::{self, ChainError};
-use super::stats::bump;
 use super::worker::{drain, pop, put_used, Step, Worker, SIGNAL_TX};
 use super::HDR_LEN;
+use crate::net::counters::bump;
 
 impl Worker {
     pub(super) fn process_tx(&mut self) {

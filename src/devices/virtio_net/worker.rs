@@ -12,8 +12,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::Segment;
 use super::features::{CTRL_VQ, GUEST_TSO4, GUEST_TSO6, MRG_RXBUF};
-use super::stats::NetStats;
 use crate::net::backend::NetBackend;
+use crate::net::NetStats;
 use crate::virtio::{Activation, Interrupt};
 
 const TAP: u32 = 0;

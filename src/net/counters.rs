@@ -1,4 +1,5 @@
-//! Per-NIC counters, updated by the worker and read by anyone.
+//! Per-NIC counters, shared by both NIC models: updated by a NIC's data
+//! path, read by anyone (the library API, the exit log line).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
