@@ -2,7 +2,9 @@
 //! model (virtio-net). The transport owns registers, feature negotiation
 //! and the status machine; the device owns what the queues carry.
 
+pub mod chain;
 pub mod pci;
+pub mod queue;
 pub mod sim;
 
 use std::sync::Arc;

@@ -4,9 +4,10 @@
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::chain::MAX_IOV;
-use super::worker::{drain, pop, put_used, Step, Worker, SIGNAL_CTRL};
+use super::worker::{Worker, SIGNAL_CTRL};
 use crate::net::counters::bump;
+use crate::virtio::chain::MAX_IOV;
+use crate::virtio::queue::{drain, pop, put_used, Step};
 
 const CLASS_RX: u8 = 0;
 const CLASS_MAC: u8 = 1;

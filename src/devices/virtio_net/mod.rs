@@ -11,7 +11,6 @@
 //! - or, with vhost-net, the host kernel runs RX and TX
 //!   ([`crate::net::vhost`]) and the worker keeps only the control queue.
 
-pub mod chain;
 pub mod ctrl;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;

@@ -13,10 +13,11 @@ use std::io::ErrorKind;
 
 use virtio_queue::QueueT;
 
-use super::chain::{self, MAX_IOV};
-use super::worker::{pop, put_used, rearm, Worker, SIGNAL_RX};
+use super::worker::{Worker, SIGNAL_RX};
 use super::HDR_LEN;
 use crate::net::counters::bump;
+use crate::virtio::chain::{self, MAX_IOV};
+use crate::virtio::queue::{pop, put_used, rearm, unpop};
 
 /// Most chains kept popped at once.
 const MAX_POOL_CHAINS: usize = 64;
@@ -93,7 +94,7 @@ impl Worker {
                 match chain::collect(c, mem, true, &mut self.segs) {
                     Ok(len) if len as usize > HDR_LEN => {
                         if self.pool.segs.len() + self.segs.len() > MAX_IOV {
-                            Worker::unpop(q, 1);
+                            unpop(q, 1);
                             // Full: the pool takes frames as it is.
                             self.pool.iov_full = true;
                             return used;

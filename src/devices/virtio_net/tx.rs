@@ -1,10 +1,11 @@
 //! Guest to host: each TX chain is a virtio-net header and a frame; both go
 //! to the backend with one writev straight from guest memory.
 
-use super::chain::{self, ChainError};
-use super::worker::{drain, pop, put_used, Step, Worker, SIGNAL_TX};
+use super::worker::{Worker, SIGNAL_TX};
 use super::HDR_LEN;
 use crate::net::counters::bump;
+use crate::virtio::chain::{self, ChainError};
+use crate::virtio::queue::{drain, pop, put_used, unpop, Step};
 
 impl Worker {
     pub(super) fn process_tx(&mut self) {
@@ -45,7 +46,7 @@ impl Worker {
                             // the chain goes back, unanswered, and the
                             // guest waits, as on a busy wire with flow
                             // control, instead of losing the frame.
-                            Worker::unpop(q, 1);
+                            unpop(q, 1);
                             return Step::Park;
                         }
                         Ok(_) => {

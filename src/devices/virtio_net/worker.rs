@@ -6,24 +6,21 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::chain::Segment;
 use super::features::{CTRL_VQ, GUEST_TSO4, GUEST_TSO6, MRG_RXBUF};
 use crate::net::backend::NetBackend;
 use crate::net::NetStats;
-use crate::virtio::{Activation, Interrupt};
+use crate::virtio::chain::{Segment, MAX_IOV};
+use crate::virtio::{queue, Activation, Interrupt};
 
 const TAP: u32 = 0;
 const RX_KICK: u32 = 1;
 const TX_KICK: u32 = 2;
 const CTRL_KICK: u32 = 3;
 const STOP: u32 = 4;
-
-/// VRING_AVAIL_F_NO_INTERRUPT: the driver asks not to be interrupted.
-const AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 pub(super) struct QueueCtx {
     pub queue: Queue,
@@ -116,8 +113,8 @@ impl Worker {
             mergeable: a.features & MRG_RXBUF != 0,
             max_frame: super::HDR_LEN + max_frame(big, mtu),
             pool: RxPool::default(),
-            segs: Vec::with_capacity(super::chain::MAX_IOV),
-            iov: Vec::with_capacity(super::chain::MAX_IOV),
+            segs: Vec::with_capacity(MAX_IOV),
+            iov: Vec::with_capacity(MAX_IOV),
             bus_master,
             tx_parked: false,
             tap_watch_out: false,
@@ -174,15 +171,6 @@ impl Worker {
         }
     }
 
-    /// Whether the driver wants an interrupt for what was just used.
-    pub(super) fn should_interrupt(mem: &GuestMemoryMmap, q: &mut Queue) -> bool {
-        if q.event_idx_enabled() {
-            return q.needs_notification(mem).unwrap_or(true);
-        }
-        let flags: u16 = mem.read_obj(GuestAddress(q.avail_ring())).unwrap_or(0);
-        flags & AVAIL_F_NO_INTERRUPT == 0
-    }
-
     pub(super) fn signal(&mut self, which: u32) {
         let ctx = match which {
             RX_KICK => &mut self.rx,
@@ -192,15 +180,9 @@ impl Worker {
                 None => return,
             },
         };
-        if Self::should_interrupt(&self.mem, &mut ctx.queue) {
+        if queue::should_interrupt(&self.mem, &mut ctx.queue) {
             self.interrupt.queue(ctx.vector);
         }
-    }
-
-    /// Puts back `n` chains popped but not consumed: the driver cannot
-    /// tell, as nothing was written to the used ring.
-    pub(super) fn unpop(q: &mut Queue, n: u16) {
-        q.set_next_avail(q.next_avail().wrapping_sub(n));
     }
 }
 
@@ -283,78 +265,5 @@ pub(super) fn max_frame(gso: bool, mtu: u16) -> usize {
         one.max(65_532 + ETH_VLAN)
     } else {
         one
-    }
-}
-
-/// The next chain the driver made available, or None. A hostile available
-/// index (more new entries than the ring holds) also gives None, quietly:
-/// virtio-queue's pop_descriptor_chain would log an error on every call,
-/// and a guest could use that to flood rvm's stderr.
-pub(super) fn pop<'m>(
-    q: &mut Queue,
-    mem: &'m GuestMemoryMmap,
-) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
-    match q.iter(mem) {
-        Ok(mut chains) => chains.next(),
-        Err(e) => {
-            crate::guest_log!(log::Level::Debug, "virtio-net: queue unusable: {e}");
-            None
-        }
-    }
-}
-
-/// Returns chain `head` to the driver with `len` bytes written. A head the
-/// driver put on the available ring beyond the queue size cannot be
-/// returned: false, quietly (virtio-queue's add_used would log an error
-/// for each one, and a guest could fill a ring with them).
-pub(super) fn put_used(q: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) -> bool {
-    head < q.size() && q.add_used(mem, head, len).is_ok()
-}
-
-/// What a drain step says about the queue.
-pub(super) enum Step {
-    /// One chain done: take the next.
-    Next,
-    /// No chain left (or the queue is unusable).
-    Done,
-    /// The backend would block: the chain went back to the ring and the
-    /// queue waits, notifications off, until the backend takes writes.
-    Park,
-}
-
-/// Drains a queue's chains with notifications off, then re-enables them
-/// and goes again if the driver added more meanwhile (the event-idx
-/// protocol; also correct without event idx). Returns true when a step
-/// parked the queue.
-pub(super) fn drain<F>(mem: &GuestMemoryMmap, q: &mut Queue, mut each: F) -> bool
-where
-    F: FnMut(&mut Queue, &GuestMemoryMmap) -> Step,
-{
-    loop {
-        let _ = q.disable_notification(mem);
-        loop {
-            match each(q, mem) {
-                Step::Next => {}
-                Step::Done => break,
-                Step::Park => return true,
-            }
-        }
-        if !rearm(q, mem) {
-            return false;
-        }
-    }
-}
-
-/// Re-enables the driver's notifications; true when chains arrived
-/// meanwhile and the caller should go on. A hostile available index (more
-/// new entries than the ring holds) gives false: the queue stays stalled
-/// until the driver resets it, instead of the worker spinning on it.
-pub(super) fn rearm(q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-    if !matches!(q.enable_notification(mem), Ok(true)) {
-        return false;
-    }
-    match q.avail_idx(mem, Ordering::Acquire) {
-        Ok(avail) => avail.0.wrapping_sub(q.next_avail()) <= q.size(),
-        Err(_) => false,
     }
 }
