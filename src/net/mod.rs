@@ -3,6 +3,7 @@
 //! send buffer), bridge membership, ifup/ifdown scripts, and the NIC
 //! options as the user writes them.
 
+pub mod assembly;
 pub mod backend;
 pub mod bridge;
 pub mod config;

@@ -35,10 +35,11 @@ use crate::devices::serial::{self, Console, SerialDevice};
 use crate::devices::virtio_net::{NetParams, VirtioNet};
 use crate::devices::IrqLine;
 use crate::error::{Error, Result};
+use crate::net::assembly;
 use crate::net::backend::NetBackend;
-use crate::net::vhost::{self, VhostNet};
+use crate::net::vhost::VhostNet;
 use crate::net::NetStats;
-use crate::net::{HostNic, NicModel, VhostMode};
+use crate::net::{HostNic, NicModel};
 use crate::pci::msix::{MsixTable, MsixVectors};
 use crate::pci::{root, BarKind, HostBridge, PciAllocator, PciRoot};
 use crate::virtio::pci::{self as virtio_pci, VirtioPciDevice};
@@ -118,11 +119,8 @@ impl Vm {
         crate::net::config::validate_all(&mut nic_configs)
             .map_err(|e| Error::InvalidConfig(e.to_string()))?;
         // vhost=on must work before anything is created.
-        for cfg in nic_configs.iter().filter(|c| c.vhost == VhostMode::On) {
-            vhost::probe(cfg.vnet_hdr).map_err(|source| Error::Vhost {
-                nic: cfg.label(),
-                source,
-            })?;
+        for cfg in &nic_configs {
+            assembly::check_vhost_policy(cfg)?;
         }
         let host_nics = nic_configs
             .iter()
@@ -247,44 +245,17 @@ impl Vm {
         .and_then(|mut vm| {
             let mut routes = Vec::new();
             for (cfg, host) in nic_configs.iter().zip(host_nics) {
-                if cfg.model == NicModel::E1000 {
-                    let mac = cfg.mac.map(|m| m.0).unwrap_or([0x52, 0x54, 0, 0, 0, 1]);
-                    let name = cfg.tap.clone();
-                    let (_, route) = vm.add_e1000(host.tap().clone(), mac, name)?;
-                    routes.push(route);
-                    vm.name_last_nic(host.tap().name());
-                    vm.host_nics.push(host);
-                    continue;
-                }
-                let mtu = match cfg.mtu {
-                    Some(m) => m,
-                    None => host
-                        .tap()
-                        .mtu()
-                        .map(|m| m.min(65535) as u16)
-                        .unwrap_or(1500),
-                };
-                let mac = cfg.mac.map(|m| m.0).unwrap_or([0x52, 0x54, 0, 0, 0, 1]);
-                let vhost = match cfg.vhost {
-                    VhostMode::Off => None,
-                    VhostMode::On => {
-                        Some(VhostNet::open(&vm.memory, cfg.vnet_hdr).map_err(|source| {
-                            Error::Vhost {
-                                nic: cfg.label(),
-                                source,
-                            }
-                        })?)
+                let nic = assembly::assemble(cfg, &host, &vm.memory)?;
+                match nic.model {
+                    NicModel::E1000 => {
+                        let (_, route) = vm.add_e1000(nic.backend, nic.mac, nic.tap_name)?;
+                        routes.push(route);
                     }
-                    VhostMode::Auto => match VhostNet::open(&vm.memory, cfg.vnet_hdr) {
-                        Ok(v) => Some(v),
-                        Err(e) => {
-                            log::info!("{}: vhost=auto: {e}; data path: userspace", cfg.label());
-                            None
-                        }
-                    },
-                };
-                vm.add_virtio_net(host.tap().clone(), mac, mtu, vhost)?;
-                vm.name_last_nic(host.tap().name());
+                    NicModel::Virtio => {
+                        vm.add_virtio_net(nic.backend, nic.mac, nic.mtu, nic.vhost)?;
+                    }
+                }
+                vm.name_last_nic(&nic.name);
                 vm.host_nics.push(host);
             }
             if !routes.is_empty() {

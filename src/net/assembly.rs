@@ -1,0 +1,91 @@
+//! From a NIC's options and its host side to what the machine plugs: the
+//! MAC, the MTU offered to the guest, and the data path (vhost-net or
+//! userspace, by the `vhost=` policy). The machine (src/vmm) only chooses
+//! the device model's slot; every networking decision is made here.
+
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+
+use super::backend::NetBackend;
+use super::config::{NetConfig, NicModel, VhostMode};
+use super::host_nic::HostNic;
+use super::vhost::VhostNet;
+use crate::error::{Error, Result};
+
+/// One NIC, ready to plug.
+pub struct NicParts {
+    pub model: NicModel,
+    pub backend: Arc<dyn NetBackend>,
+    pub mac: [u8; 6],
+    /// What the guest is told the MTU is (virtio-net's config space).
+    pub mtu: u16,
+    /// The kernel's data path, when the policy and the host allow it.
+    pub vhost: Option<VhostNet>,
+    /// The host interface's name, for the exit log line.
+    pub name: String,
+    /// The TAP's name as the user gave it (the e1000 uses it for the
+    /// link state it reports).
+    pub tap_name: Option<String>,
+}
+
+/// Checks that `vhost=on` can work on this host, before anything is
+/// created (so a refusal leaves nothing behind).
+pub fn check_vhost_policy(cfg: &NetConfig) -> Result<()> {
+    if cfg.vhost == VhostMode::On {
+        super::vhost::probe(cfg.vnet_hdr).map_err(|source| Error::Vhost {
+            nic: cfg.label(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// The parts of the NIC `cfg` describes, on its host side `host`.
+/// `validate_all` has run, so the MAC is set.
+pub fn assemble(cfg: &NetConfig, host: &HostNic, memory: &GuestMemoryMmap) -> Result<NicParts> {
+    let tap = host.tap();
+    let mac = cfg.mac.map(|m| m.0).unwrap_or(DEFAULT_MAC);
+    let (mtu, vhost) = match cfg.model {
+        // The e1000 has no MTU field and no vhost path.
+        NicModel::E1000 => (1500, None),
+        NicModel::Virtio => (
+            cfg.mtu
+                .unwrap_or_else(|| tap.mtu().map(|m| m.min(65535) as u16).unwrap_or(1500)),
+            vhost_for(cfg, memory)?,
+        ),
+    };
+    Ok(NicParts {
+        model: cfg.model,
+        backend: tap.clone(),
+        mac,
+        mtu,
+        vhost,
+        name: tap.name().to_string(),
+        tap_name: cfg.tap.clone(),
+    })
+}
+
+/// A locally administered MAC, only for a config that skipped validation.
+const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
+
+fn vhost_for(cfg: &NetConfig, memory: &GuestMemoryMmap) -> Result<Option<VhostNet>> {
+    Ok(match cfg.vhost {
+        VhostMode::Off => None,
+        VhostMode::On => {
+            Some(
+                VhostNet::open(memory, cfg.vnet_hdr).map_err(|source| Error::Vhost {
+                    nic: cfg.label(),
+                    source,
+                })?,
+            )
+        }
+        VhostMode::Auto => match VhostNet::open(memory, cfg.vnet_hdr) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                log::info!("{}: vhost=auto: {e}; data path: userspace", cfg.label());
+                None
+            }
+        },
+    })
+}
