@@ -4,6 +4,11 @@
 
 use std::os::fd::{AsFd, AsRawFd};
 
+/// The per-frame header both NIC models and the TAP agree on, when the TAP
+/// has IFF_VNET_HDR: struct virtio_net_hdr_v1 (TUNSETVNETHDRSZ 12), the
+/// size every VERSION_1 virtio driver uses too.
+pub const VNET_HDR_LEN: usize = 12;
+
 /// TUNSETOFFLOAD flags: what the host may hand the guest unfinished.
 pub mod offload {
     pub const CSUM: u32 = 0x01;

@@ -48,8 +48,7 @@ pub const DEVICE_ID: u16 = 0x100e;
 pub const SUBSYSTEM_ID: u16 = 0x001e;
 pub const MMIO_SIZE: u64 = 128 << 10;
 pub const IO_SIZE: u64 = 64;
-/// The TAP's virtio-net header, when it has one (virtio_net_hdr_v1).
-pub const VNET_HDR_LEN: usize = 12;
+pub use crate::net::backend::VNET_HDR_LEN;
 
 const REG_WORDS: usize = (MMIO_SIZE / 4) as usize;
 

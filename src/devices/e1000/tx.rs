@@ -15,9 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::csum;
 use super::regs::DESC_LEN;
 
-/// The TAP's per-frame header when IFF_VNET_HDR is on: struct
-/// virtio_net_hdr_v1 (TUNSETVNETHDRSZ 12).
-pub const VNET_HDR_LEN: usize = 12;
+use crate::net::backend::VNET_HDR_LEN;
 /// The largest frame gathered from descriptors: a 64 KiB TSO payload plus
 /// headers. Larger frames are dropped.
 pub const MAX_FRAME: usize = 65536 + 256;

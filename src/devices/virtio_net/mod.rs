@@ -38,8 +38,8 @@ use crate::virtio::{ActivateError, Activation, VirtioDevice};
 pub const DEVICE_TYPE: u16 = 1;
 /// RX, TX, control.
 pub const QUEUE_SIZES: [u16; 3] = [256, 256, 64];
-/// struct virtio_net_hdr_v1: every VERSION_1 driver uses this size.
-pub const HDR_LEN: usize = 12;
+/// struct virtio_net_hdr_v1: the guest's header is the TAP's.
+pub const HDR_LEN: usize = crate::net::backend::VNET_HDR_LEN;
 
 /// Feature bits (virtio 1.x, 5.1.3).
 pub mod features {
