@@ -86,3 +86,10 @@ pub use error::{Error, Result};
 pub use net::NetCounters;
 pub use net::{MacAddr, NetConfig, NicModel, VhostMode};
 pub use vmm::{ExitReason, NicInfo, RunningVm, VcpuRegisters, VcpuReport, Vm, VmController};
+
+/// Locks `m`, taking the data as it is if a thread panicked holding the
+/// lock: every structure rvm locks stays consistent between statements
+/// that could panic, and a VM must not stop because one thread died.
+pub fn lock_or_recover<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

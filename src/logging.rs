@@ -43,7 +43,7 @@ impl RateLimit {
     /// of lines held back since the last one printed, or None (the line is
     /// counted as held back).
     pub fn admit(&self, now_ms: u64) -> Option<u64> {
-        let mut w = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = crate::lock_or_recover(&self.0);
         match w.start_ms {
             Some(start) if now_ms.saturating_sub(start) < WINDOW.as_millis() as u64 => {}
             _ => {
@@ -142,7 +142,7 @@ pub mod capture {
                 });
             }
             let thread = std::thread::current().name().unwrap_or("").to_string();
-            let mut lines = LINES.lock().unwrap_or_else(|e| e.into_inner());
+            let mut lines = crate::lock_or_recover(&LINES);
             if lines.len() < 1_000_000 {
                 lines.push((thread, message));
             }
@@ -161,9 +161,7 @@ pub mod capture {
 
     /// The lines logged so far by threads whose name contains `thread`.
     pub fn lines_of(thread: &str) -> Vec<String> {
-        LINES
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        crate::lock_or_recover(&LINES)
             .iter()
             .filter(|(t, _)| t.contains(thread))
             .map(|(_, m)| m.clone())

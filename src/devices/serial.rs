@@ -53,7 +53,7 @@ impl SerialInput {
     /// Queues as much of `bytes` as the UART's FIFO takes and returns how
     /// many bytes that was; the caller retries the rest later.
     pub fn send(&self, bytes: &[u8]) -> usize {
-        let mut dev = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut dev = crate::lock_or_recover(&self.0);
         let room = dev.uart.fifo_capacity();
         let n = bytes.len().min(room);
         if n == 0 {

@@ -26,11 +26,11 @@ struct BarWindow {
 
 impl BusDevice for BarWindow {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let mut d = self.dev.lock().unwrap_or_else(|e| e.into_inner());
+        let mut d = crate::lock_or_recover(&self.dev);
         d.bar_read(self.bar, offset, data);
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let mut d = self.dev.lock().unwrap_or_else(|e| e.into_inner());
+        let mut d = crate::lock_or_recover(&self.dev);
         d.bar_write(self.bar, offset, data);
     }
 }
@@ -68,7 +68,7 @@ impl PciRoot {
     pub fn add(&mut self, dev: SharedDevice) -> Option<u8> {
         let slot = self.devices.iter().position(Option::is_none)?;
         {
-            let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+            let mut d = crate::lock_or_recover(&dev);
             let cfg = d.config_mut();
             let mut command = cfg.command();
             for i in 0..NUM_BARS {
@@ -105,7 +105,7 @@ impl PciRoot {
         match self.selected(port_offset) {
             Some((slot, reg)) => self.devices[slot]
                 .as_ref()
-                .map(|s| s.dev.lock().unwrap_or_else(|e| e.into_inner()))
+                .map(|s| crate::lock_or_recover(&s.dev))
                 .map(|d| d.config().read(reg, data))
                 .unwrap_or(()),
             None => data.fill(0xff),
@@ -117,7 +117,7 @@ impl PciRoot {
             return;
         };
         if let Some(s) = &self.devices[slot] {
-            let mut d = s.dev.lock().unwrap_or_else(|e| e.into_inner());
+            let mut d = crate::lock_or_recover(&s.dev);
             d.config_mut().write(reg, data);
             d.config_written(reg, data);
         }
@@ -135,7 +135,7 @@ impl PciRoot {
         let Some(s) = self.devices[slot].as_mut() else {
             return;
         };
-        let mut dev = s.dev.lock().unwrap_or_else(|e| e.into_inner());
+        let mut dev = crate::lock_or_recover(&s.dev);
         for bar in 0..NUM_BARS {
             let cfg = dev.config();
             let (Some(kind), Some(size)) = (cfg.bar_kind(bar), cfg.bar_size(bar)) else {

@@ -47,7 +47,7 @@ impl ExitSignal {
 
     /// Records `reason` unless one is recorded already, and wakes the waiter.
     pub fn request(&self, reason: ExitReason) {
-        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = crate::lock_or_recover(&self.reason);
         if r.is_none() {
             *r = Some(reason);
         }
@@ -123,10 +123,7 @@ impl ExitSignal {
 
     /// The reason recorded so far, if any.
     pub fn recorded(&self) -> Option<ExitReason> {
-        self.reason
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        crate::lock_or_recover(&self.reason).clone()
     }
 
     /// The raw eventfd, for async-signal-safe wakeups.

@@ -55,10 +55,7 @@ impl VmController {
     /// it, so pair this with a timeout ([`RunningVm::shutdown`] does).
     pub fn request_shutdown(&self) {
         if !self.exit.is_stopping() {
-            self.i8042
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .ctrl_alt_del();
+            crate::lock_or_recover(&self.i8042).ctrl_alt_del();
         }
     }
 

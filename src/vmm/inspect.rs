@@ -181,7 +181,7 @@ impl VcpuInspector {
     }
 
     fn lock(&self) -> MutexGuard<'_, Slots> {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock_or_recover(&self.slots)
     }
 
     /// Called by vCPU `id`'s thread as it starts its loop: from now on it

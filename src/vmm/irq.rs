@@ -45,7 +45,7 @@ impl GsiRouter {
     /// the guest lets the vector signal: [`MsiRouter::connect`].
     pub fn msi_irqfd(&self) -> Result<(EventFd, u32)> {
         let gsi = {
-            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = crate::lock_or_recover(&self.state);
             let gsi = s.next_gsi;
             s.next_gsi += 1;
             gsi
@@ -96,7 +96,7 @@ fn irqchip(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
 
 impl MsiRouter for GsiRouter {
     fn route(&self, gsi: u32, addr: u64, data: u32) -> std::io::Result<()> {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = crate::lock_or_recover(&self.state);
         s.msi.insert(gsi, (addr, data));
         self.commit(&s)
     }
@@ -133,7 +133,7 @@ impl IntxLines {
 
     /// A device's handle on IOAPIC input `gsi` (at most 64 per VM).
     pub fn line(self: &Arc<Self>, gsi: u32) -> Option<IntxLine> {
-        let mut n = self.next_source.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = crate::lock_or_recover(&self.next_source);
         if *n >= 64 {
             return None;
         }
@@ -155,11 +155,7 @@ pub struct IntxLine {
 
 impl crate::devices::LevelIrq for IntxLine {
     fn set_level(&self, asserted: bool) {
-        let mut all = self
-            .lines
-            .asserted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut all = crate::lock_or_recover(&self.lines.asserted);
         let mask = all.entry(self.gsi).or_insert(0);
         let was = *mask != 0;
         if asserted {

@@ -92,8 +92,8 @@ enum NicDevice {
 impl NicDevice {
     fn shutdown(&self) {
         match self {
-            NicDevice::Virtio(d) => d.lock().unwrap_or_else(|e| e.into_inner()).shutdown(),
-            NicDevice::E1000(d) => d.lock().unwrap_or_else(|e| e.into_inner()).shutdown(),
+            NicDevice::Virtio(d) => crate::lock_or_recover(d).shutdown(),
+            NicDevice::E1000(d) => crate::lock_or_recover(d).shutdown(),
         }
     }
 }
@@ -322,10 +322,7 @@ impl Vm {
         model: NicModel,
         device: NicDevice,
     ) -> Result<u8> {
-        let slot = self
-            .pci
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let slot = crate::lock_or_recover(&self.pci)
             .add(dev)
             .ok_or_else(|| Error::Device("the PCI bus is full (32 devices)".into()))?;
         let name = format!("net{}", self.nics.len());

@@ -564,7 +564,7 @@ impl E1000 {
     }
 
     fn core(&self) -> std::sync::MutexGuard<'_, Core> {
-        self.core.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock_or_recover(&self.core)
     }
 }
 

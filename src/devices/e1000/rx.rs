@@ -504,7 +504,7 @@ impl RxThread {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Core> {
-        self.core.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock_or_recover(&self.core)
     }
 }
 

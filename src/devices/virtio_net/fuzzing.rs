@@ -40,7 +40,7 @@ impl SyncNet {
 }
 
 fn lock(slot: &Slot) -> MutexGuard<'_, Option<Worker>> {
-    slot.lock().unwrap_or_else(|e| e.into_inner())
+    crate::lock_or_recover(slot)
 }
 
 impl VirtioDevice for SyncNet {
