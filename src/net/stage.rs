@@ -1,0 +1,421 @@
+//! The stage seam: an ordered list of stages that every frame of a NIC
+//! passes, in both directions and on both NIC models, between the backend
+//! and the guest's buffers. A stage sees the frame as the guest sees it
+//! (no vnet header) and passes it, drops it, or holds it until a time
+//! (back-pressure: a TX frame stays in the guest's ring, an RX frame in
+//! the guest's buffers, unpublished, and nothing more is read meanwhile).
+//! Rate limits, capture and egress policy are stages.
+//!
+//! The list is shared: the NIC's thread runs it, others may change it
+//! while the VM runs. The NIC takes its lock once per frame, never across
+//! a system call.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::virtio::chain::Segment;
+
+/// Which way a frame goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Guest to host.
+    Tx,
+    /// Host to guest.
+    Rx,
+}
+
+/// What a stage says about a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    /// The frame is lost (counted in tx_dropped or rx_dropped and in the
+    /// stage's own counter); the guest's buffers are returned or reused.
+    Drop,
+    /// Not before `until`: the NIC keeps the frame where it is, sends or
+    /// reads nothing more that way, and asks this stage again then.
+    Hold {
+        until: Instant,
+    },
+}
+
+/// A frame as the guest sees it: the Ethernet header first, no vnet header.
+pub enum Frame<'a> {
+    /// In guest memory: `len` bytes of `segs` after the first `skip`
+    /// (the vnet header).
+    Guest {
+        mem: &'a GuestMemoryMmap,
+        segs: &'a [Segment],
+        skip: usize,
+        len: usize,
+    },
+    /// In rvm's memory (the e1000 gathers its TX frames).
+    Bytes(&'a [u8]),
+}
+
+impl Frame<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Frame::Guest { len, .. } => *len,
+            Frame::Bytes(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies the frame's bytes from `offset` into `buf`; returns how many
+    /// (fewer at the frame's end, or where guest memory cannot be read).
+    pub fn read(&self, offset: usize, buf: &mut [u8]) -> usize {
+        match self {
+            Frame::Bytes(b) => {
+                let src = b.get(offset..).unwrap_or_default();
+                let n = src.len().min(buf.len());
+                buf[..n].copy_from_slice(&src[..n]);
+                n
+            }
+            Frame::Guest {
+                mem,
+                segs,
+                skip,
+                len,
+            } => {
+                let want = buf.len().min(len.saturating_sub(offset));
+                let mut skip = skip.saturating_add(offset);
+                let mut done = 0;
+                for s in segs.iter() {
+                    if done == want {
+                        break;
+                    }
+                    let seg_len = s.iov.iov_len;
+                    if skip >= seg_len {
+                        skip -= seg_len;
+                        continue;
+                    }
+                    let n = (seg_len - skip).min(want - done);
+                    let at = GuestAddress(s.gpa.wrapping_add(skip as u64));
+                    if mem.read_slice(&mut buf[done..done + n], at).is_err() {
+                        break;
+                    }
+                    done += n;
+                    skip = 0;
+                }
+                done
+            }
+        }
+    }
+}
+
+/// One stage of a NIC's data path.
+pub trait Stage: Send {
+    /// A short name for logs and counters ("rate-limit", "capture", ...).
+    fn name(&self) -> &str;
+
+    /// Whether the stage must see the frames in rvm's process. Such a stage
+    /// makes vhost-net decline: `vhost=auto` falls back to the userspace
+    /// path with this stage named, `vhost=on` fails before the guest starts.
+    fn needs_userspace(&self) -> bool {
+        true
+    }
+
+    /// The frame `frame` going `dir`.
+    fn frame(&mut self, dir: Direction, frame: &Frame<'_>, now: Instant) -> Verdict;
+}
+
+/// What each stage did, for the library API.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StageCounters {
+    pub name: String,
+    pub dropped: u64,
+    /// Times the stage held a frame back.
+    pub held: u64,
+}
+
+struct Entry {
+    stage: Box<dyn Stage>,
+    dropped: u64,
+    held: u64,
+}
+
+/// A NIC's stages, in order.
+#[derive(Clone, Default)]
+pub struct Stages {
+    inner: Arc<Mutex<Vec<Entry>>>,
+}
+
+/// Where a frame's pass through the stages ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Pass,
+    Drop,
+    /// Held by the stage at `stage` (ask again from there, so the stages
+    /// before it do not see the frame twice).
+    Hold {
+        until: Instant,
+        stage: usize,
+    },
+}
+
+impl Stages {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
+        crate::lock_or_recover(&self.inner)
+    }
+
+    /// Adds `stage` at the end (frames meet it last on TX and RX alike).
+    pub fn push(&self, stage: Box<dyn Stage>) {
+        self.lock().push(Entry {
+            stage,
+            dropped: 0,
+            held: 0,
+        });
+    }
+
+    /// Removes the stages named `name`; returns how many.
+    pub fn remove(&self, name: &str) -> usize {
+        let mut list = self.lock();
+        let before = list.len();
+        list.retain(|e| e.stage.name() != name);
+        before - list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// The first stage that needs the frames in rvm's process, by name:
+    /// why vhost-net must decline.
+    pub fn needs_userspace(&self) -> Option<String> {
+        self.lock()
+            .iter()
+            .find(|e| e.stage.needs_userspace())
+            .map(|e| e.stage.name().to_string())
+    }
+
+    pub fn counters(&self) -> Vec<StageCounters> {
+        self.lock()
+            .iter()
+            .map(|e| StageCounters {
+                name: e.stage.name().to_string(),
+                dropped: e.dropped,
+                held: e.held,
+            })
+            .collect()
+    }
+
+    /// Runs `frame` through the stages from `from` (0, or where a hold
+    /// left it). A list changed meanwhile is taken as it is now.
+    pub fn run(&self, dir: Direction, frame: &Frame<'_>, from: usize, now: Instant) -> Outcome {
+        let mut list = self.lock();
+        for (i, e) in list.iter_mut().enumerate().skip(from) {
+            match e.stage.frame(dir, frame, now) {
+                Verdict::Pass => {}
+                Verdict::Drop => {
+                    e.dropped += 1;
+                    return Outcome::Drop;
+                }
+                Verdict::Hold { until } => {
+                    e.held += 1;
+                    return Outcome::Hold { until, stage: i };
+                }
+            }
+        }
+        Outcome::Pass
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Stages for the NICs' unit tests.
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    /// Drops every frame going `dir` whose first byte is `first` (the
+    /// tests' frames start with a marker in the destination MAC).
+    pub struct DropFirstByte {
+        pub dir: Direction,
+        pub first: u8,
+    }
+
+    impl Stage for DropFirstByte {
+        fn name(&self) -> &str {
+            "drop-first-byte"
+        }
+        fn frame(&mut self, dir: Direction, frame: &Frame<'_>, _now: Instant) -> Verdict {
+            let mut b = [0u8; 1];
+            if dir == self.dir && frame.read(0, &mut b) == 1 && b[0] == self.first {
+                Verdict::Drop
+            } else {
+                Verdict::Pass
+            }
+        }
+    }
+
+    /// Lets `budget` frames go `dir`, then holds each further one for
+    /// `hold`, after which it lets one more through (and holds again):
+    /// the shape of a rate limit.
+    pub struct Trickle {
+        pub dir: Direction,
+        pub budget: u64,
+        pub hold: Duration,
+        pub next_at: Option<Instant>,
+        pub seen: Arc<AtomicU64>,
+    }
+
+    impl Stage for Trickle {
+        fn name(&self) -> &str {
+            "trickle"
+        }
+        fn frame(&mut self, dir: Direction, _frame: &Frame<'_>, now: Instant) -> Verdict {
+            if dir != self.dir {
+                return Verdict::Pass;
+            }
+            if self.budget > 0 {
+                self.budget -= 1;
+                self.seen.fetch_add(1, Ordering::SeqCst);
+                return Verdict::Pass;
+            }
+            match self.next_at {
+                Some(t) if now >= t => {
+                    self.next_at = None;
+                    self.seen.fetch_add(1, Ordering::SeqCst);
+                    Verdict::Pass
+                }
+                Some(t) => Verdict::Hold { until: t },
+                None => {
+                    let t = now + self.hold;
+                    self.next_at = Some(t);
+                    Verdict::Hold { until: t }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+    use std::time::Duration;
+    use vm_memory::GuestMemoryBackend;
+
+    /// Records the frames it sees.
+    struct Tap(Arc<Mutex<Vec<Vec<u8>>>>);
+    impl Stage for Tap {
+        fn name(&self) -> &str {
+            "tap"
+        }
+        fn needs_userspace(&self) -> bool {
+            false
+        }
+        fn frame(&mut self, _dir: Direction, frame: &Frame<'_>, _now: Instant) -> Verdict {
+            let mut b = vec![0u8; frame.len()];
+            let n = frame.read(0, &mut b);
+            b.truncate(n);
+            self.0.lock().unwrap().push(b);
+            Verdict::Pass
+        }
+    }
+
+    #[test]
+    fn a_guest_frame_reads_across_segments_without_its_header() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        // A 12-byte header and 20 bytes of frame in three buffers.
+        let bytes: Vec<u8> = (0u8..32).collect();
+        mem.write_slice(&bytes[..8], GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&bytes[8..20], GuestAddress(0x3000))
+            .unwrap();
+        mem.write_slice(&bytes[20..], GuestAddress(0x2000)).unwrap();
+        let seg = |gpa: u64, len: usize| Segment {
+            gpa,
+            iov: libc::iovec {
+                iov_base: mem
+                    .get_slice(GuestAddress(gpa), len)
+                    .unwrap()
+                    .ptr_guard_mut()
+                    .as_ptr()
+                    .cast(),
+                iov_len: len,
+            },
+        };
+        let segs = [seg(0x1000, 8), seg(0x3000, 12), seg(0x2000, 12)];
+        let f = Frame::Guest {
+            mem: &mem,
+            segs: &segs,
+            skip: 12,
+            len: 20,
+        };
+        let mut all = [0u8; 64];
+        assert_eq!(
+            f.read(0, &mut all),
+            20,
+            "the frame's length, not the buffers'"
+        );
+        assert_eq!(&all[..20], &bytes[12..]);
+        let mut mid = [0u8; 5];
+        assert_eq!(f.read(6, &mut mid), 5);
+        assert_eq!(mid, [18, 19, 20, 21, 22]);
+        assert_eq!(f.read(20, &mut mid), 0, "past the end");
+        assert_eq!(f.read(usize::MAX, &mut mid), 0);
+    }
+
+    #[test]
+    fn stages_run_in_order_and_a_hold_resumes_where_it_stopped() {
+        let stages = Stages::new();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        stages.push(Box::new(Tap(seen.clone())));
+        let passed = Arc::new(AtomicU64::new(0));
+        stages.push(Box::new(Trickle {
+            dir: Direction::Tx,
+            budget: 1,
+            hold: Duration::from_millis(5),
+            next_at: None,
+            seen: passed.clone(),
+        }));
+        stages.push(Box::new(DropFirstByte {
+            dir: Direction::Tx,
+            first: 0xee,
+        }));
+        let t0 = Instant::now();
+        let frame = [0xeeu8, 1, 2];
+        let f = Frame::Bytes(&frame);
+        assert_eq!(stages.run(Direction::Tx, &f, 0, t0), Outcome::Drop);
+        let until = t0 + Duration::from_millis(5);
+        assert_eq!(
+            stages.run(Direction::Tx, &f, 0, t0),
+            Outcome::Hold { until, stage: 1 }
+        );
+        // Asked again from the holding stage: the first does not see it twice.
+        assert_eq!(
+            stages.run(Direction::Tx, &f, 1, t0),
+            Outcome::Hold { until, stage: 1 }
+        );
+        assert_eq!(stages.run(Direction::Tx, &f, 1, until), Outcome::Drop);
+        assert_eq!(seen.lock().unwrap().len(), 2);
+        // RX frames pass all three.
+        assert_eq!(stages.run(Direction::Rx, &f, 0, t0), Outcome::Pass);
+        let c = stages.counters();
+        assert_eq!(
+            c.iter()
+                .map(|c| (c.name.as_str(), c.dropped, c.held))
+                .collect::<Vec<_>>(),
+            vec![("tap", 0, 0), ("trickle", 0, 2), ("drop-first-byte", 2, 0)]
+        );
+        assert_eq!(stages.needs_userspace().as_deref(), Some("trickle"));
+        assert_eq!(stages.remove("trickle"), 1);
+        assert_eq!(stages.needs_userspace().as_deref(), Some("drop-first-byte"));
+        stages.remove("drop-first-byte");
+        assert_eq!(
+            stages.needs_userspace(),
+            None,
+            "the tap stage works anywhere"
+        );
+    }
+}
