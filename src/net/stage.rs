@@ -10,6 +10,7 @@
 //! while the VM runs. The NIC takes its lock once per frame, never across
 //! a system call.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -139,10 +140,25 @@ struct Entry {
     held: u64,
 }
 
-/// A NIC's stages, in order.
+/// A NIC's stages, in order. Cloning gives another handle on the same list.
 #[derive(Clone, Default)]
 pub struct Stages {
-    inner: Arc<Mutex<Vec<Entry>>>,
+    inner: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    list: Mutex<Vec<Entry>>,
+    /// How many stages there are: a NIC without any takes no lock per frame.
+    len: AtomicUsize,
+    /// The kernel moves this NIC's frames now (vhost-net), past any stage.
+    in_kernel: AtomicBool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StageError {
+    #[error("the {0} stage needs the frames in rvm, but vhost-net moves them in the kernel now; start the VM with vhost=off (or auto) to use it")]
+    KernelDataPath(String),
 }
 
 /// Where a frame's pass through the stages ended.
@@ -164,16 +180,24 @@ impl Stages {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
-        crate::lock_or_recover(&self.inner)
+        crate::lock_or_recover(&self.inner.list)
     }
 
     /// Adds `stage` at the end (frames meet it last on TX and RX alike).
-    pub fn push(&self, stage: Box<dyn Stage>) {
-        self.lock().push(Entry {
+    /// A stage that needs the frames in rvm is refused while vhost-net
+    /// moves them: it would see nothing, silently.
+    pub fn push(&self, stage: Box<dyn Stage>) -> Result<(), StageError> {
+        let mut list = self.lock();
+        if stage.needs_userspace() && self.inner.in_kernel.load(Ordering::SeqCst) {
+            return Err(StageError::KernelDataPath(stage.name().to_string()));
+        }
+        list.push(Entry {
             stage,
             dropped: 0,
             held: 0,
         });
+        self.inner.len.store(list.len(), Ordering::SeqCst);
+        Ok(())
     }
 
     /// Removes the stages named `name`; returns how many.
@@ -181,11 +205,32 @@ impl Stages {
         let mut list = self.lock();
         let before = list.len();
         list.retain(|e| e.stage.name() != name);
+        self.inner.len.store(list.len(), Ordering::SeqCst);
         before - list.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.inner.len.load(Ordering::Relaxed) == 0
+    }
+
+    /// The kernel takes over this NIC's frames, if no stage needs them in
+    /// rvm: Err names the stage that does. From then on such stages are
+    /// refused, until [`Stages::leave_kernel`].
+    pub fn enter_kernel(&self) -> Result<(), String> {
+        let list = self.lock();
+        if let Some(e) = list.iter().find(|e| e.stage.needs_userspace()) {
+            return Err(format!(
+                "the {} stage needs the frames in rvm",
+                e.stage.name()
+            ));
+        }
+        self.inner.in_kernel.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The frames are rvm's again.
+    pub fn leave_kernel(&self) {
+        self.inner.in_kernel.store(false, Ordering::SeqCst);
     }
 
     /// The first stage that needs the frames in rvm's process, by name:
@@ -206,6 +251,15 @@ impl Stages {
                 held: e.held,
             })
             .collect()
+    }
+
+    /// [`Stages::run`] at the present time; with no stage, nothing is
+    /// locked or looked at (the hot path of a NIC without stages).
+    pub fn run_now(&self, dir: Direction, frame: &Frame<'_>, from: usize) -> Outcome {
+        if self.is_empty() {
+            return Outcome::Pass;
+        }
+        self.run(dir, frame, from, Instant::now())
     }
 
     /// Runs `frame` through the stages from `from` (0, or where a hold
@@ -370,19 +424,23 @@ mod tests {
     fn stages_run_in_order_and_a_hold_resumes_where_it_stopped() {
         let stages = Stages::new();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        stages.push(Box::new(Tap(seen.clone())));
+        stages.push(Box::new(Tap(seen.clone()))).unwrap();
         let passed = Arc::new(AtomicU64::new(0));
-        stages.push(Box::new(Trickle {
-            dir: Direction::Tx,
-            budget: 1,
-            hold: Duration::from_millis(5),
-            next_at: None,
-            seen: passed.clone(),
-        }));
-        stages.push(Box::new(DropFirstByte {
-            dir: Direction::Tx,
-            first: 0xee,
-        }));
+        stages
+            .push(Box::new(Trickle {
+                dir: Direction::Tx,
+                budget: 1,
+                hold: Duration::from_millis(5),
+                next_at: None,
+                seen: passed.clone(),
+            }))
+            .unwrap();
+        stages
+            .push(Box::new(DropFirstByte {
+                dir: Direction::Tx,
+                first: 0xee,
+            }))
+            .unwrap();
         let t0 = Instant::now();
         let frame = [0xeeu8, 1, 2];
         let f = Frame::Bytes(&frame);
@@ -416,6 +474,41 @@ mod tests {
             stages.needs_userspace(),
             None,
             "the tap stage works anywhere"
+        );
+    }
+
+    #[test]
+    fn the_kernel_data_path_and_userspace_stages_exclude_each_other() {
+        let stages = Stages::new();
+        let drop = || {
+            Box::new(DropFirstByte {
+                dir: Direction::Rx,
+                first: 1,
+            })
+        };
+        stages.push(drop()).unwrap();
+        assert_eq!(
+            stages.enter_kernel(),
+            Err("the drop-first-byte stage needs the frames in rvm".into())
+        );
+        stages.remove("drop-first-byte");
+        stages.enter_kernel().unwrap();
+        assert_eq!(
+            stages.push(drop()),
+            Err(StageError::KernelDataPath("drop-first-byte".into()))
+        );
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        stages.push(Box::new(Tap(seen))).unwrap();
+        stages.leave_kernel();
+        stages.push(drop()).unwrap();
+        assert_eq!(stages.counters().len(), 2);
+        assert_eq!(
+            stages.run_now(Direction::Rx, &Frame::Bytes(&[1, 2]), 0),
+            Outcome::Drop
+        );
+        assert_eq!(
+            Stages::new().run_now(Direction::Rx, &Frame::Bytes(&[1]), 0),
+            Outcome::Pass
         );
     }
 }

@@ -30,6 +30,7 @@ use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::net::backend::{offload, NetBackend};
+use crate::net::stage::Stages;
 use crate::net::vhost::{VhostNet, VringSetup};
 use crate::net::NetStats;
 use crate::virtio::features::{RING_EVENT_IDX, RING_INDIRECT_DESC, VERSION_1};
@@ -80,6 +81,9 @@ pub struct VirtioNet {
     /// Bus Master Enable, shared with the worker: no guest memory is
     /// touched while it is off.
     bus_master: Arc<AtomicBool>,
+    /// What every frame passes (the worker's path; vhost-net only when no
+    /// stage needs the frames in rvm).
+    stages: Stages,
 }
 
 /// The feature bits vhost-net interprets itself: the guest may only have
@@ -123,7 +127,13 @@ impl VirtioNet {
             running: None,
             vhost,
             bus_master: Arc::new(AtomicBool::new(false)),
+            stages: Stages::new(),
         }
+    }
+
+    /// The NIC's stages: a handle to add or remove them while it runs.
+    pub fn stages(&self) -> Stages {
+        self.stages.clone()
     }
 
     /// Hands RX and TX to vhost-net. Needs an irqfd per queue (MSI-X on,
@@ -155,9 +165,14 @@ impl VirtioNet {
             })
             .collect();
         let tap = Self::tap_file(&self.backend)?;
+        // Last: from here on a stage that needs the frames is refused.
+        self.stages.enter_kernel()?;
         vhost
             .start(a.features, self.backend.vnet_hdr(), &rings, &tap)
-            .map_err(|e| e.to_string())
+            .map_err(|e| {
+                self.stages.leave_kernel();
+                e.to_string()
+            })
     }
 
     /// The TAP as a file of its own, for the kernel's data path.
@@ -199,6 +214,7 @@ impl VirtioNet {
         if let Some(v) = self.vhost.as_mut() {
             v.stop();
         }
+        self.stages.leave_kernel();
         if let Some((stop, thread)) = self.running.take() {
             let _ = stop.write(1);
             let _ = thread.join();
@@ -333,12 +349,14 @@ impl VirtioNet {
             a,
             self.backend.clone(),
             self.stats.clone(),
+            self.stages.clone(),
             stop.try_clone()
                 .map_err(|e| ActivateError::Start(e.to_string()))?,
             in_kernel,
             self.params.mtu,
             self.bus_master.clone(),
-        );
+        )
+        .map_err(|e| ActivateError::Start(format!("worker: {e}")))?;
         Ok((w, stop))
     }
 }

@@ -10,12 +10,14 @@
 //! as we keep, or as many descriptors as the ring has.
 
 use std::io::ErrorKind;
+use std::time::Instant;
 
 use virtio_queue::QueueT;
 
-use super::worker::{Worker, SIGNAL_RX};
+use super::worker::{HeldRx, Worker, SIGNAL_RX};
 use super::HDR_LEN;
 use crate::net::counters::bump;
+use crate::net::stage::{Direction, Frame, Outcome};
 use crate::virtio::chain::{self, MAX_IOV};
 use crate::virtio::queue::{pop, put_used, rearm, unpop};
 
@@ -28,7 +30,14 @@ impl Worker {
             return;
         }
         let mut used = false;
-        while self.tap_readable {
+        if self.rx_held.is_some() {
+            match self.release_held() {
+                Some(published) => used = published,
+                // Still held: nothing more is read (the TAP keeps it).
+                None => return,
+            }
+        }
+        while self.tap_readable && self.rx_held.is_none() {
             used |= self.refill_pool();
             if !self.pool_ready() {
                 // Not enough buffers: wait for the driver's kick
@@ -36,7 +45,7 @@ impl Worker {
                 break;
             }
             match self.read_frame() {
-                Ok(()) => used = true,
+                Ok(published) => used |= published,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => self.tap_readable = false,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -127,9 +136,53 @@ impl Worker {
         }
     }
 
-    /// Reads one frame into the pool's first chain(s) and hands them to
-    /// the driver.
-    fn read_frame(&mut self) -> std::io::Result<()> {
+    /// The held frame, asked about again if its time has come: Some(true)
+    /// when it went to the driver, Some(false) when a stage dropped it,
+    /// None while it is still held.
+    fn release_held(&mut self) -> Option<bool> {
+        let held = self.rx_held.take()?;
+        let now = Instant::now();
+        let outcome = if now < held.until {
+            Outcome::Hold {
+                until: held.until,
+                stage: held.stage,
+            }
+        } else {
+            let segs = self.pool.segs.make_contiguous();
+            let frame = Frame::Guest {
+                mem: &self.mem,
+                segs,
+                skip: HDR_LEN,
+                len: held.n.saturating_sub(HDR_LEN),
+            };
+            self.stages.run(Direction::Rx, &frame, held.stage, now)
+        };
+        match outcome {
+            Outcome::Pass => {
+                self.publish(held.n);
+                Some(true)
+            }
+            Outcome::Drop => {
+                bump(&self.stats.rx_dropped, 1);
+                Some(false)
+            }
+            Outcome::Hold { until, stage } => {
+                self.rx_held = Some(HeldRx {
+                    n: held.n,
+                    until,
+                    stage,
+                });
+                self.arm_timer();
+                None
+            }
+        }
+    }
+
+    /// Reads one frame into the pool's first chain(s), runs it through the
+    /// stages and hands it to the driver. Ok(true) when it went to the
+    /// driver; Ok(false) when a stage dropped it (its buffers stay in the
+    /// pool) or held it.
+    fn read_frame(&mut self) -> std::io::Result<bool> {
         let segs = self.pool.segs.make_contiguous();
         let nsegs = if self.mergeable {
             segs.len()
@@ -157,7 +210,33 @@ impl Worker {
             )));
         }
         let n = got + skip;
+        let frame = Frame::Guest {
+            mem: &self.mem,
+            segs,
+            skip: HDR_LEN,
+            len: n.saturating_sub(HDR_LEN),
+        };
+        match self.stages.run_now(Direction::Rx, &frame, 0) {
+            Outcome::Pass => {}
+            Outcome::Drop => {
+                bump(&self.stats.rx_dropped, 1);
+                return Ok(false);
+            }
+            Outcome::Hold { until, stage } => {
+                self.rx_held = Some(HeldRx { n, until, stage });
+                self.arm_timer();
+                return Ok(false);
+            }
+        }
+        self.publish(n);
+        Ok(true)
+    }
 
+    /// Hands the frame of `n` bytes (header included) at the pool's front
+    /// to the driver: num_buffers, then the used entries of its chains.
+    fn publish(&mut self, n: usize) {
+        let vnet = self.backend.vnet_hdr();
+        let segs = self.pool.segs.make_contiguous();
         // Which chains the frame filled, and how much of each.
         let mut rest = n as u64;
         let mut chains = 0u16;
@@ -198,6 +277,5 @@ impl Worker {
         }
         bump(&self.stats.rx_frames, 1);
         bump(&self.stats.rx_bytes, (n - HDR_LEN.min(n)) as u64);
-        Ok(())
     }
 }

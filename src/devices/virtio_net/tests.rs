@@ -12,6 +12,8 @@ use super::{NetParams, VirtioNet, HDR_LEN};
 use crate::devices::test_backend::{
     fake_tap, pattern, peer_recv, peer_recv_nothing, peer_send, FakeTap, T,
 };
+use crate::net::stage::testing::{DropFirstByte, Trickle};
+use crate::net::stage::Direction;
 use crate::virtio::features::{RING_EVENT_IDX, VERSION_1};
 use crate::virtio::sim::{SimDriver, DATA_START, DESC_F_NEXT, DESC_F_WRITE};
 use crate::virtio::status;
@@ -21,6 +23,7 @@ struct Rig {
     peer: OwnedFd,
     tap: Arc<FakeTap>,
     stats: Arc<crate::net::NetStats>,
+    stages: crate::net::stage::Stages,
 }
 
 fn rig(vnet: bool) -> Rig {
@@ -43,11 +46,13 @@ fn rig_with(vnet: bool, name: &str, mtu: u16) -> Rig {
     };
     let net = VirtioNet::new(params, tap.clone(), None);
     let stats = net.stats();
+    let stages = net.stages();
     Rig {
         drv: SimDriver::new(Box::new(net), 16),
         peer: b,
         tap,
         stats,
+        stages,
     }
 }
 
@@ -837,4 +842,153 @@ fn tx_waits_for_a_backend_that_would_block_instead_of_dropping() {
     let s = r.stats.snapshot();
     assert_eq!((s.tx_frames, s.tx_dropped), (frames.len() as u64, 0));
     assert!(s.tx_waits >= 1, "the wait is counted: {s:?}");
+}
+
+/// A guest TX frame: a zero vnet header, then `len` bytes starting `first`.
+fn marked_tx(first: u8, len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; HDR_LEN];
+    f.push(first);
+    f.extend(pattern(len - 1, first));
+    f
+}
+
+/// Posts `frames` (header included) as TX chains and kicks.
+fn send_tx(r: &mut Rig, frames: &[Vec<u8>]) {
+    let mem = r.drv.mem.clone();
+    for (i, f) in frames.iter().enumerate() {
+        let at = DATA_START + 0x1000 * i as u64;
+        mem.write_slice(f, GuestAddress(at)).unwrap();
+        r.drv.queues[TXQ].add_chain(&mem, &[(at, f.len() as u32)], false);
+    }
+    r.drv.kick(TXQ as u16);
+}
+
+fn trickle(dir: Direction, hold: Duration) -> Box<Trickle> {
+    Box::new(Trickle {
+        dir,
+        budget: 1,
+        hold,
+        next_at: None,
+        seen: Default::default(),
+    })
+}
+
+#[test]
+fn a_stage_drops_frames_both_ways_and_the_guest_gets_its_buffers_back() {
+    let mut r = rig(false);
+    r.drv.init(VERSION_1 | MAC, &[256, 256]);
+    for (dir, first) in [(Direction::Tx, 0xee), (Direction::Rx, 0xdd)] {
+        r.stages
+            .push(Box::new(DropFirstByte { dir, first }))
+            .unwrap();
+    }
+    let mem = r.drv.mem.clone();
+    let frames = [marked_tx(0xee, 60), marked_tx(0x11, 60)];
+    send_tx(&mut r, &frames);
+    assert_eq!(peer_recv(&r.peer).as_deref(), Some(&frames[1][HDR_LEN..]));
+    assert!(peer_recv_nothing(&r.peer), "the dropped frame went out");
+    for _ in 0..2 {
+        r.drv.queues[TXQ]
+            .wait_used(&mem, T)
+            .expect("both chains answered");
+    }
+    // RX: the dropped frame's buffer takes the next frame.
+    let addrs = post_rx(&mut r, 2, 1600);
+    let (dropped, kept) = (vec![0xddu8; 100], vec![0x22u8; 90]);
+    peer_send(&r.peer, &dropped);
+    peer_send(&r.peer, &kept);
+    let (id, len) = r.drv.queues[RXQ].wait_used(&mem, T).expect("used");
+    assert_eq!((id, len), (0, (HDR_LEN + kept.len()) as u32));
+    let mut got = vec![0u8; kept.len()];
+    mem.read_slice(&mut got, GuestAddress(addrs[0] + HDR_LEN as u64))
+        .unwrap();
+    assert_eq!(got, kept);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(r.drv.queues[RXQ].pop_used(&mem).is_none());
+    let s = r.stats.snapshot();
+    assert_eq!(
+        (s.tx_frames, s.tx_dropped, s.rx_frames, s.rx_dropped),
+        (1, 1, 1, 1)
+    );
+    let c = r.stages.counters();
+    assert_eq!((c[0].dropped, c[1].dropped), (1, 1));
+}
+
+/// A stage that holds TX frames (a rate limit's shape) slows the guest
+/// without losing or reordering anything: each held chain stays in the
+/// ring, unanswered, until the loop's timer brings the stage's time.
+#[test]
+fn a_stage_holding_tx_releases_the_frames_in_order_on_its_timer() {
+    let mut r = rig(true);
+    r.drv.init(all_features(true), &[256, 256, 64]);
+    let hold = Duration::from_millis(300);
+    r.stages.push(trickle(Direction::Tx, hold)).unwrap();
+    let mem = r.drv.mem.clone();
+    let frames: Vec<Vec<u8>> = (0..3).map(|i| marked_tx(0x30 + i, 200)).collect();
+    let t0 = std::time::Instant::now();
+    send_tx(&mut r, &frames);
+    assert_eq!(peer_recv(&r.peer).as_deref(), Some(&frames[0][..]));
+    r.drv.queues[TXQ]
+        .wait_used(&mem, T)
+        .expect("the first is answered");
+    assert!(peer_recv_nothing(&r.peer), "a held frame went out early");
+    assert!(
+        r.drv.queues[TXQ].pop_used(&mem).is_none(),
+        "a held chain was answered"
+    );
+    for (i, f) in frames.iter().enumerate().skip(1) {
+        assert_eq!(peer_recv(&r.peer).as_deref(), Some(&f[..]), "frame {i}");
+        assert!(
+            t0.elapsed() >= hold * i as u32,
+            "frame {i} came before its time"
+        );
+        r.drv.queues[TXQ].wait_used(&mem, T).expect("answered");
+    }
+    let s = r.stats.snapshot();
+    assert_eq!((s.tx_frames, s.tx_dropped, s.tx_waits), (3, 0, 0));
+    assert_eq!(r.stages.counters()[0].held, 2);
+}
+
+/// Held on RX, a frame waits in the guest's buffers, unpublished, and
+/// nothing more is read from the backend until the stage lets it go.
+#[test]
+fn a_stage_holding_rx_delivers_later_in_order_and_reads_nothing_meanwhile() {
+    let mut r = rig(true);
+    r.drv.init(all_features(true) & !MRG_RXBUF, &[256, 256, 64]);
+    let hold = Duration::from_millis(300);
+    r.stages.push(trickle(Direction::Rx, hold)).unwrap();
+    let mem = r.drv.mem.clone();
+    let addrs = post_rx(&mut r, 4, 2048);
+    let frames: Vec<Vec<u8>> = (0..3u8)
+        .map(|i| {
+            let mut f = vec![0u8; HDR_LEN];
+            f.extend(pattern(300, 0x50 + i));
+            f
+        })
+        .collect();
+    let t0 = std::time::Instant::now();
+    for f in &frames {
+        peer_send(&r.peer, f);
+    }
+    for (i, f) in frames.iter().enumerate() {
+        let (id, len) = r.drv.queues[RXQ].wait_used(&mem, T).expect("used");
+        assert_eq!((id, len), (i as u32, f.len() as u32), "frame {i}");
+        assert!(
+            t0.elapsed() >= hold * i as u32,
+            "frame {i} came before its time"
+        );
+        let mut got = vec![0u8; f.len()];
+        mem.read_slice(&mut got, GuestAddress(addrs[i])).unwrap();
+        got[10] = 0; // num_buffers
+        assert_eq!(got, *f, "frame {i}");
+        if i == 0 {
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(
+                r.drv.queues[RXQ].pop_used(&mem).is_none(),
+                "published early"
+            );
+        }
+    }
+    let s = r.stats.snapshot();
+    assert_eq!((s.rx_frames, s.rx_dropped), (3, 0));
 }

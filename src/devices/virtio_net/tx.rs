@@ -1,9 +1,12 @@
 //! Guest to host: each TX chain is a virtio-net header and a frame; both go
 //! to the backend with one writev straight from guest memory.
 
+use std::time::Instant;
+
 use super::worker::{Worker, SIGNAL_TX};
 use super::HDR_LEN;
 use crate::net::counters::bump;
+use crate::net::stage::{Direction, Frame, Outcome};
 use crate::virtio::chain::{self, ChainError};
 use crate::virtio::queue::{drain, pop, put_used, unpop, Step};
 
@@ -13,10 +16,25 @@ impl Worker {
         if !self.may_dma() || self.tx_parked {
             return;
         }
+        // Held by a stage: the timer resumes TX, at the stage that held.
+        let mut from = 0;
+        if let Some((until, stage)) = self.tx_hold {
+            if Instant::now() < until {
+                return;
+            }
+            self.tx_hold = None;
+            from = stage;
+        }
+        let mut hold = None;
         let mut used = false;
         let strip = !self.backend.vnet_hdr();
-        let (backend, stats, segs, iov) =
-            (&self.backend, &self.stats, &mut self.segs, &mut self.iov);
+        let (backend, stats, stages, segs, iov) = (
+            &self.backend,
+            &self.stats,
+            &self.stages,
+            &mut self.segs,
+            &mut self.iov,
+        );
         let parked = drain(&self.mem, &mut self.tx.queue, |q, mem| {
             let Some(c) = pop(q, mem) else {
                 return Step::Done;
@@ -29,8 +47,27 @@ impl Worker {
                 }
                 Ok(len)
             });
-            match frame {
-                Ok(len) => {
+            let verdict = frame.map(|len| {
+                let frame = Frame::Guest {
+                    mem,
+                    segs: &segs[..],
+                    skip: HDR_LEN,
+                    len: len as usize - HDR_LEN,
+                };
+                (
+                    len,
+                    stages.run_now(Direction::Tx, &frame, std::mem::take(&mut from)),
+                )
+            });
+            match verdict {
+                Ok((_, Outcome::Hold { until, stage })) => {
+                    // The chain goes back, unanswered, until the stage's time.
+                    unpop(q, 1);
+                    hold = Some((until, stage));
+                    return Step::Park;
+                }
+                Ok((_, Outcome::Drop)) => bump(&stats.tx_dropped, 1),
+                Ok((len, Outcome::Pass)) => {
                     // Without a vnet header on the TAP the header stays behind.
                     let skip = if strip { HDR_LEN } else { 0 };
                     let wrote = if chain::iovecs_skipping(segs, skip, iov) {
@@ -79,9 +116,14 @@ impl Worker {
             used = true;
             Step::Next
         });
-        self.tx_parked = parked;
-        if parked {
-            bump(&self.stats.tx_waits, 1);
+        if hold.is_some() {
+            self.tx_hold = hold;
+            self.arm_timer();
+        } else {
+            self.tx_parked = parked;
+            if parked {
+                bump(&self.stats.tx_waits, 1);
+            }
         }
         if used {
             self.signal(SIGNAL_TX);

@@ -1,17 +1,21 @@
 //! The NIC's thread: one event loop (event-manager) per activated device,
-//! woken by the TAP becoming readable and by the guest's queue kicks.
+//! woken by the TAP becoming readable, by the guest's queue kicks, and by
+//! a timer when a stage holds a frame until a time.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::features::{CTRL_VQ, GUEST_TSO4, GUEST_TSO6, MRG_RXBUF};
 use crate::net::backend::NetBackend;
+use crate::net::stage::Stages;
 use crate::net::NetStats;
 use crate::virtio::chain::{Segment, MAX_IOV};
 use crate::virtio::{queue, Activation, Interrupt};
@@ -21,6 +25,22 @@ const RX_KICK: u32 = 1;
 const TX_KICK: u32 = 2;
 const CTRL_KICK: u32 = 3;
 const STOP: u32 = 4;
+const TIMER: u32 = 5;
+
+/// The shortest wait a hold arms the timer for: a stage that holds until
+/// now (or the past) must not make the loop spin.
+const MIN_HOLD: Duration = Duration::from_micros(50);
+
+/// An RX frame a stage held: read into the pool's first chains, not yet
+/// handed to the driver, and nothing more is read until it is.
+#[derive(Clone, Copy)]
+pub(super) struct HeldRx {
+    /// Bytes read, the header included.
+    pub n: usize,
+    pub until: Instant,
+    /// The stage that held it, asked again first.
+    pub stage: usize,
+}
 
 pub(super) struct QueueCtx {
     pub queue: Queue,
@@ -68,6 +88,13 @@ pub struct Worker {
     pub(super) tx_parked: bool,
     /// Whether the TAP's epoll registration includes EPOLLOUT now.
     tap_watch_out: bool,
+    pub(super) stages: Stages,
+    /// Wakes the loop when a held frame's time comes.
+    timer: TimerFd,
+    /// TX is held by a stage until a time: the chain is back in the ring;
+    /// (until, the stage that held it).
+    pub(super) tx_hold: Option<(Instant, usize)>,
+    pub(super) rx_held: Option<HeldRx>,
 }
 
 // SAFETY: the iovecs in `iov` point into guest memory that `mem` keeps
@@ -76,15 +103,17 @@ unsafe impl Send for Worker {}
 
 impl Worker {
     /// `mtu` is the MTU the device offered the driver.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         a: Activation,
         backend: Arc<dyn NetBackend>,
         stats: Arc<NetStats>,
+        stages: Stages,
         stop: EventFd,
         data_in_kernel: bool,
         mtu: u16,
         bus_master: Arc<std::sync::atomic::AtomicBool>,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
         let mut queues = a.queues.into_iter().map(|q| QueueCtx {
             queue: q.queue,
             kick: q.kick,
@@ -98,7 +127,7 @@ impl Worker {
             None
         };
         let big = a.features & (GUEST_TSO4 | GUEST_TSO6) != 0;
-        Worker {
+        Ok(Worker {
             mem: a.mem,
             rx: rx.expect("virtio-net activated without an RX queue"),
             tx: tx.expect("virtio-net activated without a TX queue"),
@@ -118,7 +147,45 @@ impl Worker {
             bus_master,
             tx_parked: false,
             tap_watch_out: false,
+            stages,
+            timer: TimerFd::new()?,
+            tx_hold: None,
+            rx_held: None,
+        })
+    }
+
+    /// Arms the timer for the earliest held frame, if any. A timer that
+    /// fires with nothing due is harmless: each side checks its own time.
+    pub(super) fn arm_timer(&mut self) {
+        let due = [self.tx_hold.map(|h| h.0), self.rx_held.map(|h| h.until)]
+            .into_iter()
+            .flatten()
+            .min();
+        if let Some(due) = due {
+            let wait = due.saturating_duration_since(Instant::now()).max(MIN_HOLD);
+            if let Err(e) = self.timer.reset(wait, None) {
+                crate::guest_log!(
+                    log::Level::Error,
+                    "virtio-net: cannot arm the hold timer: {e}"
+                );
+            }
         }
+    }
+
+    fn on_timer(&mut self) {
+        // Read only an expired timer: one re-armed since it woke us has no
+        // count, and a read would block.
+        if !self.timer.is_armed().unwrap_or(true) {
+            let _ = self.timer.wait();
+        }
+        let now = Instant::now();
+        if self.tx_hold.is_some_and(|h| now >= h.0) {
+            self.process_tx();
+        }
+        if self.rx_held.is_some_and(|h| now >= h.until) {
+            self.process_rx();
+        }
+        self.arm_timer();
     }
 
     /// Watches the TAP for room (EPOLLOUT) exactly while TX is parked: a
@@ -208,6 +275,7 @@ impl MutEventSubscriber for Worker {
         if self.data_in_kernel {
             return;
         }
+        add(&self.timer, TIMER, EventSet::IN);
         add(&*self.backend, TAP, EventSet::IN | EventSet::EDGE_TRIGGERED);
         add(&self.rx.kick, RX_KICK, EventSet::IN);
         add(&self.tx.kick, TX_KICK, EventSet::IN);
@@ -249,6 +317,7 @@ impl MutEventSubscriber for Worker {
                 let _ = self.stop.read();
                 self.stopped = true;
             }
+            TIMER => self.on_timer(),
             _ => {}
         }
         self.sync_tap_watch(ops);
