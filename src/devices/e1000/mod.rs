@@ -29,19 +29,21 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::LevelIrq;
 use crate::net::backend::NetBackend;
+use crate::net::stage::{Direction, Frame, Outcome, Stages};
 use crate::net::NetStats;
 use crate::pci::config::PciConfig;
 use crate::pci::PciDevice;
 use eeprom::Eeprom;
 use phy::Phy;
 use regs::*;
-use tx::{TxEngine, TxRing};
+use tx::{Admit, TxEngine, TxRing, TxSink};
 
 pub const VENDOR_ID: u16 = 0x8086;
 pub const DEVICE_ID: u16 = 0x100e;
@@ -101,6 +103,46 @@ pub struct Core {
     /// The TAP would block: TX waits at TDH for room (the NIC thread
     /// watches the TAP for it).
     pub(crate) tx_blocked: bool,
+    /// What every frame passes, both ways.
+    stages: Stages,
+    /// A stage holds TX at TDH until a time (the NIC thread wakes then);
+    /// (until, the stage that held).
+    pub(crate) tx_hold: Option<(Instant, usize)>,
+}
+
+/// The TAP behind the NIC's stages, for one TX pass.
+struct StagedTap<'a> {
+    backend: &'a Arc<dyn NetBackend>,
+    stages: &'a Stages,
+    /// The stage the first frame starts at (where a hold left it).
+    from: usize,
+    hold: Option<(Instant, usize)>,
+}
+
+impl TxSink for StagedTap<'_> {
+    fn admit(&mut self, frame: &[u8]) -> Admit {
+        let from = std::mem::take(&mut self.from);
+        match self
+            .stages
+            .run_now(Direction::Tx, &Frame::Bytes(frame), from)
+        {
+            Outcome::Pass => Admit::Send,
+            Outcome::Drop => Admit::Drop,
+            Outcome::Hold { until, stage } => {
+                self.hold = Some((until, stage));
+                Admit::Hold
+            }
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let iov = [libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        }];
+        // SAFETY: `bytes` is borrowed, readable, for the call.
+        unsafe { self.backend.writev(&iov) }.map(|_| ())
+    }
 }
 
 impl Core {
@@ -132,6 +174,8 @@ impl Core {
             rx: rx::RxState::new(vnet),
             bus_master: false,
             tx_blocked: false,
+            stages: Stages::new(),
+            tx_hold: None,
         };
         c.reset();
         c
@@ -158,6 +202,7 @@ impl Core {
         self.set(RA, u32::from_le_bytes([m[0], m[1], m[2], m[3]]));
         self.set(RA + 4, u32::from(u16::from_le_bytes([m[4], m[5]])) | RAH_AV);
         self.tx.reset();
+        self.tx_hold = None;
         self.rx.reset();
         // The link is the host's to say; the PHY's registers start over.
         self.phy.reset();
@@ -358,15 +403,23 @@ impl Core {
             head: self.reg(TDH),
             tail: self.reg(TDT),
         };
-        let backend = self.backend.clone();
-        let report = self.tx.process(&self.mem, &ring, &mut |frame: &[u8]| {
-            let iov = [libc::iovec {
-                iov_base: frame.as_ptr() as *mut libc::c_void,
-                iov_len: frame.len(),
-            }];
-            // SAFETY: `frame` is borrowed for the call.
-            unsafe { backend.writev(&iov) }.map(|_| ())
-        });
+        // Held by a stage: the NIC thread comes back at its time.
+        let mut from = 0;
+        if let Some((until, stage)) = self.tx_hold {
+            if Instant::now() < until {
+                return;
+            }
+            self.tx_hold = None;
+            from = stage;
+        }
+        let mut tap = StagedTap {
+            backend: &self.backend,
+            stages: &self.stages,
+            from,
+            hold: None,
+        };
+        let report = self.tx.process(&self.mem, &ring, &mut tap);
+        self.tx_hold = tap.hold.filter(|_| report.held);
         if report.ring_error {
             crate::guest_log!(
                 log::Level::Debug,
@@ -549,6 +602,11 @@ impl E1000 {
 
     pub fn stats(&self) -> Arc<NetStats> {
         self.stats.clone()
+    }
+
+    /// The NIC's stages: a handle to add or remove them while it runs.
+    pub fn stages(&self) -> Stages {
+        self.core().stages.clone()
     }
 
     pub fn resets(&self) -> Arc<ResetCounts> {

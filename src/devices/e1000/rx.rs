@@ -18,6 +18,8 @@ use super::regs::*;
 use super::{Core, VNET_HDR_LEN};
 use crate::net::backend::NetBackend;
 use crate::net::counters::bump;
+use crate::net::stage::{Direction, Frame, Outcome};
+use crate::virtio::chain::Segment;
 
 /// The largest frame the device takes, CRC included: with RCTL.LPE (jumbo)
 /// 16 KiB, else a VLAN-tagged 1522 bytes. Linux's e1000 relies on the
@@ -38,8 +40,32 @@ pub(crate) struct RxState {
     /// too long for them (it is dropped, counted in ROC).
     overflow: [u8; 1],
     iov: Vec<libc::iovec>,
+    /// The guest buffers of the frame being read, for the stages.
+    segs: Vec<Segment>,
     /// The ring was found unusable; wait for the driver to rewrite it.
     broken: bool,
+    /// A frame a stage held: in the buffers at RDH, no descriptor written
+    /// back, and nothing more read until the stage lets it go.
+    held: Option<HeldRx>,
+}
+
+#[derive(Clone, Copy)]
+struct HeldRx {
+    len: usize,
+    until: Instant,
+    /// The stage that held it, asked again first.
+    stage: usize,
+}
+
+/// How one read went.
+enum Read {
+    /// The frame took this many descriptors.
+    Delivered(u32),
+    /// Not for us (the receive filter), too long, or dropped by a stage:
+    /// the buffers stay the guest's.
+    Refused,
+    /// A stage held it.
+    Held,
 }
 
 // SAFETY: the iovecs point into guest memory kept mapped by the core's
@@ -54,12 +80,15 @@ impl RxState {
             hdr: [0; VNET_HDR_LEN],
             overflow: [0],
             iov: Vec::with_capacity(MAX_SEGS),
+            segs: Vec::with_capacity(MAX_SEGS),
             broken: false,
+            held: None,
         }
     }
 
     pub(crate) fn reset(&mut self) {
         self.broken = false;
+        self.held = None;
     }
 }
 
@@ -106,6 +135,8 @@ pub(crate) enum RxStop {
     /// The TAP itself failed (deleted under us: EBADFD): nothing will
     /// ever come from it again.
     TapFailed,
+    /// A stage holds a frame until this time: read nothing before.
+    Held(Instant),
 }
 
 fn buffer_size(rctl: u32) -> usize {
@@ -134,6 +165,17 @@ impl Core {
         let fit = Fit::new(rctl);
         let mut received = 0u64;
         let mut stop = RxStop::Drained;
+        if let Some(h) = self.rx.held {
+            match self.release_held(base, n, fit, h) {
+                Ok(Some(delivered)) => received += u64::from(delivered),
+                Ok(None) => return RxStop::Held(self.rx.held.map_or(h.until, |h| h.until)),
+                Err(e) => {
+                    crate::guest_log!(log::Level::Debug, "e1000: RX: {e}");
+                    self.rx.broken = true;
+                    return RxStop::NeedBuffers;
+                }
+            }
+        }
         for _ in 0..BATCH {
             let (head, tail) = (self.reg(RDH), self.reg(RDT));
             if n == 0 || head >= n || tail >= n {
@@ -151,11 +193,15 @@ impl Core {
                 break;
             }
             match self.read_frame(base, n, head, fit) {
-                Ok(Some(used)) => {
+                Ok(Read::Delivered(used)) => {
                     self.set(RDH, (head + used) % n);
                     received += 1;
                 }
-                Ok(None) => {} // filtered out: the buffers stay the guest's
+                Ok(Read::Refused) => {} // the buffers stay the guest's
+                Ok(Read::Held) => {
+                    stop = RxStop::Held(self.rx.held.map_or_else(Instant::now, |h| h.until));
+                    break;
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == ErrorKind::InvalidData => {
@@ -186,23 +232,90 @@ impl Core {
         stop
     }
 
-    /// One frame into the `fit.need` descriptors from `head`. Ok(None) when
-    /// the frame is not for us; Ok(Some(descriptors used)) otherwise.
-    fn read_frame(
+    /// The held frame, asked about again once its time has come: Some(1)
+    /// when it went to the driver, Some(0) when a stage dropped it, None
+    /// while it is still held.
+    fn release_held(
         &mut self,
         base: u64,
         n: u32,
-        head: u32,
-        Fit {
-            bsize,
-            room,
-            crc,
-            need,
-        }: Fit,
+        fit: Fit,
+        h: HeldRx,
     ) -> std::io::Result<Option<u32>> {
+        let now = Instant::now();
+        if now < h.until {
+            return Ok(None);
+        }
+        let head = self.reg(RDH);
+        if head >= n {
+            return Err(std::io::Error::new(
+                ErrorKind::InvalidData,
+                "RDH out of range",
+            ));
+        }
+        // The buffers again (the driver may have rewritten the descriptors
+        // meanwhile: then it gets its own bytes back, bounds-checked).
+        self.rx_segments(base, n, head, fit)?;
+        let frame = Frame::Guest {
+            mem: &self.mem,
+            segs: &self.rx.segs,
+            skip: 0,
+            len: h.len,
+        };
+        self.rx.held = None;
+        match self.stages.run(Direction::Rx, &frame, h.stage, now) {
+            Outcome::Pass => {
+                let used = self.write_back(base, n, head, fit, h.len)?;
+                self.set(RDH, (head + used) % n);
+                Ok(Some(1))
+            }
+            Outcome::Drop => {
+                bump(&self.stats.rx_dropped, 1);
+                Ok(Some(0))
+            }
+            Outcome::Hold { until, stage } => {
+                self.rx.held = Some(HeldRx {
+                    len: h.len,
+                    until,
+                    stage,
+                });
+                Ok(None)
+            }
+        }
+    }
+
+    /// The guest buffers of the `fit.need` descriptors from `head`, into
+    /// `self.rx.segs`.
+    fn rx_segments(&mut self, base: u64, n: u32, head: u32, fit: Fit) -> std::io::Result<()> {
         let bad = || std::io::Error::new(ErrorKind::InvalidData, "RX descriptor outside memory");
-        let mem = self.mem.clone();
-        let desc_at = |i: u32| base.checked_add(u64::from((head + i) % n) * DESC_LEN);
+        self.rx.segs.clear();
+        let mut left = fit.room;
+        for i in 0..fit.need as u32 {
+            let d = base
+                .checked_add(u64::from((head + i) % n) * DESC_LEN)
+                .ok_or_else(bad)?;
+            let addr: u64 = self.mem.read_obj(GuestAddress(d)).map_err(|_| bad())?;
+            let len = fit.bsize.min(left);
+            left -= len;
+            let slice = self
+                .mem
+                .get_slice(GuestAddress(addr), len)
+                .map_err(|_| bad())?;
+            self.rx.segs.push(Segment {
+                gpa: addr,
+                iov: libc::iovec {
+                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                    iov_len: len,
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// One frame into the `fit.need` descriptors from `head`.
+    fn read_frame(&mut self, base: u64, n: u32, head: u32, fit: Fit) -> std::io::Result<Read> {
+        let bad = || std::io::Error::new(ErrorKind::InvalidData, "RX descriptor outside memory");
+        self.rx_segments(base, n, head, fit)?;
         self.rx.iov.clear();
         if self.rx.vnet_hdr {
             self.rx.iov.push(libc::iovec {
@@ -210,48 +323,78 @@ impl Core {
                 iov_len: VNET_HDR_LEN,
             });
         }
-        let mut left = room;
-        for i in 0..need as u32 {
-            let d = desc_at(i).ok_or_else(bad)?;
-            let addr: u64 = mem.read_obj(GuestAddress(d)).map_err(|_| bad())?;
-            let len = bsize.min(left);
-            left -= len;
-            let slice = mem.get_slice(GuestAddress(addr), len).map_err(|_| bad())?;
-            self.rx.iov.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: len,
-            });
-        }
+        self.rx.iov.extend(self.rx.segs.iter().map(|s| s.iov));
         self.rx.iov.push(libc::iovec {
             iov_base: self.rx.overflow.as_mut_ptr().cast(),
             iov_len: self.rx.overflow.len(),
         });
         // SAFETY: the iovecs are bounds-checked slices of guest RAM (mapped
-        // while self.mem lives) and the overflow buffer self.rx owns, which
-        // nothing else touches during the call.
+        // while self.mem lives) and the header and overflow buffers self.rx
+        // owns, which nothing else touches during the call.
         let got = unsafe { self.backend.readv(&self.rx.iov) }?;
         let hdr = if self.rx.vnet_hdr { VNET_HDR_LEN } else { 0 };
         let len = got.saturating_sub(hdr);
-        if len > room {
+        if len > fit.room {
             // Too long for the buffers (and cut by the read): the guest
             // already has its first bytes, but no descriptor says so.
             self.count(STAT_ROC, None, 1);
             bump(&self.stats.rx_dropped, 1);
-            return Ok(None);
+            return Ok(Read::Refused);
         }
         if len < 14 {
-            return Ok(None);
+            return Ok(Read::Refused);
         }
+        let first = self.rx.segs.first().ok_or_else(bad)?.gpa;
+        let mut dst = [0u8; 6];
+        self.mem
+            .read_slice(&mut dst, GuestAddress(first))
+            .map_err(|_| bad())?;
+        if self.accepts(&dst).is_none() {
+            self.count(STAT_MPC, None, 0);
+            return Ok(Read::Refused);
+        }
+        let frame = Frame::Guest {
+            mem: &self.mem,
+            segs: &self.rx.segs,
+            skip: 0,
+            len,
+        };
+        match self.stages.run_now(Direction::Rx, &frame, 0) {
+            Outcome::Pass => {}
+            Outcome::Drop => {
+                bump(&self.stats.rx_dropped, 1);
+                return Ok(Read::Refused);
+            }
+            Outcome::Hold { until, stage } => {
+                self.rx.held = Some(HeldRx { len, until, stage });
+                return Ok(Read::Held);
+            }
+        }
+        self.write_back(base, n, head, fit, len)
+            .map(Read::Delivered)
+    }
+
+    /// Hands the driver the frame of `len` bytes in the buffers from
+    /// `head`: the CRC's zeros, each descriptor's length and status, the
+    /// statistics. Returns the descriptors used.
+    fn write_back(
+        &mut self,
+        base: u64,
+        n: u32,
+        head: u32,
+        Fit { bsize, crc, .. }: Fit,
+        len: usize,
+    ) -> std::io::Result<u32> {
+        let bad = || std::io::Error::new(ErrorKind::InvalidData, "RX descriptor outside memory");
+        let mem = self.mem.clone();
+        let desc_at = |i: u32| base.checked_add(u64::from((head + i) % n) * DESC_LEN);
         let first: u64 = mem
             .read_obj(GuestAddress(desc_at(0).ok_or_else(bad)?))
             .map_err(|_| bad())?;
         let mut dst = [0u8; 6];
         mem.read_slice(&mut dst, GuestAddress(first))
             .map_err(|_| bad())?;
-        let Some(kind) = self.accepts(&dst) else {
-            self.count(STAT_MPC, None, 0);
-            return Ok(None);
-        };
+        let kind = self.accepts(&dst);
         // The CRC the driver strips: zeros after the frame.
         let total = len + crc;
         let used = total.div_ceil(bsize).max(1) as u32;
@@ -271,8 +414,8 @@ impl Core {
                 }
             }
             let last = i + 1 == used;
-            let status: u8 = 0x01 | if last { 0x02 } else { 0 }; // DD, EOP
-                                                                 // length u16 @8, checksum u16 @10, status @12, errors @13.
+            // length u16 @8, checksum u16 @10, status @12 (DD, EOP), errors @13.
+            let status: u8 = 0x01 | if last { 0x02 } else { 0 };
             let mut wb = [0u8; 8];
             wb[0..2].copy_from_slice(&(seg as u16).to_le_bytes());
             wb[4] = status;
@@ -286,11 +429,11 @@ impl Core {
         self.count(STAT_GORCL, Some(STAT_GORCH), total as u64);
         self.count(STAT_TORL, Some(STAT_TORH), total as u64);
         match kind {
-            Dest::Broadcast => self.count(STAT_BPRC, None, 1),
-            Dest::Multicast => self.count(STAT_MPRC, None, 1),
-            Dest::Unicast => {}
+            Some(Dest::Broadcast) => self.count(STAT_BPRC, None, 1),
+            Some(Dest::Multicast) => self.count(STAT_MPRC, None, 1),
+            _ => {}
         }
-        Ok(Some(used))
+        Ok(used)
     }
 
     /// The receive filter: our addresses (RAL/RAH with AV), broadcast with
@@ -397,8 +540,20 @@ impl RxThread {
         // and watching it would spin this thread.
         let mut tap_failed = false;
         let mut last_link = Instant::now();
+        // When a stage's hold ends, each way.
+        let (mut tx_due, mut rx_due): (Option<Instant>, Option<Instant>) = (None, None);
         loop {
-            let timeout = LINK_POLL.as_millis() as i32;
+            let now = Instant::now();
+            let next = [Some(last_link + LINK_POLL), tx_due, rx_due]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(now);
+            // Rounded up: waking a little late is fine, early would spin.
+            let timeout = next
+                .saturating_duration_since(now)
+                .as_micros()
+                .div_ceil(1000) as i32;
             let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -412,6 +567,15 @@ impl RxThread {
             // Whether TX ran this round (only a TX pass changes whether
             // it waits for room; no lock taken otherwise).
             let mut transmitted = false;
+            let now = Instant::now();
+            if tx_due.is_some_and(|t| now >= t) {
+                self.lock().transmit();
+                transmitted = true;
+            }
+            if rx_due.is_some_and(|t| now >= t) {
+                rx_due = None;
+                run = true;
+            }
             for ev in &events[..n] {
                 match ev.data() {
                     EV_TAP
@@ -453,7 +617,12 @@ impl RxThread {
             if run && !tap_failed {
                 let stop = self.lock().receive();
                 tap_error |= stop == RxStop::TapFailed;
-                let now_waiting = stop == RxStop::NeedBuffers;
+                rx_due = match stop {
+                    RxStop::Held(until) => Some(until),
+                    _ => None,
+                };
+                // Held by a stage, the TAP keeps its frames meanwhile.
+                let now_waiting = matches!(stop, RxStop::NeedBuffers | RxStop::Held(_));
                 // While the guest has no buffers, the TAP stays readable:
                 // stop watching it until a kick, or the loop would spin.
                 if now_waiting != waiting_for_buffers {
@@ -472,7 +641,9 @@ impl RxThread {
             // room is writable almost always: watching it otherwise would
             // spin this level-triggered loop).
             let blocked = if transmitted {
-                self.lock().tx_blocked && !tap_failed
+                let core = self.lock();
+                tx_due = core.tx_hold.map(|h| h.0);
+                core.tx_blocked && !tap_failed
             } else {
                 watching_room && !tap_failed
             };

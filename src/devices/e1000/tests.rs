@@ -13,6 +13,8 @@ use super::regs::*;
 use super::{E1000Params, E1000};
 use crate::devices::test_backend::{fake_tap, pattern, peer_recv, peer_recv_nothing, peer_send};
 use crate::devices::LevelIrq;
+use crate::net::stage::testing::{DropFirstByte, Trickle};
+use crate::net::stage::Direction;
 use crate::pci::PciDevice;
 
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0xe1, 0, 1];
@@ -737,4 +739,133 @@ fn a_blocked_tx_turned_off_does_not_spin_on_the_taps_room() {
     std::thread::sleep(Duration::from_secs(2));
     let used = rx_thread_cpu_secs(&r.dev) - before;
     assert!(used < 0.5, "the NIC thread used {used:.2} CPU-s in 2 s");
+}
+
+fn trickle(dir: Direction, hold: Duration) -> Box<Trickle> {
+    Box::new(Trickle {
+        dir,
+        budget: 1,
+        hold,
+        next_at: None,
+        seen: Default::default(),
+    })
+}
+
+#[test]
+fn a_stage_drops_frames_both_ways_and_the_ring_goes_on() {
+    let mut r = rig();
+    let stages = r.dev.stages();
+    stages
+        .push(Box::new(DropFirstByte {
+            dir: Direction::Tx,
+            first: 0xee,
+        }))
+        .unwrap();
+    stages
+        .push(Box::new(DropFirstByte {
+            dir: Direction::Rx,
+            first: 0xff,
+        }))
+        .unwrap();
+    r.tx_ring(8);
+    let frames = [
+        frame_to([0xee, 0, 0, 0, 0, 9], 200, 3),
+        frame_to([2, 0, 0, 0, 0, 9], 200, 4),
+    ];
+    for (k, f) in frames.iter().enumerate() {
+        let at = BUFS + 4096 * k as u64;
+        r.mem.write_slice(f, GuestAddress(at)).unwrap();
+        r.tx_desc(k as u64, at, f.len() as u16);
+    }
+    r.w(TDT, 2);
+    assert_eq!(peer_recv(&r.peer).as_deref(), Some(&frames[1][..]));
+    assert!(peer_recv_nothing(&r.peer), "the dropped frame went out");
+    assert!(r.wait_reg(TDH, 2), "both descriptors completed");
+    // RX: the broadcast is dropped, its buffer takes the next frame.
+    r.rx_ring(8);
+    let mine = frame_to(MAC, 300, 7);
+    peer_send(&r.peer, &frame_to([0xff; 6], 300, 1));
+    peer_send(&r.peer, &mine);
+    assert!(r.wait_rdh(1));
+    let mut got = vec![0u8; mine.len()];
+    r.mem.read_slice(&mut got, GuestAddress(BUFS)).unwrap();
+    assert_eq!(got, mine);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(r.r(RDH), 1, "the dropped frame took no descriptor");
+    let s = r.dev.stats().snapshot();
+    assert_eq!(
+        (s.tx_frames, s.tx_dropped, s.rx_frames, s.rx_dropped),
+        (1, 1, 1, 1)
+    );
+    let c = stages.counters();
+    assert_eq!((c[0].dropped, c[1].dropped), (1, 1));
+}
+
+/// A stage that holds TX leaves the frame's descriptors to the guest (TDH
+/// stays at them, no DD) until the NIC thread's timer brings its time.
+#[test]
+fn a_stage_holding_tx_releases_the_frames_in_order_on_time() {
+    let mut r = rig();
+    let hold = Duration::from_millis(300);
+    r.dev.stages().push(trickle(Direction::Tx, hold)).unwrap();
+    r.tx_ring(8);
+    let frames: Vec<Vec<u8>> = (0..3)
+        .map(|i| frame_to([2, 0, 0, 0, 0, 9], 200, 10 + i))
+        .collect();
+    for (k, f) in frames.iter().enumerate() {
+        let at = BUFS + 4096 * k as u64;
+        r.mem.write_slice(f, GuestAddress(at)).unwrap();
+        r.tx_desc(k as u64, at, f.len() as u16);
+    }
+    let t0 = Instant::now();
+    r.w(TDT, 3);
+    assert_eq!(peer_recv(&r.peer).as_deref(), Some(&frames[0][..]));
+    assert!(peer_recv_nothing(&r.peer), "a held frame went out early");
+    assert_eq!(r.r(TDH), 1, "TX waits at the held frame");
+    let status: u8 = r.mem.read_obj(GuestAddress(TX_RING + 16 + 12)).unwrap();
+    assert_eq!(status & 1, 0, "no DD on a held frame");
+    for (i, f) in frames.iter().enumerate().skip(1) {
+        assert_eq!(peer_recv(&r.peer).as_deref(), Some(&f[..]), "frame {i}");
+        assert!(
+            t0.elapsed() >= hold * i as u32,
+            "frame {i} came before its time"
+        );
+    }
+    assert!(r.wait_reg(TDH, 3));
+    let s = r.dev.stats().snapshot();
+    assert_eq!((s.tx_frames, s.tx_dropped, s.tx_waits), (3, 0, 0));
+}
+
+/// Held on RX, a frame waits in the guest's buffers with no descriptor
+/// written back, and nothing more is read until the stage lets it go.
+#[test]
+fn a_stage_holding_rx_delivers_later_in_order() {
+    let mut r = rig();
+    let hold = Duration::from_millis(300);
+    r.dev.stages().push(trickle(Direction::Rx, hold)).unwrap();
+    r.rx_ring(8);
+    let frames: Vec<Vec<u8>> = (0..3).map(|i| frame_to(MAC, 300, 20 + i)).collect();
+    let t0 = Instant::now();
+    for f in &frames {
+        peer_send(&r.peer, f);
+    }
+    assert!(r.wait_rdh(1));
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(r.r(RDH), 1, "a held frame was handed over early");
+    for i in 1..frames.len() {
+        assert!(r.wait_rdh(i as u32 + 1), "frame {i}");
+        assert!(
+            t0.elapsed() >= hold * i as u32,
+            "frame {i} came before its time"
+        );
+    }
+    for (i, f) in frames.iter().enumerate() {
+        let mut got = vec![0u8; f.len()];
+        r.mem
+            .read_slice(&mut got, GuestAddress(BUFS + 2048 * i as u64))
+            .unwrap();
+        assert_eq!(got, *f, "frame {i}");
+    }
+    let s = r.dev.stats().snapshot();
+    assert_eq!((s.rx_frames, s.rx_dropped), (3, 0));
 }

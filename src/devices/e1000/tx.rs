@@ -98,6 +98,53 @@ pub struct TxReport {
     /// of the frame that could not go, to be sent again once there is
     /// room; nothing of that frame went out and nothing was dropped.
     pub blocked: bool,
+    /// A stage held the frame at `head` (TxSink::admit): as `blocked`,
+    /// but the sink's owner knows until when.
+    pub held: bool,
+}
+
+/// What [`TxSink::admit`] says about a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    Send,
+    /// Lost: counted in `dropped`, its descriptors completed.
+    Drop,
+    /// Not now: TX stops at the frame's first descriptor (`held`).
+    Hold,
+}
+
+/// Where finished frames go.
+pub trait TxSink {
+    /// The frame as the guest gathered it (before any vnet header, VLAN
+    /// tag or segmentation), once per frame.
+    fn admit(&mut self, _frame: &[u8]) -> Admit {
+        Admit::Send
+    }
+    /// The bytes for the TAP, vnet header included when it has one.
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()>;
+}
+
+/// A plain function sends everything.
+impl<F: FnMut(&[u8]) -> io::Result<()>> TxSink for F {
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self(bytes)
+    }
+}
+
+/// Counts the writes of a pass against its budget.
+struct Counted<'a> {
+    sink: &'a mut dyn TxSink,
+    writes: u64,
+}
+
+impl TxSink for Counted<'_> {
+    fn admit(&mut self, frame: &[u8]) -> Admit {
+        self.sink.admit(frame)
+    }
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.writes += 1;
+        self.sink.send(bytes)
+    }
 }
 
 /// Writes to the backend one pass may start before it stops at the next
@@ -264,7 +311,7 @@ impl TxEngine {
         &mut self,
         mem: &GuestMemoryMmap,
         ring: &TxRing,
-        send: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+        send: &mut dyn TxSink,
     ) -> TxReport {
         let mut rep = TxReport {
             head: ring.head,
@@ -278,17 +325,16 @@ impl TxEngine {
         }
         let mut head = ring.head;
         // Every backend write counts against the pass's budget.
-        let writes = std::cell::Cell::new(0u64);
-        let mut counted = |b: &[u8]| {
-            writes.set(writes.get() + 1);
-            send(b)
+        let mut counted = Counted {
+            sink: send,
+            writes: 0,
         };
         // head == tail ends the walk within one lap; the bound says so.
         for _ in 0..count {
             if head == ring.tail {
                 break;
             }
-            if writes.get() >= PASS_WRITES || rep.descriptors >= PASS_DESCRIPTORS {
+            if counted.writes >= PASS_WRITES || rep.descriptors >= PASS_DESCRIPTORS {
                 rep.more = true;
                 break;
             }
@@ -309,11 +355,12 @@ impl TxEngine {
             self.descriptor(mem, &d, &mut counted, &mut rep);
             if self.would_block {
                 // Back to the frame's first descriptor, to be gathered and
-                // sent again when the backend has room: the guest's buffers
-                // stay its own until then (no DD on them).
+                // sent again when the backend has room (or the stage that
+                // held it lets it go): the guest's buffers stay its own
+                // until then (no DD on them).
                 self.frame = Frame::default();
                 rep.head = self.frame_head;
-                rep.blocked = true;
+                rep.blocked = !rep.held;
                 return rep;
             }
             if d[11] & CMD_RS != 0 {
@@ -339,7 +386,7 @@ impl TxEngine {
         &mut self,
         mem: &GuestMemoryMmap,
         d: &[u8; 16],
-        send: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+        send: &mut dyn TxSink,
         rep: &mut TxReport,
     ) {
         let addr = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
@@ -425,16 +472,25 @@ impl TxEngine {
     }
 
     /// The frame is complete (EOP): offload and send it.
-    fn finish(
-        &mut self,
-        vlan: Option<u16>,
-        send: &mut dyn FnMut(&[u8]) -> io::Result<()>,
-        rep: &mut TxReport,
-    ) {
+    fn finish(&mut self, vlan: Option<u16>, send: &mut dyn TxSink, rep: &mut TxReport) {
         let f = std::mem::take(&mut self.frame);
         if f.dropping || f.len < ETH_HLEN {
             rep.dropped += 1;
             return;
+        }
+        match send.admit(&self.buf[HEADROOM..HEADROOM + f.len]) {
+            Admit::Send => {}
+            Admit::Drop => {
+                rep.dropped += 1;
+                return;
+            }
+            Admit::Hold => {
+                // Like a full backend: process() goes back to the frame's
+                // first descriptor.
+                self.would_block = true;
+                rep.held = true;
+                return;
+            }
         }
         let tag = match (self.vlan_tpid, vlan) {
             (Some(tpid), Some(tci)) => {
@@ -481,7 +537,7 @@ impl TxEngine {
         len: usize,
         mut hdr: VnetHdr,
         tag: Option<[u8; 4]>,
-        send: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+        send: &mut dyn TxSink,
     ) -> io::Result<usize> {
         let end = start + len;
         if start < HEADROOM || end > self.buf.len() || len < ETH_ADDRS_LEN {
@@ -507,18 +563,12 @@ impl TxEngine {
             first -= VNET_HDR_LEN;
             self.buf[first..first + VNET_HDR_LEN].copy_from_slice(&hdr.bytes());
         }
-        send(&self.buf[first..end]).map(|()| wire)
+        send.send(&self.buf[first..end]).map(|()| wire)
     }
 
     /// A TSE frame: one GSO frame for a TAP with vnet headers, otherwise
     /// segmented here.
-    fn tso(
-        &mut self,
-        len: usize,
-        tag: Option<[u8; 4]>,
-        send: &mut dyn FnMut(&[u8]) -> io::Result<()>,
-        rep: &mut TxReport,
-    ) {
+    fn tso(&mut self, len: usize, tag: Option<[u8; 4]>, send: &mut dyn TxSink, rep: &mut TxReport) {
         let Some(t) = tso_plan(&self.tso_ctx, len) else {
             crate::guest_log!(
                 log::Level::Debug,
@@ -544,7 +594,7 @@ impl TxEngine {
         len: usize,
         t: &Tso,
         tag: Option<[u8; 4]>,
-        send: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+        send: &mut dyn TxSink,
         rep: &mut TxReport,
     ) {
         let frame = &mut self.buf[HEADROOM..HEADROOM + len];
@@ -589,7 +639,7 @@ impl TxEngine {
         &mut self,
         t: &Tso,
         tag: Option<[u8; 4]>,
-        send: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+        send: &mut dyn TxSink,
         rep: &mut TxReport,
     ) {
         let hl = t.hdr_len;
@@ -1133,6 +1183,7 @@ mod tests {
                 ring_error: false,
                 more: false,
                 blocked: false,
+                held: false,
             }
         );
         assert_eq!(out, vec![a, b]);
