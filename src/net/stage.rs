@@ -161,6 +161,28 @@ pub enum StageError {
     KernelDataPath(String),
 }
 
+/// A direction of a NIC held by a stage: until when, and which stage to
+/// ask first then.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HoldAt {
+    pub until: Instant,
+    pub stage: usize,
+}
+
+/// Whether a NIC may take its next frame in a direction held by `hold`:
+/// None while the hold lasts; else the stage that frame starts at (the one
+/// that held, or the first), the hold cleared.
+pub fn resume(hold: &mut Option<HoldAt>) -> Option<usize> {
+    match *hold {
+        Some(h) if Instant::now() < h.until => None,
+        Some(h) => {
+            *hold = None;
+            Some(h.stage)
+        }
+        None => Some(0),
+    }
+}
+
 /// Where a frame's pass through the stages ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -320,6 +342,19 @@ pub(crate) mod testing {
         pub hold: Duration,
         pub next_at: Option<Instant>,
         pub seen: Arc<AtomicU64>,
+    }
+
+    impl Trickle {
+        /// One frame at once, then one per `hold`.
+        pub fn one_then_every(dir: Direction, hold: Duration) -> Box<Self> {
+            Box::new(Trickle {
+                dir,
+                budget: 1,
+                hold,
+                next_at: None,
+                seen: Default::default(),
+            })
+        }
     }
 
     impl Stage for Trickle {

@@ -29,14 +29,13 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::LevelIrq;
 use crate::net::backend::NetBackend;
-use crate::net::stage::{Direction, Frame, Outcome, Stages};
+use crate::net::stage::{self, Direction, Frame, HoldAt, Outcome, Stages};
 use crate::net::NetStats;
 use crate::pci::config::PciConfig;
 use crate::pci::PciDevice;
@@ -107,7 +106,7 @@ pub struct Core {
     stages: Stages,
     /// A stage holds TX at TDH until a time (the NIC thread wakes then);
     /// (until, the stage that held).
-    pub(crate) tx_hold: Option<(Instant, usize)>,
+    pub(crate) tx_hold: Option<HoldAt>,
 }
 
 /// The TAP behind the NIC's stages, for one TX pass.
@@ -116,7 +115,7 @@ struct StagedTap<'a> {
     stages: &'a Stages,
     /// The stage the first frame starts at (where a hold left it).
     from: usize,
-    hold: Option<(Instant, usize)>,
+    hold: Option<HoldAt>,
 }
 
 impl TxSink for StagedTap<'_> {
@@ -129,7 +128,7 @@ impl TxSink for StagedTap<'_> {
             Outcome::Pass => Admit::Send,
             Outcome::Drop => Admit::Drop,
             Outcome::Hold { until, stage } => {
-                self.hold = Some((until, stage));
+                self.hold = Some(HoldAt { until, stage });
                 Admit::Hold
             }
         }
@@ -404,14 +403,9 @@ impl Core {
             tail: self.reg(TDT),
         };
         // Held by a stage: the NIC thread comes back at its time.
-        let mut from = 0;
-        if let Some((until, stage)) = self.tx_hold {
-            if Instant::now() < until {
-                return;
-            }
-            self.tx_hold = None;
-            from = stage;
-        }
+        let Some(from) = stage::resume(&mut self.tx_hold) else {
+            return;
+        };
         let mut tap = StagedTap {
             backend: &self.backend,
             stages: &self.stages,

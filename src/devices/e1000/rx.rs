@@ -642,7 +642,7 @@ impl RxThread {
             // spin this level-triggered loop).
             let blocked = if transmitted {
                 let core = self.lock();
-                tx_due = core.tx_hold.map(|h| h.0);
+                tx_due = core.tx_hold.map(|h| h.until);
                 core.tx_blocked && !tap_failed
             } else {
                 watching_room && !tap_failed

@@ -741,16 +741,6 @@ fn a_blocked_tx_turned_off_does_not_spin_on_the_taps_room() {
     assert!(used < 0.5, "the NIC thread used {used:.2} CPU-s in 2 s");
 }
 
-fn trickle(dir: Direction, hold: Duration) -> Box<Trickle> {
-    Box::new(Trickle {
-        dir,
-        budget: 1,
-        hold,
-        next_at: None,
-        seen: Default::default(),
-    })
-}
-
 #[test]
 fn a_stage_drops_frames_both_ways_and_the_ring_goes_on() {
     let mut r = rig();
@@ -807,7 +797,10 @@ fn a_stage_drops_frames_both_ways_and_the_ring_goes_on() {
 fn a_stage_holding_tx_releases_the_frames_in_order_on_time() {
     let mut r = rig();
     let hold = Duration::from_millis(300);
-    r.dev.stages().push(trickle(Direction::Tx, hold)).unwrap();
+    r.dev
+        .stages()
+        .push(Trickle::one_then_every(Direction::Tx, hold))
+        .unwrap();
     r.tx_ring(8);
     let frames: Vec<Vec<u8>> = (0..3)
         .map(|i| frame_to([2, 0, 0, 0, 0, 9], 200, 10 + i))
@@ -842,7 +835,10 @@ fn a_stage_holding_tx_releases_the_frames_in_order_on_time() {
 fn a_stage_holding_rx_delivers_later_in_order() {
     let mut r = rig();
     let hold = Duration::from_millis(300);
-    r.dev.stages().push(trickle(Direction::Rx, hold)).unwrap();
+    r.dev
+        .stages()
+        .push(Trickle::one_then_every(Direction::Rx, hold))
+        .unwrap();
     r.rx_ring(8);
     let frames: Vec<Vec<u8>> = (0..3).map(|i| frame_to(MAC, 300, 20 + i)).collect();
     let t0 = Instant::now();

@@ -863,16 +863,6 @@ fn send_tx(r: &mut Rig, frames: &[Vec<u8>]) {
     r.drv.kick(TXQ as u16);
 }
 
-fn trickle(dir: Direction, hold: Duration) -> Box<Trickle> {
-    Box::new(Trickle {
-        dir,
-        budget: 1,
-        hold,
-        next_at: None,
-        seen: Default::default(),
-    })
-}
-
 #[test]
 fn a_stage_drops_frames_both_ways_and_the_guest_gets_its_buffers_back() {
     let mut r = rig(false);
@@ -922,7 +912,9 @@ fn a_stage_holding_tx_releases_the_frames_in_order_on_its_timer() {
     let mut r = rig(true);
     r.drv.init(all_features(true), &[256, 256, 64]);
     let hold = Duration::from_millis(300);
-    r.stages.push(trickle(Direction::Tx, hold)).unwrap();
+    r.stages
+        .push(Trickle::one_then_every(Direction::Tx, hold))
+        .unwrap();
     let mem = r.drv.mem.clone();
     let frames: Vec<Vec<u8>> = (0..3).map(|i| marked_tx(0x30 + i, 200)).collect();
     let t0 = std::time::Instant::now();
@@ -956,7 +948,9 @@ fn a_stage_holding_rx_delivers_later_in_order_and_reads_nothing_meanwhile() {
     let mut r = rig(true);
     r.drv.init(all_features(true) & !MRG_RXBUF, &[256, 256, 64]);
     let hold = Duration::from_millis(300);
-    r.stages.push(trickle(Direction::Rx, hold)).unwrap();
+    r.stages
+        .push(Trickle::one_then_every(Direction::Rx, hold))
+        .unwrap();
     let mem = r.drv.mem.clone();
     let addrs = post_rx(&mut r, 4, 2048);
     let frames: Vec<Vec<u8>> = (0..3u8)

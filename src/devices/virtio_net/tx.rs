@@ -1,12 +1,10 @@
 //! Guest to host: each TX chain is a virtio-net header and a frame; both go
 //! to the backend with one writev straight from guest memory.
 
-use std::time::Instant;
-
 use super::worker::{Worker, SIGNAL_TX};
 use super::HDR_LEN;
 use crate::net::counters::bump;
-use crate::net::stage::{Direction, Frame, Outcome};
+use crate::net::stage::{self, Direction, Frame, HoldAt, Outcome};
 use crate::virtio::chain::{self, ChainError};
 use crate::virtio::queue::{drain, pop, put_used, unpop, Step};
 
@@ -17,14 +15,9 @@ impl Worker {
             return;
         }
         // Held by a stage: the timer resumes TX, at the stage that held.
-        let mut from = 0;
-        if let Some((until, stage)) = self.tx_hold {
-            if Instant::now() < until {
-                return;
-            }
-            self.tx_hold = None;
-            from = stage;
-        }
+        let Some(mut from) = stage::resume(&mut self.tx_hold) else {
+            return;
+        };
         let mut hold = None;
         let mut used = false;
         let strip = !self.backend.vnet_hdr();
@@ -63,7 +56,7 @@ impl Worker {
                 Ok((_, Outcome::Hold { until, stage })) => {
                     // The chain goes back, unanswered, until the stage's time.
                     unpop(q, 1);
-                    hold = Some((until, stage));
+                    hold = Some(HoldAt { until, stage });
                     return Step::Park;
                 }
                 Ok((_, Outcome::Drop)) => bump(&stats.tx_dropped, 1),

@@ -15,7 +15,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::features::{CTRL_VQ, GUEST_TSO4, GUEST_TSO6, MRG_RXBUF};
 use crate::net::backend::NetBackend;
-use crate::net::stage::Stages;
+use crate::net::stage::{HoldAt, Stages};
 use crate::net::NetStats;
 use crate::virtio::chain::{Segment, MAX_IOV};
 use crate::virtio::{queue, Activation, Interrupt};
@@ -93,7 +93,7 @@ pub struct Worker {
     timer: TimerFd,
     /// TX is held by a stage until a time: the chain is back in the ring;
     /// (until, the stage that held it).
-    pub(super) tx_hold: Option<(Instant, usize)>,
+    pub(super) tx_hold: Option<HoldAt>,
     pub(super) rx_held: Option<HeldRx>,
 }
 
@@ -157,7 +157,7 @@ impl Worker {
     /// Arms the timer for the earliest held frame, if any. A timer that
     /// fires with nothing due is harmless: each side checks its own time.
     pub(super) fn arm_timer(&mut self) {
-        let due = [self.tx_hold.map(|h| h.0), self.rx_held.map(|h| h.until)]
+        let due = [self.tx_hold.map(|h| h.until), self.rx_held.map(|h| h.until)]
             .into_iter()
             .flatten()
             .min();
@@ -179,7 +179,7 @@ impl Worker {
             let _ = self.timer.wait();
         }
         let now = Instant::now();
-        if self.tx_hold.is_some_and(|h| now >= h.0) {
+        if self.tx_hold.is_some_and(|h| now >= h.until) {
             self.process_tx();
         }
         if self.rx_held.is_some_and(|h| now >= h.until) {
