@@ -13,7 +13,7 @@ use rvm::devices::e1000::{E1000Params, E1000, IO_SIZE, MMIO_SIZE};
 use rvm::devices::test_backend::{fake_tap, peer_try_send};
 use rvm::devices::LevelIrq;
 use rvm::pci::PciDevice;
-use rvm_fuzz::{access_len, frame, poke, Addr};
+use rvm_fuzz::{access_len, frame, poke, Addr, ScriptedStage};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 const MEM: u64 = 2 << 20;
@@ -126,6 +126,8 @@ enum Op {
 #[derive(Arbitrary, Debug)]
 struct Input {
     vnet: bool,
+    /// A stage's verdicts (rvm_fuzz::ScriptedStage), none when empty.
+    stage: Vec<u8>,
     ops: Vec<Op>,
 }
 
@@ -195,6 +197,11 @@ fuzz_target!(|input: Input| {
         Box::new(NoLine),
     )
     .unwrap();
+    if let Some(s) = ScriptedStage::boxed(&input.stage) {
+        dev.stages()
+            .push(s)
+            .expect("the e1000 has no kernel data path");
+    }
     // Memory space and bus mastering on, as Linux's probe leaves them.
     {
         use rvm::pci::config::{COMMAND, COMMAND_BUS_MASTER, COMMAND_IO, COMMAND_MEMORY};

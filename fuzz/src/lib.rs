@@ -5,11 +5,13 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
+use std::time::Instant;
 
 use arbitrary::Arbitrary;
 use rvm::devices::test_backend::{fake_tap, peer_try_send, FakeTap};
 use rvm::devices::virtio_net::fuzzing::{Passes, SyncNet};
 use rvm::devices::virtio_net::{features, NetParams, VirtioNet};
+use rvm::net::stage::{Direction, Frame as StageFrame, Stage, Verdict};
 use rvm::net::NetStats;
 use rvm::virtio::features::VERSION_1;
 use rvm::virtio::sim::{SimDriver, DATA_START};
@@ -102,6 +104,48 @@ pub struct Setup {
     pub size_log2: [u8; 3],
     /// The TAP has a virtio-net header (offloads offered).
     pub vnet: bool,
+    /// The verdicts of a stage on the NIC's data path, in turn (no stage
+    /// when None): see [`ScriptedStage`].
+    pub stage: Option<[u8; 8]>,
+}
+
+/// A stage whose verdicts the fuzzer picks, one per frame in turn: pass,
+/// drop, or hold until now (the next pass asks again), so that drops and
+/// held frames meet hostile rings, resets and bus-mastering changes. It
+/// reads a slice of each frame, as a capture or policy stage would.
+pub struct ScriptedStage {
+    script: Vec<u8>,
+    at: usize,
+}
+
+impl ScriptedStage {
+    /// None for an empty script.
+    pub fn boxed(script: &[u8]) -> Option<Box<Self>> {
+        (!script.is_empty()).then(|| {
+            Box::new(ScriptedStage {
+                script: script.to_vec(),
+                at: 0,
+            })
+        })
+    }
+}
+
+impl Stage for ScriptedStage {
+    fn name(&self) -> &str {
+        "fuzz"
+    }
+
+    fn frame(&mut self, _dir: Direction, frame: &StageFrame<'_>, now: Instant) -> Verdict {
+        let mut b = [0u8; 64];
+        let v = self.script[self.at % self.script.len()];
+        self.at = self.at.wrapping_add(1);
+        let _ = frame.read(usize::from(v) * 7, &mut b);
+        match v % 3 {
+            0 => Verdict::Pass,
+            1 => Verdict::Drop,
+            _ => Verdict::Hold { until: now },
+        }
+    }
 }
 
 /// A virtio-net NIC behind its transport, driven by a simulated driver
@@ -113,6 +157,7 @@ pub struct NetRig {
     pub peer: OwnedFd,
     pub tap: Arc<FakeTap>,
     pub stats: Arc<NetStats>,
+    pub stages: rvm::net::stage::Stages,
     pub mem_size: u64,
 }
 
@@ -130,6 +175,7 @@ impl NetRig {
             None,
         );
         let stats = net.stats();
+        let stages = net.stages();
         let (dev, passes) = SyncNet::new(net);
         NetRig {
             drv: SimDriver::new(Box::new(dev), VIRTIO_MEM_MIB),
@@ -137,6 +183,7 @@ impl NetRig {
             peer,
             tap,
             stats,
+            stages,
             mem_size: VIRTIO_MEM_MIB << 20,
         }
     }
@@ -144,6 +191,9 @@ impl NetRig {
     /// A NIC the driver brought to DRIVER_OK as `setup` says.
     pub fn ready(setup: &Setup) -> Self {
         let mut r = NetRig::new(setup.vnet);
+        if let Some(s) = setup.stage.and_then(|s| ScriptedStage::boxed(&s)) {
+            r.stages.push(s).expect("no vhost-net here");
+        }
         r.init(setup);
         r
     }
