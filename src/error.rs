@@ -63,6 +63,9 @@ pub enum Error {
         source: crate::net::vhost::VhostError,
     },
 
+    #[error("NIC {nic}: vhost=on, but the {stage} stage needs the frames in rvm; use vhost=auto (falls back to rvm's data path) or vhost=off")]
+    StageNeedsUserspace { nic: String, stage: String },
+
     #[error("{0} (--seccomp off runs without the filter)")]
     Seccomp(crate::vmm::seccomp::SeccompError),
 

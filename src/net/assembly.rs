@@ -10,6 +10,7 @@ use vm_memory::GuestMemoryMmap;
 use super::backend::NetBackend;
 use super::config::{NetConfig, NicModel, VhostMode};
 use super::host_nic::HostNic;
+use super::stage::Stages;
 use super::vhost::VhostNet;
 use crate::error::{Error, Result};
 
@@ -66,6 +67,19 @@ pub fn assemble(cfg: &NetConfig, host: &HostNic, memory: &GuestMemoryMmap) -> Re
     })
 }
 
+/// `vhost=on` asks that the kernel move the NIC's frames; a stage that
+/// needs them in rvm cannot be served then. Checked before the guest
+/// starts, so the conflict is an error, not a stage bypassed in silence.
+pub fn check_stages_against_vhost(nic: &str, vhost_required: bool, stages: &Stages) -> Result<()> {
+    match stages.needs_userspace() {
+        Some(stage) if vhost_required => Err(Error::StageNeedsUserspace {
+            nic: nic.to_string(),
+            stage,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// A locally administered MAC, only for a config that skipped validation.
 const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
 
@@ -88,4 +102,29 @@ fn vhost_for(cfg: &NetConfig, memory: &GuestMemoryMmap) -> Result<Option<VhostNe
             }
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::stage::testing::DropFirstByte;
+    use crate::net::stage::Direction;
+
+    #[test]
+    fn vhost_on_with_a_userspace_stage_fails_with_both_named() {
+        let stages = Stages::new();
+        check_stages_against_vhost("tap0", true, &stages).unwrap();
+        stages
+            .push(Box::new(DropFirstByte {
+                dir: Direction::Tx,
+                first: 0,
+            }))
+            .unwrap();
+        check_stages_against_vhost("tap0", false, &stages).unwrap();
+        let e = check_stages_against_vhost("tap0", true, &stages).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "NIC tap0: vhost=on, but the drop-first-byte stage needs the frames in rvm; use vhost=auto (falls back to rvm's data path) or vhost=off"
+        );
+    }
 }

@@ -186,6 +186,13 @@ impl RunningVm {
         self.control.nic_counters()
     }
 
+    /// NIC `index`'s stages (configuration order), to add or remove while
+    /// the VM runs. A stage that needs the frames in rvm is refused while
+    /// vhost-net moves them.
+    pub fn nic_stages(&self, index: usize) -> Option<crate::net::stage::Stages> {
+        self.nics.get(index).map(|n| n.stages.clone())
+    }
+
     /// Where every vCPU is now ([`VmController::vcpu_states`]).
     pub fn vcpu_states(&self) -> Vec<VcpuReport> {
         self.control.vcpu_states()

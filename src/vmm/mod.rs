@@ -37,6 +37,7 @@ use crate::devices::IrqLine;
 use crate::error::{Error, Result};
 use crate::net::assembly;
 use crate::net::backend::NetBackend;
+use crate::net::stage::Stages;
 use crate::net::vhost::VhostNet;
 use crate::net::NetStats;
 use crate::net::{HostNic, NicModel};
@@ -82,6 +83,9 @@ struct NicHandle {
     model: NicModel,
     stats: Arc<NetStats>,
     device: NicDevice,
+    stages: Stages,
+    /// `vhost=on`: the kernel must move this NIC's frames.
+    vhost_required: bool,
 }
 
 enum NicDevice {
@@ -256,6 +260,9 @@ impl Vm {
                     }
                 }
                 vm.name_last_nic(&nic.name);
+                if let Some(n) = vm.nics.last_mut() {
+                    n.vhost_required = cfg.vhost == crate::net::VhostMode::On;
+                }
                 vm.host_nics.push(host);
             }
             if !routes.is_empty() {
@@ -286,6 +293,7 @@ impl Vm {
             vhost,
         );
         let stats = net.stats();
+        let stages = net.stages();
         // One vector per queue and one for configuration changes.
         let vectors = (0..=crate::devices::virtio_net::QUEUE_SIZES.len())
             .map(|_| self.gsi.msi_irqfd())
@@ -307,6 +315,7 @@ impl Vm {
         self.plug_nic(
             dev.clone(),
             stats.clone(),
+            stages,
             NicModel::Virtio,
             NicDevice::Virtio(dev),
         )?;
@@ -319,6 +328,7 @@ impl Vm {
         &mut self,
         dev: crate::pci::root::SharedDevice,
         stats: Arc<NetStats>,
+        stages: Stages,
         model: NicModel,
         device: NicDevice,
     ) -> Result<u8> {
@@ -331,6 +341,8 @@ impl Vm {
             model,
             stats,
             device,
+            stages,
+            vhost_required: false,
         });
         Ok(slot)
     }
@@ -384,10 +396,12 @@ impl Vm {
         )
         .map_err(|e| Error::Device(e.to_string()))?;
         let stats = dev.stats();
+        let stages = dev.stages();
         let dev = Arc::new(Mutex::new(dev));
         let slot = self.plug_nic(
             dev.clone(),
             stats.clone(),
+            stages,
             NicModel::E1000,
             NicDevice::E1000(dev),
         )?;
@@ -400,7 +414,20 @@ impl Vm {
     }
 
     /// Starts one thread per vCPU and returns at once.
+    /// NIC `index`'s stages (in configuration order): every frame of the
+    /// NIC passes them. Add stages here before [`Vm::start`] so the guest
+    /// never sends a frame past them; [`RunningVm::nic_stages`] changes
+    /// them later.
+    pub fn nic_stages(&self, index: usize) -> Option<Stages> {
+        self.nics.get(index).map(|n| n.stages.clone())
+    }
+
     pub fn start(self) -> Result<RunningVm> {
+        // vhost=on and a stage that needs the frames in rvm cannot both
+        // hold: refuse before the guest runs.
+        for n in &self.nics {
+            assembly::check_stages_against_vhost(&n.name, n.vhost_required, &n.stages)?;
+        }
         vcpu::install_kick_handler().map_err(Error::VcpuThread)?;
         let mut threads = Vec::with_capacity(self.vcpu_count);
         let inspector = Arc::new(inspect::VcpuInspector::new(self.vcpu_count));
