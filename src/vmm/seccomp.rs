@@ -61,7 +61,8 @@ pub struct ThreadFilter(Arc<BpfProgram>);
 ///   the console and TAPs;
 /// - the NIC data path: readv/writev, epoll;
 /// - starting a NIC worker at DRIVER_OK (from a vCPU thread): eventfds,
-///   an epoll instance, a thread (clone3, mmap, mprotect, rseq, ...);
+///   an epoll instance, a timerfd (a stage's hold), a thread (clone3,
+///   mmap, mprotect, rseq, ...);
 /// - the e1000's link poll: SIOCGIFFLAGS on an AF_UNIX datagram socket;
 /// - what Rust's runtime does in any thread: futex, memory, signals
 ///   (the vCPU kick), time, thread names, exit.
@@ -74,6 +75,9 @@ const ALLOWED: &[i64] = &[
     libc::SYS_fcntl,
     libc::SYS_dup,
     libc::SYS_eventfd2,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_wait,
