@@ -23,6 +23,11 @@ use crate::virtio::queue::{pop, put_used, rearm, unpop};
 
 /// Most chains kept popped at once.
 const MAX_POOL_CHAINS: usize = 64;
+/// Read errors in a row after which a pass stops reading until the next
+/// event: an error that consumes a frame (one too long for the buffers)
+/// lets the next read go on, but one that does not (a refused call, a
+/// backend in a bad state) would otherwise spin the thread.
+const MAX_READ_ERRORS: u32 = 16;
 
 impl Worker {
     pub(super) fn process_rx(&mut self) {
@@ -37,6 +42,7 @@ impl Worker {
                 None => return,
             }
         }
+        let mut errors = 0;
         while self.tap_readable && self.rx_held.is_none() {
             used |= self.refill_pool();
             if !self.pool_ready() {
@@ -45,7 +51,10 @@ impl Worker {
                 break;
             }
             match self.read_frame() {
-                Ok(published) => used |= published,
+                Ok(published) => {
+                    used |= published;
+                    errors = 0;
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => self.tap_readable = false,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -53,9 +62,13 @@ impl Worker {
                     // EMSGSIZE): the kernel dropped it. Go on with the next.
                     bump(&self.stats.rx_dropped, 1);
                     crate::guest_log!(log::Level::Debug, "virtio-net: RX read failed: {e}");
-                    if e.raw_os_error() == Some(libc::EBADFD) || e.raw_os_error() == Some(libc::EIO)
+                    errors += 1;
+                    if e.raw_os_error() == Some(libc::EBADFD)
+                        || e.raw_os_error() == Some(libc::EIO)
+                        || errors >= MAX_READ_ERRORS
                     {
-                        // The TAP went away or down: wait for the next event.
+                        // The TAP went away or down, or keeps failing:
+                        // wait for the next event.
                         self.tap_readable = false;
                     }
                 }
