@@ -161,6 +161,10 @@ pub enum StageError {
     KernelDataPath(String),
 }
 
+/// The shortest wait a hold makes a NIC's loop sleep: a stage that holds
+/// until now (or the past) must not make the loop spin.
+pub const MIN_HOLD: std::time::Duration = std::time::Duration::from_micros(50);
+
 /// A direction of a NIC held by a stage: until when, and which stage to
 /// ask first then.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -342,6 +346,26 @@ pub(crate) mod testing {
         pub hold: Duration,
         pub next_at: Option<Instant>,
         pub seen: Arc<AtomicU64>,
+    }
+
+    /// Holds every frame going `dir` until "now", forever: a NIC must
+    /// still sleep between asks ([`MIN_HOLD`]), not spin.
+    pub struct HoldUntilNow {
+        pub dir: Direction,
+        pub calls: Arc<AtomicU64>,
+    }
+
+    impl Stage for HoldUntilNow {
+        fn name(&self) -> &str {
+            "hold-until-now"
+        }
+        fn frame(&mut self, dir: Direction, _frame: &Frame<'_>, now: Instant) -> Verdict {
+            if dir != self.dir {
+                return Verdict::Pass;
+            }
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Verdict::Hold { until: now }
+        }
     }
 
     impl Trickle {

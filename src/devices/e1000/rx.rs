@@ -18,7 +18,7 @@ use super::regs::*;
 use super::{Core, VNET_HDR_LEN};
 use crate::net::backend::NetBackend;
 use crate::net::counters::bump;
-use crate::net::stage::{Direction, Frame, Outcome};
+use crate::net::stage::{Direction, Frame, Outcome, MIN_HOLD};
 use crate::virtio::chain::Segment;
 
 /// The largest frame the device takes, CRC included: with RCTL.LPE (jumbo)
@@ -544,11 +544,18 @@ impl RxThread {
         let (mut tx_due, mut rx_due): (Option<Instant>, Option<Instant>) = (None, None);
         loop {
             let now = Instant::now();
-            let next = [Some(last_link + LINK_POLL), tx_due, rx_due]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or(now);
+            // A hold ending now or before still sleeps a little: a stage
+            // that keeps holding until "now" must not spin this thread.
+            let hold_end = |due: Option<Instant>| due.map(|t| t.max(now + MIN_HOLD));
+            let next = [
+                Some(last_link + LINK_POLL),
+                hold_end(tx_due),
+                hold_end(rx_due),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(now);
             // Rounded up: waking a little late is fine, early would spin.
             let timeout = next
                 .saturating_duration_since(now)

@@ -865,3 +865,31 @@ fn a_stage_holding_rx_delivers_later_in_order() {
     let s = r.dev.stats().snapshot();
     assert_eq!((s.rx_frames, s.rx_dropped), (3, 0));
 }
+
+/// A stage that holds every frame until "now" makes the NIC thread ask
+/// again after a short sleep, not spin: a bounded number of asks.
+#[test]
+fn a_stage_holding_until_now_does_not_spin_the_nic_thread() {
+    use crate::net::stage::testing::HoldUntilNow;
+    for dir in [Direction::Tx, Direction::Rx] {
+        let mut r = rig();
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        r.dev
+            .stages()
+            .push(Box::new(HoldUntilNow {
+                dir,
+                calls: calls.clone(),
+            }))
+            .unwrap();
+        r.tx_ring(8);
+        r.rx_ring(8);
+        let f = frame_to(MAC, 200, 5);
+        r.mem.write_slice(&f, GuestAddress(BUFS + 0x8000)).unwrap();
+        r.tx_desc(0, BUFS + 0x8000, f.len() as u16);
+        r.w(TDT, 1);
+        peer_send(&r.peer, &f);
+        std::thread::sleep(Duration::from_millis(300));
+        let n = calls.load(Ordering::SeqCst);
+        assert!((1..=1000).contains(&n), "{dir:?}: {n} asks in 300 ms");
+    }
+}

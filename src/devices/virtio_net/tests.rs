@@ -1089,3 +1089,29 @@ fn a_backend_whose_reads_keep_failing_does_not_spin_the_worker() {
     assert!(drv.queues[RXQ].pop_used(&drv.mem).is_none());
     assert_eq!(stats.snapshot().rx_frames, 0);
 }
+
+/// A stage that holds every frame until "now": the worker's timer still
+/// waits a little (MIN_HOLD) between asks instead of spinning.
+#[test]
+fn a_stage_holding_until_now_does_not_spin_the_worker() {
+    use crate::net::stage::testing::HoldUntilNow;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    for dir in [Direction::Tx, Direction::Rx] {
+        let mut r = rig(false);
+        r.drv.init(VERSION_1 | MAC, &[256, 256]);
+        let calls = Arc::new(AtomicU64::new(0));
+        r.stages
+            .push(Box::new(HoldUntilNow {
+                dir,
+                calls: calls.clone(),
+            }))
+            .unwrap();
+        post_rx(&mut r, 2, 2048);
+        send_tx(&mut r, &[marked_tx(0x11, 100)]);
+        peer_send(&r.peer, &pattern(100, 3));
+        std::thread::sleep(Duration::from_millis(300));
+        let n = calls.load(Ordering::SeqCst);
+        // 300 ms / 50 us = 6000 at most; a spinning worker asks millions.
+        assert!((1..=6000).contains(&n), "{dir:?}: {n} asks in 300 ms");
+    }
+}

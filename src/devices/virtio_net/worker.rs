@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use virtio_queue::Queue;
@@ -15,7 +15,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::features::{CTRL_VQ, GUEST_TSO4, GUEST_TSO6, MRG_RXBUF};
 use crate::net::backend::NetBackend;
-use crate::net::stage::{HoldAt, Stages};
+use crate::net::stage::{HoldAt, Stages, MIN_HOLD};
 use crate::net::NetStats;
 use crate::virtio::chain::{Segment, MAX_IOV};
 use crate::virtio::{queue, Activation, Interrupt};
@@ -26,10 +26,6 @@ const TX_KICK: u32 = 2;
 const CTRL_KICK: u32 = 3;
 const STOP: u32 = 4;
 const TIMER: u32 = 5;
-
-/// The shortest wait a hold arms the timer for: a stage that holds until
-/// now (or the past) must not make the loop spin.
-const MIN_HOLD: Duration = Duration::from_micros(50);
 
 /// An RX frame a stage held: read into the pool's first chains, not yet
 /// handed to the driver, and nothing more is read until it is.
