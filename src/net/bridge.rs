@@ -2,6 +2,7 @@
 
 use super::sys;
 use super::tap::Tap;
+use super::MacAddr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
@@ -27,6 +28,44 @@ pub struct BridgePort {
     bridge: String,
     tap: String,
     ifindex: i32,
+    /// The bridge's Ethernet address before and after the TAP joined,
+    /// when joining changed it.
+    moved: Option<([u8; 6], [u8; 6])>,
+}
+
+/// A bridge whose address nobody set takes the lowest of its ports'; a
+/// port joining (or leaving) with a lower one changes it, and every host
+/// and guest that cached the old one in its ARP table loses the host
+/// until that entry expires (half a minute and more: a TCP stream stalls).
+/// rvm gives the TAPs it creates high addresses (`tap_hwaddr`), so that a
+/// bridge with an uplink keeps its own; one with only guests on it moves,
+/// and then rvm says so, once per NIC. (An all-zero old address is a
+/// bridge whose last port left: nobody can have cached it.)
+fn warn_if_moved(bridge: &str, tap: &str, moved: Option<([u8; 6], [u8; 6])>) {
+    if let Some((old, new)) = moved.filter(|(old, _)| *old != [0; 6]) {
+        log::warn!(
+            "bridge {bridge} changed its address from {} to {}'s {}: a bridge whose \
+             address nobody set changes it as ports come and go, and hosts and guests \
+             that cached the old one lose contact for half a minute or more; give it \
+             a fixed one (`ip link set {bridge} address {}`)",
+            MacAddr(old),
+            tap,
+            MacAddr(new),
+            MacAddr(new)
+        );
+    }
+}
+
+/// The Ethernet address rvm gives a TAP it creates for a guest with
+/// address `guest`: the guest's with the first byte 0xfe (locally
+/// administered, unicast), as libvirt does. It is then higher than any
+/// ordinary address, so a bridge never takes it as its own (see
+/// `warn_if_moved`), and it differs from the guest's, whose frames the
+/// bridge would otherwise keep for the host.
+pub fn tap_hwaddr(guest: [u8; 6]) -> [u8; 6] {
+    let mut m = guest;
+    m[0] = 0xfe;
+    m
 }
 
 pub fn enslave(bridge: &str, tap: &Tap) -> Result<BridgePort, BridgeError> {
@@ -39,6 +78,7 @@ pub fn enslave(bridge: &str, tap: &Tap) -> Result<BridgePort, BridgeError> {
         tap: t.clone(),
         source: std::io::Error::other(e.to_string()),
     })?;
+    let before = sys::hwaddr(bridge).ok();
     sys::bridge_port(bridge, ifindex, true).map_err(|e| match e.raw_os_error() {
         Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => BridgeError::NotBridge(b.clone()),
         Some(libc::ENODEV) => BridgeError::Missing(b.clone()),
@@ -52,16 +92,27 @@ pub fn enslave(bridge: &str, tap: &Tap) -> Result<BridgePort, BridgeError> {
             source: e,
         },
     })?;
+    let moved = match (before, sys::hwaddr(bridge).ok()) {
+        (Some(old), Some(new)) if old != new => Some((old, new)),
+        _ => None,
+    };
+    warn_if_moved(&b, &t, moved);
     Ok(BridgePort {
         bridge: b,
         tap: t,
         ifindex,
+        moved,
     })
 }
 
 impl BridgePort {
     pub fn bridge(&self) -> &str {
         &self.bridge
+    }
+
+    /// The bridge's address before and after this TAP joined, if it moved.
+    pub fn moved(&self) -> Option<([u8; 6], [u8; 6])> {
+        self.moved
     }
 }
 
@@ -104,6 +155,8 @@ mod tests {
     fn leaving_after_the_tap_or_bridge_is_gone_is_quiet() {
         in_fresh_netns(|| {
             add_bridge("rvmbr1");
+            // A fixed address: its moves are another test's.
+            ip(&["link", "set", "rvmbr1", "address", "02:00:00:00:00:01"]);
             let warned = warnings_of(|| {
                 let tap = Tap::open("rvmport1", false).unwrap();
                 let port = enslave("rvmbr1", &tap).unwrap();

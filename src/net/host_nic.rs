@@ -103,6 +103,15 @@ fn configure(
         }
         tap.set_mtu(mtu)?;
     }
+    if tap.created() {
+        // Before it joins a bridge, or a script adds it to one: a TAP
+        // with the kernel's random address could become the bridge's.
+        let base = match cfg.mac {
+            Some(m) => m.0,
+            None => tap.hwaddr()?,
+        };
+        tap.set_hwaddr(bridge::tap_hwaddr(base))?;
+    }
     let port = match &cfg.bridge {
         Some(br) => Some(bridge::enslave(br, tap)?),
         None => None,
@@ -132,6 +141,7 @@ mod tests {
     use super::*;
     use crate::net::backend::NetBackend;
     use crate::net::test_util::*;
+    use crate::net::MacAddr;
     use std::os::fd::{AsRawFd, IntoRawFd};
 
     #[test]
@@ -193,6 +203,85 @@ mod tests {
             drop(nic);
             assert!(exists("rvmnic1"));
             assert!(!in_bridge("rvmnic1", "rvmbr1"));
+        });
+    }
+
+    /// A bridge whose lowest port is an uplink at fc:00:00:00:00:01, as
+    /// a host's bridge with its physical NIC in it.
+    fn bridge_with_uplink(bridge: &str, uplink: &str) {
+        add_bridge(bridge);
+        add_persistent_tap(uplink);
+        ip(&["link", "set", uplink, "address", "fc:00:00:00:00:01"]);
+        ip(&["link", "set", uplink, "master", bridge]);
+    }
+
+    #[test]
+    fn a_created_tap_never_takes_the_bridge_address() {
+        // The kernel gives a TAP a random address, most often lower than
+        // the uplink's: the bridge took it, and every neighbour's ARP
+        // entry for the host went stale (the load test's streams stalled).
+        in_fresh_netns(|| {
+            bridge_with_uplink("rvmbr8", "rvmup8");
+            let before = crate::net::sys::hwaddr("rvmbr8").unwrap();
+            assert_eq!(before, [0xfc, 0, 0, 0, 0, 1]);
+            let mac = MacAddr([0x02, 0, 0, 0, 0, 5]);
+            let nic = HostNic::setup(&NetConfig {
+                bridge: Some("rvmbr8".into()),
+                mac: Some(mac),
+                ..NetConfig::tap("rvmnic8")
+            })
+            .unwrap();
+            assert_eq!(nic.tap().hwaddr().unwrap(), [0xfe, 0, 0, 0, 0, 5]);
+            assert_eq!(crate::net::sys::hwaddr("rvmbr8").unwrap(), before);
+            assert_eq!(nic.port.as_ref().and_then(|p| p.moved()), None);
+            // Without a MAC the kernel's address keeps its last five bytes.
+            let bare = HostNic::setup(&NetConfig {
+                bridge: Some("rvmbr8".into()),
+                ..NetConfig::tap("rvmnic9")
+            })
+            .unwrap();
+            assert_eq!(bare.tap().hwaddr().unwrap()[0], 0xfe);
+            assert_eq!(crate::net::sys::hwaddr("rvmbr8").unwrap(), before);
+        });
+    }
+
+    #[test]
+    fn a_bridge_that_moves_its_address_is_reported_and_a_fixed_one_stays() {
+        in_fresh_netns(|| {
+            // No port and no address set: the bridge takes the TAP's.
+            add_bridge("rvmbr6");
+            let before = crate::net::sys::hwaddr("rvmbr6").unwrap();
+            let mut nic = None;
+            let warned = crate::logging::capture::warnings_of(|| {
+                nic = Some(
+                    HostNic::setup(&NetConfig {
+                        bridge: Some("rvmbr6".into()),
+                        ..NetConfig::tap("rvmnic6")
+                    })
+                    .unwrap(),
+                )
+            });
+            let nic = nic.unwrap();
+            let own = nic.tap().hwaddr().unwrap();
+            assert_eq!(
+                nic.port.as_ref().and_then(|p| p.moved()),
+                Some((before, own))
+            );
+            let fix = format!("`ip link set rvmbr6 address {}`", MacAddr(own));
+            assert!(warned.len() == 1 && warned[0].contains(&fix), "{warned:?}");
+            // An address set by hand is the bridge's for good.
+            add_bridge("rvmbr7");
+            ip(&["link", "set", "rvmbr7", "address", "fe:ff:ff:ff:ff:ff"]);
+            let nic = HostNic::setup(&NetConfig {
+                bridge: Some("rvmbr7".into()),
+                ..NetConfig::tap("rvmnic7")
+            })
+            .unwrap();
+            assert_eq!(nic.port.as_ref().and_then(|p| p.moved()), None);
+            assert_eq!(
+                crate::net::sys::hwaddr("rvmbr7").unwrap(),
+                [0xfe, 0xff, 0xff, 0xff, 0xff, 0xff]
+            );
         });
     }
 

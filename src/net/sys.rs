@@ -1,5 +1,5 @@
-//! The few interface ioctls rvm needs (index, MTU, up, bridge ports), on a
-//! throwaway datagram socket of the calling thread's network namespace.
+//! The few interface ioctls rvm needs (index, MTU, up, hardware address,
+//! bridge ports), on a throwaway datagram socket of the calling thread's network namespace.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -116,6 +116,24 @@ pub fn set_down(name: &str) -> std::io::Result<()> {
     set_up_flag(name, false)
 }
 
+/// The interface's hardware (Ethernet) address.
+pub fn hwaddr(name: &str) -> std::io::Result<[u8; 6]> {
+    let mut r = Ifreq::new(name);
+    ioctl(libc::SIOCGIFHWADDR, &mut r)?;
+    // ifr_hwaddr is a struct sockaddr: the family, then the address.
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&r.data[2..8]);
+    Ok(mac)
+}
+
+/// Sets the interface's Ethernet address.
+pub fn set_hwaddr(name: &str, mac: [u8; 6]) -> std::io::Result<()> {
+    let mut r = Ifreq::new(name);
+    r.data[..2].copy_from_slice(&libc::ARPHRD_ETHER.to_ne_bytes());
+    r.data[2..8].copy_from_slice(&mac);
+    ioctl(libc::SIOCSIFHWADDR, &mut r)
+}
+
 /// Adds (or removes) interface `port` to (from) bridge `bridge`.
 pub fn bridge_port(bridge: &str, port: i32, add: bool) -> std::io::Result<()> {
     let mut r = Ifreq::new(bridge);
@@ -166,6 +184,16 @@ mod tests {
             assert!(is_up("lo").unwrap());
             set_down("lo").unwrap();
             assert!(!t::is_up("lo"));
+            t::add_persistent_tap("rvmt4");
+            set_hwaddr("rvmt4", [0xfe, 1, 2, 3, 4, 5]).unwrap();
+            assert!(t::ip(&["link", "show", "rvmt4"]).contains("fe:01:02:03:04:05"));
+            assert_eq!(hwaddr("rvmt4").unwrap(), [0xfe, 1, 2, 3, 4, 5]);
+            assert_eq!(
+                set_hwaddr("rvmnone", [2, 0, 0, 0, 0, 1])
+                    .unwrap_err()
+                    .raw_os_error(),
+                Some(libc::ENODEV)
+            );
         });
     }
 

@@ -212,6 +212,14 @@ impl Tap {
         sys::is_up(&self.name).map_err(|e| self.err("SIOCGIFFLAGS", e))
     }
 
+    pub fn hwaddr(&self) -> Result<[u8; 6], TapError> {
+        sys::hwaddr(&self.name).map_err(|e| self.err("SIOCGIFHWADDR", e))
+    }
+
+    pub fn set_hwaddr(&self, mac: [u8; 6]) -> Result<(), TapError> {
+        sys::set_hwaddr(&self.name, mac).map_err(|e| self.err("SIOCSIFHWADDR", e))
+    }
+
     pub fn ifindex(&self) -> Result<i32, TapError> {
         sys::ifindex(&self.name).map_err(|e| self.err("SIOCGIFINDEX", e))
     }

@@ -58,10 +58,13 @@ impl Netns {
         c
     }
 
-    /// A bridge `br0` with `addr` (e.g. 10.0.0.1/24), up.
+    /// A bridge `br0` with `addr` (e.g. 10.0.0.1/24), up. Its Ethernet
+    /// address is fixed: else it takes the lowest of its ports' and moves
+    /// as guests come and go, and a guest still running loses the host
+    /// until its ARP entry expires (the load test's streams stalled).
     pub fn bridge(&self, addr: &str, mtu: u32) -> Result<(), String> {
         self.sh(&format!(
-            "ip link add br0 mtu {mtu} type bridge && ip addr add {addr} dev br0 && ip link set br0 up"
+            "ip link add br0 address 02:00:00:00:00:01 mtu {mtu} type bridge && ip addr add {addr} dev br0 && ip link set br0 up"
         ))
         .map(drop)
     }
