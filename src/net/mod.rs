@@ -9,6 +9,7 @@ pub mod bridge;
 pub mod config;
 pub mod counters;
 pub mod host_nic;
+pub mod nic_loop;
 pub mod script;
 pub mod stage;
 pub mod sys;

@@ -8,8 +8,9 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::worker::Worker;
+use super::worker::{Worker, CTRL, RX, TX};
 use super::VirtioNet;
+use crate::net::nic_loop::{NicEngine, Token};
 use crate::virtio::{ActivateError, Activation, VirtioDevice};
 
 type Slot = Arc<Mutex<Option<Worker>>>;
@@ -91,23 +92,27 @@ impl Passes {
     /// after TX parked on a full one (callers drain the host end first).
     pub fn tx(&self) {
         if let Some(w) = lock(&self.0).as_mut() {
-            w.tx_parked = false;
-            w.process_tx();
+            let t = if w.tx_parked {
+                Token::BackendWritable
+            } else {
+                Token::QueueKick(TX)
+            };
+            w.handle(t);
         }
     }
 
-    /// The worker's answer to the TAP becoming readable.
+    /// The worker's answer to an RX kick (which also lets a paused RX
+    /// read again).
     pub fn rx(&self) {
         if let Some(w) = lock(&self.0).as_mut() {
-            w.tap_readable = true;
-            w.process_rx();
+            w.handle(Token::QueueKick(RX));
         }
     }
 
     /// The worker's answer to a control-queue kick.
     pub fn ctrl(&self) {
         if let Some(w) = lock(&self.0).as_mut() {
-            w.process_ctrl();
+            w.handle(Token::QueueKick(CTRL));
         }
     }
 }

@@ -10,7 +10,7 @@
 //! as we keep, or as many descriptors as the ring has.
 
 use std::io::ErrorKind;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use virtio_queue::QueueT;
 
@@ -23,11 +23,12 @@ use crate::virtio::queue::{pop, put_used, rearm, unpop};
 
 /// Most chains kept popped at once.
 const MAX_POOL_CHAINS: usize = 64;
-/// Read errors in a row after which a pass stops reading until the next
-/// event: an error that consumes a frame (one too long for the buffers)
-/// lets the next read go on, but one that does not (a refused call, a
-/// backend in a bad state) would otherwise spin the thread.
+/// Read errors in a row after which RX stops reading until the driver's
+/// next kick or RETRY_AFTER: an error that consumes a frame (one too long
+/// for the buffers) lets the next read go on, but one that does not (a
+/// refused call, a backend in a bad state) would otherwise spin the thread.
 const MAX_READ_ERRORS: u32 = 16;
+const RETRY_AFTER: Duration = Duration::from_millis(100);
 
 impl Worker {
     pub(super) fn process_rx(&mut self) {
@@ -43,11 +44,12 @@ impl Worker {
             }
         }
         let mut errors = 0;
-        while self.tap_readable && self.rx_held.is_none() {
+        while !self.rx_paused && self.rx_held.is_none() {
             used |= self.refill_pool();
             if !self.pool_ready() {
-                // Not enough buffers: wait for the driver's kick
-                // (enable_notification in refill_pool asked for one).
+                // Not enough buffers: the backend keeps its frames until
+                // the driver's kick (refill_pool's rearm asked for one).
+                self.rx_paused = true;
                 break;
             }
             match self.read_frame() {
@@ -55,7 +57,7 @@ impl Worker {
                     used |= published;
                     errors = 0;
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => self.tap_readable = false,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
                     // Typically a frame larger than the buffers (EFAULT or
@@ -68,8 +70,9 @@ impl Worker {
                         || errors >= MAX_READ_ERRORS
                     {
                         // The TAP went away or down, or keeps failing:
-                        // wait for the next event.
-                        self.tap_readable = false;
+                        // try again a little later.
+                        self.rx_paused = true;
+                        self.rx_retry_at = Some(Instant::now() + RETRY_AFTER);
                     }
                 }
             }
@@ -185,7 +188,6 @@ impl Worker {
                     until,
                     stage,
                 });
-                self.arm_timer();
                 None
             }
         }
@@ -237,7 +239,6 @@ impl Worker {
             }
             Outcome::Hold { until, stage } => {
                 self.rx_held = Some(HeldRx { n, until, stage });
-                self.arm_timer();
                 return Ok(false);
             }
         }

@@ -111,7 +111,6 @@ impl Worker {
         });
         if hold.is_some() {
             self.tx_hold = hold;
-            self.arm_timer();
         } else {
             self.tx_parked = parked;
             if parked {

@@ -1,31 +1,28 @@
-//! The NIC's thread: one event loop (event-manager) per activated device,
-//! woken by the TAP becoming readable, by the guest's queue kicks, and by
-//! a timer when a stage holds a frame until a time.
+//! virtio-net's data path as an engine of the shared NIC loop
+//! (net::nic_loop): which event runs which queue's pass, and what the
+//! device waits for between passes.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::timerfd::TimerFd;
 
 use super::features::{CTRL_VQ, GUEST_TSO4, GUEST_TSO6, MRG_RXBUF};
 use crate::net::backend::NetBackend;
-use crate::net::stage::{HoldAt, Stages, MIN_HOLD};
+use crate::net::nic_loop::{self, NicEngine, Sources, Token, Wants};
+use crate::net::stage::{HoldAt, Stages};
 use crate::net::NetStats;
 use crate::virtio::chain::{Segment, MAX_IOV};
 use crate::virtio::{queue, Activation, Interrupt};
 
-const TAP: u32 = 0;
-const RX_KICK: u32 = 1;
-const TX_KICK: u32 = 2;
-const CTRL_KICK: u32 = 3;
-const STOP: u32 = 4;
-const TIMER: u32 = 5;
+/// The queues, in virtio-net's numbering (also their kicks' tokens).
+pub(super) const RX: usize = 0;
+pub(super) const TX: usize = 1;
+pub(super) const CTRL: usize = 2;
 
 /// An RX frame a stage held: read into the pool's first chains, not yet
 /// handed to the driver, and nothing more is read until it is.
@@ -64,11 +61,16 @@ pub struct Worker {
     pub(super) backend: Arc<dyn NetBackend>,
     pub(super) stats: Arc<NetStats>,
     pub(super) stop: EventFd,
-    pub(super) stopped: bool,
     /// vhost-net moves RX and TX: only the control queue is ours.
     pub(super) data_in_kernel: bool,
-    /// The TAP may have frames we have not read (edge-triggered epoll).
-    pub(super) tap_readable: bool,
+    /// RX reads nothing until the driver's next RX kick: it has too few
+    /// buffers posted (or the backend keeps failing, see `rx_retry_at`).
+    pub(super) rx_paused: bool,
+    /// The backend kept failing reads: RX tries again at this time, or at
+    /// the driver's next RX kick.
+    pub(super) rx_retry_at: Option<Instant>,
+    /// The backend failed for good (its TAP deleted).
+    pub(super) backend_failed: bool,
     pub(super) mergeable: bool,
     /// The largest frame (with header) the backend can hand us.
     pub(super) max_frame: usize,
@@ -80,13 +82,9 @@ pub struct Worker {
     /// kicks every queue when it comes back on).
     pub(super) bus_master: Arc<std::sync::atomic::AtomicBool>,
     /// TX is parked: the backend would block, the chain is back in the
-    /// ring, and the TAP is watched for room (EPOLLOUT) to go on.
+    /// ring, and the loop watches the backend for room to go on.
     pub(super) tx_parked: bool,
-    /// Whether the TAP's epoll registration includes EPOLLOUT now.
-    tap_watch_out: bool,
     pub(super) stages: Stages,
-    /// Wakes the loop when a held frame's time comes.
-    timer: TimerFd,
     /// TX is held by a stage until a time: the chain is back in the ring;
     /// (until, the stage that held it).
     pub(super) tx_hold: Option<HoldAt>,
@@ -132,9 +130,10 @@ impl Worker {
             backend,
             stats,
             stop,
-            stopped: false,
             data_in_kernel,
-            tap_readable: true,
+            rx_paused: false,
+            rx_retry_at: None,
+            backend_failed: false,
             mergeable: a.features & MRG_RXBUF != 0,
             max_frame: super::HDR_LEN + max_frame(big, mtu),
             pool: RxPool::default(),
@@ -142,66 +141,24 @@ impl Worker {
             iov: Vec::with_capacity(MAX_IOV),
             bus_master,
             tx_parked: false,
-            tap_watch_out: false,
             stages,
-            timer: TimerFd::new()?,
             tx_hold: None,
             rx_held: None,
         })
     }
 
-    /// Arms the timer for the earliest held frame, if any. A timer that
-    /// fires with nothing due is harmless: each side checks its own time.
-    pub(super) fn arm_timer(&mut self) {
-        let due = [self.tx_hold.map(|h| h.until), self.rx_held.map(|h| h.until)]
-            .into_iter()
-            .flatten()
-            .min();
-        if let Some(due) = due {
-            let wait = due.saturating_duration_since(Instant::now()).max(MIN_HOLD);
-            if let Err(e) = self.timer.reset(wait, None) {
-                crate::guest_log!(
-                    log::Level::Error,
-                    "virtio-net: cannot arm the hold timer: {e}"
-                );
-            }
-        }
-    }
-
     fn on_timer(&mut self) {
-        // Read only an expired timer: one re-armed since it woke us has no
-        // count, and a read would block.
-        if !self.timer.is_armed().unwrap_or(true) {
-            let _ = self.timer.wait();
-        }
         let now = Instant::now();
         if self.tx_hold.is_some_and(|h| now >= h.until) {
             self.process_tx();
         }
-        if self.rx_held.is_some_and(|h| now >= h.until) {
+        let retry = self.rx_retry_at.is_some_and(|t| now >= t);
+        if retry {
+            self.rx_retry_at = None;
+            self.rx_paused = false;
+        }
+        if retry || self.rx_held.is_some_and(|h| now >= h.until) {
             self.process_rx();
-        }
-        self.arm_timer();
-    }
-
-    /// Watches the TAP for room (EPOLLOUT) exactly while TX is parked: a
-    /// TAP with room is writable almost always, so watching it otherwise
-    /// would wake the loop for nothing.
-    fn sync_tap_watch(&mut self, ops: &mut EventOps) {
-        if self.tx_parked == self.tap_watch_out || self.data_in_kernel {
-            return;
-        }
-        let mut set = EventSet::IN | EventSet::EDGE_TRIGGERED;
-        if self.tx_parked {
-            set |= EventSet::OUT;
-        }
-        let fd = self.backend.as_raw_fd();
-        match ops.modify(Events::with_data_raw(fd, TAP, set)) {
-            Ok(()) => self.tap_watch_out = self.tx_parked,
-            Err(e) => crate::guest_log!(
-                log::Level::Error,
-                "virtio-net: cannot watch the TAP for room: {e:?}"
-            ),
         }
     }
 
@@ -213,31 +170,38 @@ impl Worker {
         self.bus_master.load(Ordering::SeqCst)
     }
 
-    /// Runs the event loop until the device is reset or the VM stops.
+    /// Runs the data path on the shared NIC loop until the device is
+    /// reset or the VM stops.
     pub fn run(self) {
-        let mut em = match EventManager::<Worker>::new() {
-            Ok(em) => em,
-            Err(e) => {
-                crate::guest_log!(log::Level::Error, "virtio-net: no event loop: {e:?}");
-                return;
-            }
+        let kicks: Vec<(usize, &EventFd)> = if self.data_in_kernel {
+            // vhost-net reads RX's and TX's kicks in the kernel.
+            Vec::new()
+        } else {
+            vec![(RX, &self.rx.kick), (TX, &self.tx.kick)]
         };
-        let id = em.add_subscriber(self);
-        loop {
-            if let Err(e) = em.run() {
-                crate::guest_log!(log::Level::Error, "virtio-net: event loop failed: {e:?}");
-                break;
-            }
-            if em.subscriber_mut(id).map_or(true, |w| w.stopped) {
-                break;
-            }
+        let ctrl = self.ctrl.as_ref().map(|c| (CTRL, &c.kick));
+        let sources = kicks
+            .into_iter()
+            .chain(ctrl)
+            .map(|(n, k)| k.try_clone().map(|k| (n, k)))
+            .collect::<std::io::Result<Vec<_>>>()
+            .and_then(|kicks| {
+                Ok(Sources {
+                    backend: (!self.data_in_kernel).then(|| self.backend.as_raw_fd()),
+                    kicks,
+                    stop: self.stop.try_clone()?,
+                })
+            });
+        match sources {
+            Ok(sources) => nic_loop::run(self, sources),
+            Err(e) => crate::guest_log!(log::Level::Error, "virtio-net: no event loop: {e}"),
         }
     }
 
     pub(super) fn signal(&mut self, which: u32) {
         let ctx = match which {
-            RX_KICK => &mut self.rx,
-            TX_KICK => &mut self.tx,
+            SIGNAL_RX => &mut self.rx,
+            SIGNAL_TX => &mut self.tx,
             _ => match self.ctrl.as_mut() {
                 Some(c) => c,
                 None => return,
@@ -249,74 +213,69 @@ impl Worker {
     }
 }
 
-pub(super) const SIGNAL_RX: u32 = RX_KICK;
-pub(super) const SIGNAL_TX: u32 = TX_KICK;
-pub(super) const SIGNAL_CTRL: u32 = CTRL_KICK;
+pub(super) const SIGNAL_RX: u32 = RX as u32;
+pub(super) const SIGNAL_TX: u32 = TX as u32;
+pub(super) const SIGNAL_CTRL: u32 = CTRL as u32;
 
-impl MutEventSubscriber for Worker {
-    fn init(&mut self, ops: &mut EventOps) {
-        let mut add = |fd: &dyn std::os::fd::AsRawFd, data, set| {
-            if let Err(e) = ops.add(Events::with_data_raw(fd.as_raw_fd(), data, set)) {
-                crate::guest_log!(
-                    log::Level::Error,
-                    "virtio-net: cannot watch fd {}: {e:?}",
-                    fd.as_raw_fd()
-                );
-            }
-        };
-        if let Some(c) = &self.ctrl {
-            add(&c.kick, CTRL_KICK, EventSet::IN);
+impl NicEngine for Worker {
+    fn start(&mut self) {
+        // Chains may have been posted before the driver came up.
+        if !self.data_in_kernel {
+            self.process_tx();
+            self.process_rx();
         }
-        add(&self.stop, STOP, EventSet::IN);
-        if self.data_in_kernel {
-            return;
-        }
-        add(&self.timer, TIMER, EventSet::IN);
-        add(&*self.backend, TAP, EventSet::IN | EventSet::EDGE_TRIGGERED);
-        add(&self.rx.kick, RX_KICK, EventSet::IN);
-        add(&self.tx.kick, TX_KICK, EventSet::IN);
-        // Frames may have been queued before the driver came up.
-        self.process_tx();
-        self.process_rx();
-        self.sync_tap_watch(ops);
+        self.process_ctrl();
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            TAP => {
-                let set = events.event_set();
-                if set.contains(EventSet::OUT) && self.tx_parked {
-                    // Room again: the parked chain goes first.
-                    self.tx_parked = false;
-                    self.process_tx();
-                }
-                if !set.contains(EventSet::OUT) || set.contains(EventSet::IN) {
-                    self.tap_readable = true;
-                    self.process_rx();
-                }
-            }
-            RX_KICK => {
-                let _ = self.rx.kick.read();
-                self.process_rx();
-            }
-            TX_KICK => {
-                let _ = self.tx.kick.read();
+    fn handle(&mut self, token: Token) {
+        match token {
+            Token::BackendReadable => self.process_rx(),
+            Token::BackendWritable => {
+                // Room again: the parked chain goes first.
+                self.tx_parked = false;
                 self.process_tx();
             }
-            CTRL_KICK => {
-                if let Some(c) = &self.ctrl {
-                    let _ = c.kick.read();
-                }
-                self.process_ctrl();
+            Token::BackendFailed => {
+                self.backend_failed = true;
+                crate::guest_log!(
+                    log::Level::Warn,
+                    "virtio-net: its TAP failed (deleted?); frames from the guest are dropped (counted)"
+                );
+                // Parked TX would wait for room forever: it goes on, and
+                // its frames are dropped as the writes fail.
+                self.tx_parked = false;
+                self.process_tx();
             }
-            STOP => {
-                let _ = self.stop.read();
-                self.stopped = true;
+            Token::QueueKick(RX) => {
+                self.rx_paused = false;
+                self.rx_retry_at = None;
+                self.process_rx();
             }
-            TIMER => self.on_timer(),
-            _ => {}
+            Token::QueueKick(TX) => self.process_tx(),
+            Token::QueueKick(CTRL) => self.process_ctrl(),
+            Token::QueueKick(_) => {}
+            Token::Timer => self.on_timer(),
         }
-        self.sync_tap_watch(ops);
+    }
+
+    fn wants(&self) -> Wants {
+        let wake_at = [
+            self.tx_hold.map(|h| h.until),
+            self.rx_held.map(|h| h.until),
+            self.rx_retry_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        Wants {
+            frames: !self.data_in_kernel
+                && !self.backend_failed
+                && !self.rx_paused
+                && self.rx_held.is_none()
+                && self.may_dma(),
+            room: self.tx_parked,
+            wake_at,
+        }
     }
 }
 
