@@ -18,6 +18,7 @@
 
 pub mod csum;
 pub mod eeprom;
+mod engine;
 pub mod phy;
 pub mod regs;
 pub mod rx;
@@ -554,7 +555,7 @@ impl E1000 {
         mem: GuestMemoryMmap,
         backend: Arc<dyn NetBackend>,
         irq: Box<dyn LevelIrq>,
-    ) -> Result<(Self, rx::RxThread), E1000Error> {
+    ) -> Result<(Self, engine::NicThread), E1000Error> {
         let mut config = PciConfig::new(VENDOR_ID, DEVICE_ID, 0x02_00_00, VENDOR_ID, SUBSYSTEM_ID);
         config.add_bar(0, crate::pci::BarKind::Memory32, MMIO_SIZE, p.mmio_addr)?;
         config.add_bar(1, crate::pci::BarKind::Io, IO_SIZE, p.io_addr)?;
@@ -576,10 +577,10 @@ impl E1000 {
         );
         let (stats, resets) = (core.stats.clone(), core.resets.clone());
         let core = Arc::new(Mutex::new(core));
-        let worker = rx::RxThread {
+        let worker = engine::NicThread {
             core: core.clone(),
             backend,
-            kick: rx_kick,
+            rx_kick,
             tx_kick,
             stop: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             tap_name: p.tap_name,

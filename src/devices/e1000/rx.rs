@@ -1,24 +1,18 @@
-//! The NIC's thread. It transmits when the driver wrote TDT (see
-//! [`super::tx`]), and for host to guest it waits for the TAP (and for
-//! the driver to give back RX descriptors), then reads each frame with one readv
-//! straight into the guest buffers that RDH..RDT describe, writes the
-//! descriptors back and raises RXT0 once per batch (the moderation: one
-//! interrupt for everything that was waiting).
+//! Host to guest: each frame is read with one readv straight into the
+//! guest buffers that RDH..RDT describe; the descriptors are written back
+//! and RXT0 raised once per batch (the moderation: one interrupt for
+//! everything that was waiting). The NIC's loop ([`super::engine`]) runs
+//! a pass when the TAP has frames or the driver gave back descriptors.
 
 use std::io::ErrorKind;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::regs::*;
 use super::{Core, VNET_HDR_LEN};
-use crate::net::backend::NetBackend;
 use crate::net::counters::bump;
-use crate::net::stage::{Direction, Frame, Outcome, MIN_HOLD};
+use crate::net::stage::{Direction, Frame, Outcome};
 use crate::virtio::chain::Segment;
 
 /// The largest frame the device takes, CRC included: with RCTL.LPE (jumbo)
@@ -471,219 +465,6 @@ enum Dest {
     Unicast,
     Broadcast,
     Multicast,
-}
-
-/// The NIC's RX thread.
-pub(crate) struct RxThread {
-    pub core: Arc<Mutex<Core>>,
-    pub backend: Arc<dyn NetBackend>,
-    pub kick: EventFd,
-    pub tx_kick: EventFd,
-    pub stop: EventFd,
-    pub tap_name: Option<String>,
-}
-
-const EV_TAP: u64 = 0;
-const EV_KICK: u64 = 1;
-const EV_STOP: u64 = 2;
-const EV_TX: u64 = 3;
-/// The TAP has room again after TX blocked on it (EPOLLOUT).
-const EV_TX_ROOM: u64 = 4;
-/// How often the TAP's link state is looked at.
-const LINK_POLL: Duration = Duration::from_secs(1);
-
-impl RxThread {
-    pub(crate) fn run(self) {
-        let epoll = match Epoll::new() {
-            Ok(e) => e,
-            Err(e) => {
-                crate::guest_log!(log::Level::Error, "e1000: no epoll: {e}");
-                return;
-            }
-        };
-        let watch = |fd: RawFd, data: u64| {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, data),
-            )
-        };
-        let tap_fd = self.backend.as_raw_fd();
-        // The TAP again, under a second fd: the one watched for room while
-        // TX waits (the first one's watch follows RX's needs).
-        // SAFETY: dup of a valid fd this thread's backend keeps open; the
-        // new fd is owned by `room_fd` alone.
-        let room_fd = unsafe { libc::fcntl(tap_fd, libc::F_DUPFD_CLOEXEC, 0) };
-        if room_fd < 0 {
-            crate::guest_log!(
-                log::Level::Error,
-                "e1000: cannot watch the TAP for room: {}",
-                std::io::Error::last_os_error()
-            );
-            return;
-        }
-        // SAFETY: room_fd was just created and nothing else owns it.
-        let room_fd = unsafe { OwnedFd::from_raw_fd(room_fd) };
-        let mut watching_room = false;
-        if let Err(e) = watch(tap_fd, EV_TAP)
-            .and_then(|_| watch(self.kick.as_raw_fd(), EV_KICK))
-            .and_then(|_| watch(self.stop.as_raw_fd(), EV_STOP))
-            .and_then(|_| watch(self.tx_kick.as_raw_fd(), EV_TX))
-        {
-            crate::guest_log!(log::Level::Error, "e1000: cannot watch fds: {e}");
-            return;
-        }
-        let mut events = vec![EpollEvent::default(); 4];
-        let mut waiting_for_buffers = false;
-        // Once the TAP fails (deleted under a running guest) it is out of
-        // the epoll set for good: a detached TAP polls as an error forever,
-        // and watching it would spin this thread.
-        let mut tap_failed = false;
-        let mut last_link = Instant::now();
-        // When a stage's hold ends, each way.
-        let (mut tx_due, mut rx_due): (Option<Instant>, Option<Instant>) = (None, None);
-        loop {
-            let now = Instant::now();
-            // A hold ending now or before still sleeps a little: a stage
-            // that keeps holding until "now" must not spin this thread.
-            let hold_end = |due: Option<Instant>| due.map(|t| t.max(now + MIN_HOLD));
-            let next = [
-                Some(last_link + LINK_POLL),
-                hold_end(tx_due),
-                hold_end(rx_due),
-            ]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(now);
-            // Rounded up: waking a little late is fine, early would spin.
-            let timeout = next
-                .saturating_duration_since(now)
-                .as_micros()
-                .div_ceil(1000) as i32;
-            let n = match epoll.wait(timeout, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    crate::guest_log!(log::Level::Error, "e1000: epoll: {e}");
-                    return;
-                }
-            };
-            let mut run = false;
-            let mut tap_error = false;
-            // Whether TX ran this round (only a TX pass changes whether
-            // it waits for room; no lock taken otherwise).
-            let mut transmitted = false;
-            let now = Instant::now();
-            if tx_due.is_some_and(|t| now >= t) {
-                self.lock().transmit();
-                transmitted = true;
-            }
-            if rx_due.is_some_and(|t| now >= t) {
-                rx_due = None;
-                run = true;
-            }
-            for ev in &events[..n] {
-                match ev.data() {
-                    EV_TAP
-                        if ev
-                            .event_set()
-                            .intersects(EventSet::ERROR | EventSet::HANG_UP) =>
-                    {
-                        tap_error = true;
-                    }
-                    EV_STOP => return,
-                    EV_TX => {
-                        let _ = self.tx_kick.read();
-                        self.lock().transmit();
-                        transmitted = true;
-                    }
-                    EV_TX_ROOM => {
-                        self.lock().transmit();
-                        transmitted = true;
-                    }
-                    EV_KICK => {
-                        let _ = self.kick.read();
-                        run = true;
-                    }
-                    _ => run = true,
-                }
-            }
-            if last_link.elapsed() >= LINK_POLL {
-                last_link = Instant::now();
-                if let Some(name) = &self.tap_name {
-                    // A TAP that is gone is a cable pulled out.
-                    let up = !tap_failed
-                        && match crate::net::sys::is_up(name) {
-                            Ok(up) => up,
-                            Err(e) => e.raw_os_error() != Some(libc::ENODEV),
-                        };
-                    self.lock().set_link(up);
-                }
-            }
-            if run && !tap_failed {
-                let stop = self.lock().receive();
-                tap_error |= stop == RxStop::TapFailed;
-                rx_due = match stop {
-                    RxStop::Held(until) => Some(until),
-                    _ => None,
-                };
-                // Held by a stage, the TAP keeps its frames meanwhile.
-                let now_waiting = matches!(stop, RxStop::NeedBuffers | RxStop::Held(_));
-                // While the guest has no buffers, the TAP stays readable:
-                // stop watching it until a kick, or the loop would spin.
-                if now_waiting != waiting_for_buffers {
-                    let op = if now_waiting {
-                        ControlOperation::Delete
-                    } else {
-                        ControlOperation::Add
-                    };
-                    if !tap_error {
-                        let _ = epoll.ctl(op, tap_fd, EpollEvent::new(EventSet::IN, EV_TAP));
-                    }
-                    waiting_for_buffers = now_waiting;
-                }
-            }
-            // TX waits for room exactly while it is blocked (a TAP with
-            // room is writable almost always: watching it otherwise would
-            // spin this level-triggered loop).
-            let blocked = if transmitted {
-                let core = self.lock();
-                tx_due = core.tx_hold.map(|h| h.until);
-                core.tx_blocked && !tap_failed
-            } else {
-                watching_room && !tap_failed
-            };
-            if blocked != watching_room {
-                let op = if blocked {
-                    ControlOperation::Add
-                } else {
-                    ControlOperation::Delete
-                };
-                let ev = EpollEvent::new(EventSet::OUT, EV_TX_ROOM);
-                if epoll.ctl(op, room_fd.as_raw_fd(), ev).is_ok() {
-                    watching_room = blocked;
-                }
-            }
-            if tap_error && !tap_failed {
-                tap_failed = true;
-                let _ = epoll.ctl(
-                    ControlOperation::Delete,
-                    tap_fd,
-                    EpollEvent::new(EventSet::IN, EV_TAP),
-                );
-                crate::guest_log!(
-                    log::Level::Warn,
-                    "e1000: its TAP failed (deleted?); the link is down and frames from the guest are dropped (counted)"
-                );
-                self.lock().set_link(false);
-            }
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Core> {
-        crate::lock_or_recover(&self.core)
-    }
 }
 
 #[cfg(test)]
