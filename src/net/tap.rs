@@ -16,6 +16,9 @@ const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_PERSIST: libc::c_short = 0x0800;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
+const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
+const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
 
 // _IOW('T', n, int) and _IOR('T', n, unsigned int) from <linux/if_tun.h>.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -23,6 +26,7 @@ const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 const TUNSETSNDBUF: libc::c_ulong = 0x4004_54d4;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
@@ -36,6 +40,8 @@ pub enum TapError {
     Busy(String),
     #[error("{0} exists and is not a TAP device (or its flags differ: try vnet_hdr=off)")]
     NotTap(String),
+    #[error("{0} exists and is not a multi-queue TAP (or its flags differ: try vnet_hdr=off); queues=N needs one made with `ip tuntap add {0} mode tap multi_queue`, or a name that does not exist")]
+    NotMultiQueue(String),
     #[error("fd {0} is not an open TAP device: {1}")]
     BadFd(RawFd, std::io::Error),
     #[error("TAP fd {0} was opened without IFF_VNET_HDR: pass vnet_hdr=off")]
@@ -69,6 +75,31 @@ pub fn valid_ifname(name: &str) -> bool {
 impl Tap {
     /// Creates TAP `name`, or attaches to it if it exists (persistent).
     pub fn open(name: &str, vnet_hdr: bool) -> Result<Tap, TapError> {
+        Self::open_with(name, vnet_hdr, false)
+    }
+
+    /// Creates the multi-queue TAP `name` (IFF_MULTI_QUEUE) with `queues`
+    /// queues, or attaches them to it if it exists (persistent): one fd
+    /// per queue, in queue order. One queue is an ordinary TAP, as
+    /// [`Tap::open`] makes. The kernel spreads the frames for the guest
+    /// over the queues attached, by flow.
+    pub fn open_queues(name: &str, vnet_hdr: bool, queues: usize) -> Result<Vec<Tap>, TapError> {
+        if queues <= 1 {
+            return Self::open(name, vnet_hdr).map(|t| vec![t]);
+        }
+        let first = Self::open_with(name, vnet_hdr, true)?;
+        let created = first.created;
+        let mut taps = vec![first];
+        for _ in 1..queues {
+            let mut t = Self::open_with(name, vnet_hdr, true)?;
+            // Attached to the one the first fd made or found.
+            t.created = created;
+            taps.push(t);
+        }
+        Ok(taps)
+    }
+
+    fn open_with(name: &str, vnet_hdr: bool, multi_queue: bool) -> Result<Tap, TapError> {
         if !valid_ifname(name) {
             return Err(TapError::BadName(name.into()));
         }
@@ -86,6 +117,9 @@ impl Tap {
         if vnet_hdr {
             flags |= IFF_VNET_HDR;
         }
+        if multi_queue {
+            flags |= IFF_MULTI_QUEUE;
+        }
         req.set_flags(flags);
         // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is.
         let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
@@ -94,6 +128,7 @@ impl Tap {
             return Err(match e.raw_os_error() {
                 Some(libc::EPERM) | Some(libc::EACCES) => TapError::Permission(name.into()),
                 Some(libc::EBUSY) => TapError::Busy(name.into()),
+                Some(libc::EINVAL) if multi_queue => TapError::NotMultiQueue(name.into()),
                 Some(libc::EINVAL) => TapError::NotTap(name.into()),
                 _ => TapError::Ioctl {
                     name: name.into(),
@@ -170,6 +205,23 @@ impl Tap {
             op,
             source,
         }
+    }
+
+    /// Attaches this queue to its multi-queue TAP again (`on`), or
+    /// detaches it: the kernel then sends it no frames and takes none
+    /// from it, and the fd polls as an error until it is attached.
+    pub fn set_queue_attached(&self, on: bool) -> Result<(), TapError> {
+        let mut req = Ifreq::new("");
+        req.set_flags(if on {
+            IFF_ATTACH_QUEUE
+        } else {
+            IFF_DETACH_QUEUE
+        });
+        // SAFETY: TUNSETQUEUE reads one ifreq, which `req` is.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETQUEUE, &mut req) } < 0 {
+            return Err(self.err("TUNSETQUEUE", std::io::Error::last_os_error()));
+        }
+        Ok(())
     }
 
     pub fn set_vnet_hdr_size(&self, size: i32) -> Result<(), TapError> {
@@ -638,6 +690,123 @@ mod tests {
             // SAFETY: `buf` is a local buffer borrowed for the call.
             let err = unsafe { tap.readv(&[iov_mut(&mut buf)]) }.unwrap_err();
             assert_eq!(err.kind(), ErrorKind::WouldBlock);
+        });
+    }
+
+    /// A UDP/IPv4 frame from source port `sport`, broadcast (so a bridge
+    /// floods it): one flow per port.
+    fn udp_frame(sport: u16) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x10, 0x08, 0x00]);
+        // IPv4, 20-byte header, 28 bytes in all, UDP, 10.0.0.1 -> 10.0.0.2.
+        f.extend_from_slice(&[0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+        f.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
+        f.extend_from_slice(&sport.to_be_bytes());
+        f.extend_from_slice(&[0x13, 0x88, 0, 8, 0, 0]);
+        // A valid header checksum: a host with br_netfilter drops others.
+        let sum = f[14..34]
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum::<u32>();
+        let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+        f[24..26].copy_from_slice(&sum.to_be_bytes());
+        // Padded to Ethernet's 60-byte minimum.
+        f.resize(60, 0);
+        f
+    }
+
+    /// How many frames each of `queues` can read now.
+    fn frames_per_queue(queues: &[Tap]) -> Vec<usize> {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        queues
+            .iter()
+            .map(|q| {
+                let mut n = 0;
+                let mut buf = [0u8; 2048];
+                // SAFETY: `buf` is a live local borrowed for the call.
+                while let Ok(len) = unsafe { q.readv(&[iov_mut(&mut buf)]) } {
+                    // Only the test's frames (UDP to port 5000), not the
+                    // namespace's own chatter.
+                    if len >= 38 && buf[12..14] == [0x08, 0x00] && buf[36..38] == [0x13, 0x88] {
+                        n += 1;
+                    }
+                }
+                n
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_multi_queue_tap_spreads_flows_and_a_detached_queue_gets_none() {
+        in_fresh_netns(|| {
+            add_bridge("rvmbr9");
+            let sender = Tap::open("rvmsend9", false).unwrap();
+            let queues = Tap::open_queues("rvmmq9", false, 4).unwrap();
+            assert_eq!(queues.len(), 4);
+            assert!(queues.iter().all(|q| q.created() && q.name() == "rvmmq9"));
+            assert!(
+                tun_details("rvmmq9").contains("multi_queue"),
+                "{}",
+                tun_details("rvmmq9")
+            );
+            for (t, br) in [("rvmsend9", "rvmbr9"), ("rvmmq9", "rvmbr9")] {
+                ip(&["link", "set", t, "master", br]);
+                ip(&["link", "set", t, "up"]);
+            }
+            let send_flows = || {
+                for sport in 0..64u16 {
+                    let f = udp_frame(1000 + sport);
+                    // SAFETY: `f` is a live local borrowed for the call.
+                    unsafe { sender.writev(&[iov(&f)]) }.unwrap();
+                }
+            };
+            send_flows();
+            let spread = frames_per_queue(&queues);
+            assert_eq!(spread.iter().sum::<usize>(), 64, "{spread:?}");
+            // 64 flows hashed over 4 queues: each gets some (all but
+            // certainly: one empty has a chance of 4 * (3/4)^64).
+            assert!(spread.iter().all(|&n| n > 0), "{spread:?}");
+            for q in &queues[1..] {
+                q.set_queue_attached(false).unwrap();
+            }
+            send_flows();
+            assert_eq!(frames_per_queue(&queues), vec![64, 0, 0, 0]);
+            queues[3].set_queue_attached(true).unwrap();
+            send_flows();
+            let spread = frames_per_queue(&queues);
+            assert_eq!(spread[0] + spread[3], 64, "{spread:?}");
+            assert!(spread[3] > 0, "{spread:?}");
+            // Deleted with the last fd, like a one-queue TAP rvm made.
+            drop(queues);
+            assert!(gone_soon("rvmmq9"));
+        });
+    }
+
+    #[test]
+    fn queues_on_a_single_queue_tap_say_how_to_make_a_multi_queue_one() {
+        in_fresh_netns(|| {
+            add_persistent_tap("rvmsq0");
+            let err = Tap::open_queues("rvmsq0", false, 2).err().unwrap();
+            assert!(matches!(err, TapError::NotMultiQueue(_)), "{err}");
+            assert!(
+                err.to_string()
+                    .contains("ip tuntap add rvmsq0 mode tap multi_queue"),
+                "{err}"
+            );
+            // A persistent multi-queue TAP is attached to, queue by queue.
+            ip(&[
+                "tuntap",
+                "add",
+                "dev",
+                "rvmmq1",
+                "mode",
+                "tap",
+                "multi_queue",
+            ]);
+            let q = Tap::open_queues("rvmmq1", false, 3).unwrap();
+            assert!(q.iter().all(|t| !t.created()));
+            drop(q);
+            assert!(exists("rvmmq1"));
         });
     }
 }
