@@ -87,7 +87,7 @@ impl VmConfig {
                 )));
             }
         }
-        crate::net::config::validate_all(&mut self.nics.clone())
+        crate::net::config::validate_all(&mut self.nics.clone(), self.vcpus)
             .map_err(|e| Error::InvalidConfig(e.to_string()))?;
         if self.cmdline.as_bytes().contains(&0) {
             return Err(Error::Cmdline("it contains a NUL byte".to_string()));

@@ -1,6 +1,7 @@
 //! The NIC options a user writes, QEMU-style:
 //! `tap=NAME,bridge=BR,mac=MAC,model=virtio|e1000,vhost=on|off|auto,
-//! vnet_hdr=on|off,sndbuf=N,mtu=N,script=PATH|no,downscript=PATH|no,fd=N`.
+//! vnet_hdr=on|off,sndbuf=N,mtu=N,script=PATH|no,downscript=PATH|no,fd=N,
+//! fds=A:B:...,queues=N|auto`.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -9,7 +10,10 @@ use std::str::FromStr;
 use super::tap::valid_ifname;
 
 pub const KEYS: &str =
-    "tap, bridge, mac, model, vhost, vnet_hdr, sndbuf, mtu, script, downscript, fd";
+    "tap, bridge, mac, model, vhost, vnet_hdr, sndbuf, mtu, script, downscript, fd, fds, queues";
+
+/// The most queue pairs a virtio-net NIC may have.
+pub const MAX_QUEUE_PAIRS: u16 = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MacAddr(pub [u8; 6]);
@@ -19,6 +23,32 @@ pub enum NicModel {
     #[default]
     Virtio,
     E1000,
+}
+
+/// How many RX/TX queue pairs a NIC has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queues {
+    /// 1 to [`MAX_QUEUE_PAIRS`].
+    Pairs(u16),
+    /// One pair per vCPU (at most [`MAX_QUEUE_PAIRS`]): [`validate_all`]
+    /// turns it into `Pairs`.
+    PerVcpu,
+}
+
+impl Default for Queues {
+    fn default() -> Self {
+        Queues::Pairs(1)
+    }
+}
+
+impl Queues {
+    /// The pairs, once [`validate_all`] has resolved `PerVcpu`.
+    pub fn pairs(self) -> u16 {
+        match self {
+            Queues::Pairs(n) => n,
+            Queues::PerVcpu => 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -36,6 +66,11 @@ pub struct NetConfig {
     pub tap: Option<String>,
     /// An already-open TAP fd (sandbox platforms, unprivileged use).
     pub fd: Option<i32>,
+    /// Already-open fds of one multi-queue TAP, one per queue pair
+    /// (QEMU's `fds=`); exclusive with `tap` and `fd`.
+    pub fds: Vec<i32>,
+    /// RX/TX queue pairs (virtio-net only).
+    pub queues: Queues,
     pub bridge: Option<String>,
     /// None: a default from the TAP name, filled in by [`validate_all`].
     pub mac: Option<MacAddr>,
@@ -54,6 +89,8 @@ impl NetConfig {
         NetConfig {
             tap: Some(name.into()),
             fd: None,
+            fds: Vec::new(),
+            queues: Queues::default(),
             bridge: None,
             mac: None,
             model: NicModel::Virtio,
@@ -79,11 +116,28 @@ impl NetConfig {
         }
     }
 
+    /// A virtio NIC on a multi-queue TAP the caller has already opened,
+    /// one fd per queue pair (the fds' TAP must have IFF_MULTI_QUEUE when
+    /// there are several); rvm owns them from here on, as [`Self::tap_fd`].
+    pub fn tap_fds(fds: Vec<std::os::fd::OwnedFd>) -> Self {
+        let fds: Vec<i32> = fds
+            .into_iter()
+            .map(std::os::fd::IntoRawFd::into_raw_fd)
+            .collect();
+        NetConfig {
+            tap: None,
+            queues: Queues::Pairs(fds.len() as u16),
+            fds,
+            ..NetConfig::tap("")
+        }
+    }
+
     /// What names this NIC in messages and seeds its default MAC.
     pub fn label(&self) -> String {
-        match (&self.tap, self.fd) {
-            (Some(t), _) => t.clone(),
-            (None, Some(fd)) => format!("fd{fd}"),
+        match (&self.tap, self.fd, self.fds.first()) {
+            (Some(t), _, _) => t.clone(),
+            (None, Some(fd), _) => format!("fd{fd}"),
+            (None, None, Some(fd)) => format!("fd{fd}"),
             _ => "nic".into(),
         }
     }
@@ -106,8 +160,16 @@ pub enum NetConfigError {
     },
     #[error("--net {0}: give tap=NAME or fd=N")]
     NoTap(String),
-    #[error("--net {0}: tap= and fd= are exclusive (the fd already names its TAP)")]
+    #[error("--net {0}: tap=, fd= and fds= are exclusive (an fd already names its TAP)")]
     TapAndFd(String),
+    #[error("--net {spec}: queues={queues} needs one TAP fd per queue pair (fds=A:B:...), and {fds} given")]
+    FdsAndQueues {
+        spec: String,
+        queues: u16,
+        fds: usize,
+    },
+    #[error("NIC {0}: the e1000 has one queue; use model=virtio for queues=N")]
+    E1000OneQueue(String),
     #[error("TAP {0} is given to two NICs")]
     DuplicateTap(String),
     #[error("fd {0} is given to two NICs")]
@@ -285,6 +347,30 @@ impl FromStr for NetConfig {
                 "script" => c.script = script(v),
                 "downscript" => c.downscript = script(v),
                 "fd" => c.fd = Some(num(i64::from(i32::MAX))? as i32),
+                "fds" => {
+                    c.fds = v
+                        .split(':')
+                        .map(|fd| {
+                            fd.parse::<i32>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+                                bad(spec, key, v, "expected fd numbers joined by ':', like 3:4")
+                            })
+                        })
+                        .collect::<Result<_, _>>()?;
+                    if c.fds.len() > usize::from(MAX_QUEUE_PAIRS) {
+                        return Err(bad(spec, key, v, "at most 16 fds (one per queue pair)"));
+                    }
+                }
+                "queues" => {
+                    c.queues = if v == "auto" {
+                        Queues::PerVcpu
+                    } else {
+                        let n = num(i64::from(MAX_QUEUE_PAIRS))?;
+                        if n == 0 {
+                            return Err(bad(spec, key, v, "use 1 to 16 or auto"));
+                        }
+                        Queues::Pairs(n as u16)
+                    };
+                }
                 _ => {
                     return Err(NetConfigError::UnknownKey {
                         spec: spec.into(),
@@ -293,24 +379,61 @@ impl FromStr for NetConfig {
                 }
             }
         }
-        match (&c.tap, c.fd) {
-            (None, None) => Err(NetConfigError::NoTap(spec.into())),
-            (Some(_), Some(_)) => Err(NetConfigError::TapAndFd(spec.into())),
-            _ => Ok(c),
+        let given = [c.tap.is_some(), c.fd.is_some(), !c.fds.is_empty()];
+        match given.iter().filter(|&&g| g).count() {
+            0 => return Err(NetConfigError::NoTap(spec.into())),
+            1 => {}
+            _ => return Err(NetConfigError::TapAndFd(spec.into())),
         }
+        if c.fd.is_some() && c.queues.pairs() > 1 {
+            return Err(NetConfigError::FdsAndQueues {
+                spec: spec.into(),
+                queues: c.queues.pairs(),
+                fds: 1,
+            });
+        }
+        if !c.fds.is_empty() {
+            match (seen.contains(&"queues"), c.queues) {
+                (false, _) => c.queues = Queues::Pairs(c.fds.len() as u16),
+                (true, Queues::Pairs(n)) if usize::from(n) == c.fds.len() => {}
+                (true, q) => {
+                    return Err(NetConfigError::FdsAndQueues {
+                        spec: spec.into(),
+                        queues: q.pairs(),
+                        fds: c.fds.len(),
+                    })
+                }
+            }
+        }
+        Ok(c)
     }
 }
 
 /// Checks NICs against each other and gives each a MAC: duplicates of a
 /// TAP, an fd or an explicit MAC are errors; default MACs never collide.
-pub fn validate_all(nics: &mut [NetConfig]) -> Result<(), NetConfigError> {
+/// `queues=auto` becomes one pair per vCPU of `vcpus`.
+pub fn validate_all(nics: &mut [NetConfig], vcpus: u8) -> Result<(), NetConfigError> {
+    for n in nics.iter_mut() {
+        if n.queues == Queues::PerVcpu {
+            n.queues = Queues::Pairs(u16::from(vcpus).clamp(1, MAX_QUEUE_PAIRS));
+        }
+        if n.model == NicModel::E1000 && n.queues.pairs() > 1 {
+            return Err(NetConfigError::E1000OneQueue(n.label()));
+        }
+    }
+    let all_fds: Vec<i32> = nics
+        .iter()
+        .flat_map(|n| n.fd.into_iter().chain(n.fds.iter().copied()))
+        .collect();
+    for (i, fd) in all_fds.iter().enumerate() {
+        if all_fds[..i].contains(fd) {
+            return Err(NetConfigError::DuplicateFd(*fd));
+        }
+    }
     for (i, a) in nics.iter().enumerate() {
         for b in &nics[..i] {
             if a.tap.is_some() && a.tap == b.tap {
                 return Err(NetConfigError::DuplicateTap(a.label()));
-            }
-            if a.fd.is_some() && a.fd == b.fd {
-                return Err(NetConfigError::DuplicateFd(a.fd.unwrap_or(-1)));
             }
             if a.mac.is_some() && a.mac == b.mac {
                 return Err(NetConfigError::DuplicateMac(
@@ -398,7 +521,7 @@ mod tests {
         let mut nics: Vec<NetConfig> = (0..200).map(|i| NetConfig::tap(&format!("t{i}"))).collect();
         // An explicit MAC equal to what t0 would get forces a bump.
         nics[1].mac = Some(MacAddr::for_nic("t0", 0));
-        validate_all(&mut nics).unwrap();
+        validate_all(&mut nics, 1).unwrap();
         let mut macs: Vec<_> = nics.iter().map(|n| n.mac.unwrap()).collect();
         macs.sort_by_key(|m| m.0);
         macs.dedup();
@@ -414,18 +537,82 @@ mod tests {
     fn duplicates_across_nics_are_refused() {
         let mut two = vec![NetConfig::tap("t0"), NetConfig::tap("t0")];
         assert_eq!(
-            validate_all(&mut two),
+            validate_all(&mut two, 1),
             Err(NetConfigError::DuplicateTap("t0".into()))
         );
         let mut fds: Vec<NetConfig> = vec!["fd=3".parse().unwrap(), "fd=3".parse().unwrap()];
-        assert_eq!(validate_all(&mut fds), Err(NetConfigError::DuplicateFd(3)));
+        assert_eq!(
+            validate_all(&mut fds, 1),
+            Err(NetConfigError::DuplicateFd(3))
+        );
         let mut macs = vec![
             "tap=a,mac=52:54:00:00:00:01".parse().unwrap(),
             "tap=b,mac=52:54:00:00:00:01".parse::<NetConfig>().unwrap(),
         ];
         assert!(matches!(
-            validate_all(&mut macs),
+            validate_all(&mut macs, 1),
             Err(NetConfigError::DuplicateMac(_))
         ));
+    }
+
+    #[test]
+    fn queues_and_fds_parse_and_resolve() {
+        let c: NetConfig = "tap=t0,queues=4".parse().unwrap();
+        assert_eq!(c.queues, Queues::Pairs(4));
+        assert_eq!(
+            "tap=t0".parse::<NetConfig>().unwrap().queues,
+            Queues::Pairs(1)
+        );
+        let c: NetConfig = "fds=3:4:5".parse().unwrap();
+        assert_eq!((c.fds.clone(), c.queues), (vec![3, 4, 5], Queues::Pairs(3)));
+        assert_eq!(c.label(), "fd3");
+        let c: NetConfig = "fds=7:8,queues=2".parse().unwrap();
+        assert_eq!(c.queues, Queues::Pairs(2));
+        // auto: one pair per vCPU, at most 16.
+        let mut nics = vec![
+            "tap=a,queues=auto".parse::<NetConfig>().unwrap(),
+            "tap=b,queues=auto".parse().unwrap(),
+        ];
+        validate_all(&mut nics[..1], 3).unwrap();
+        validate_all(&mut nics[1..], 40).unwrap();
+        assert_eq!(
+            (nics[0].queues, nics[1].queues),
+            (Queues::Pairs(3), Queues::Pairs(16))
+        );
+    }
+
+    #[test]
+    fn bad_queues_and_fds_say_what_is_wrong() {
+        assert!(err("tap=t0,queues=0").contains("use 1 to 16 or auto"));
+        assert!(err("tap=t0,queues=17").contains("0 to 16"));
+        assert!(err("tap=t0,queues=many").contains("expected a number"));
+        assert!(err("fds=3:x").contains("fd numbers joined by ':'"));
+        assert!(err("fds=3:4,queues=3")
+            .contains("queues=3 needs one TAP fd per queue pair (fds=A:B:...), and 2 given"));
+        assert!(err("fd=3,queues=2").contains("and 1 given"));
+        assert!(err("tap=t0,fds=3:4").contains("exclusive"));
+        assert!(err("fd=3,fds=4:5").contains("exclusive"));
+        let seventeen: Vec<String> = (3..20).map(|n| n.to_string()).collect();
+        assert!(err(&format!("fds={}", seventeen.join(":"))).contains("at most 16"));
+        let mut e1000 = vec!["tap=t0,model=e1000,queues=2".parse::<NetConfig>().unwrap()];
+        let e = validate_all(&mut e1000, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("the e1000 has one queue; use model=virtio"),
+            "{e}"
+        );
+        // queues=auto on a one-vCPU VM is one pair: fine for an e1000.
+        let mut auto = vec!["tap=t0,model=e1000,queues=auto"
+            .parse::<NetConfig>()
+            .unwrap()];
+        validate_all(&mut auto, 1).unwrap();
+        // An fd in two NICs, whether given as fd= or in fds=.
+        let mut dup = vec![
+            "fd=3".parse::<NetConfig>().unwrap(),
+            "fds=4:3".parse().unwrap(),
+        ];
+        assert_eq!(
+            validate_all(&mut dup, 1),
+            Err(NetConfigError::DuplicateFd(3))
+        );
     }
 }

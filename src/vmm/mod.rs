@@ -120,7 +120,7 @@ impl Vm {
         // The host side of each NIC first: a bad TAP, bridge or script
         // fails here, before KVM is touched, and nothing is left behind.
         let mut nic_configs = config.nics.clone();
-        crate::net::config::validate_all(&mut nic_configs)
+        crate::net::config::validate_all(&mut nic_configs, config.vcpus)
             .map_err(|e| Error::InvalidConfig(e.to_string()))?;
         // vhost=on must work before anything is created.
         for cfg in &nic_configs {
