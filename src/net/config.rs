@@ -569,7 +569,7 @@ mod tests {
         let c: NetConfig = "fds=7:8,queues=2".parse().unwrap();
         assert_eq!(c.queues, Queues::Pairs(2));
         // auto: one pair per vCPU, at most 16.
-        let mut nics = vec![
+        let mut nics = [
             "tap=a,queues=auto".parse::<NetConfig>().unwrap(),
             "tap=b,queues=auto".parse().unwrap(),
         ];
