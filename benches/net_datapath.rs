@@ -391,7 +391,7 @@ const FEATURES: u64 = VERSION_1
     | GUEST_TSO6;
 
 /// The device with the features a Linux guest takes, initialised.
-fn device(tap: &Arc<Tap>) -> (SimDriver, Arc<rvm::net::NetStats>) {
+fn device(tap: &Arc<Tap>) -> (SimDriver, Arc<rvm::net::NicStats>) {
     let params = NetParams {
         mac: [0x52, 0x54, 0, 0xbe, 0x9c, 0x01],
         mtu: 1500,

@@ -12,7 +12,7 @@ use rvm::devices::test_backend::{fake_tap, peer_try_send, FakeTap};
 use rvm::devices::virtio_net::fuzzing::{Passes, SyncNet};
 use rvm::devices::virtio_net::{features, NetParams, VirtioNet};
 use rvm::net::stage::{Direction, Frame as StageFrame, Stage, Verdict};
-use rvm::net::NetStats;
+use rvm::net::NicStats;
 use rvm::virtio::features::VERSION_1;
 use rvm::virtio::sim::{SimDriver, DATA_START};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -156,7 +156,7 @@ pub struct NetRig {
     /// The host's end of the TAP.
     pub peer: OwnedFd,
     pub tap: Arc<FakeTap>,
-    pub stats: Arc<NetStats>,
+    pub stats: Arc<NicStats>,
     pub stages: rvm::net::stage::Stages,
     pub mem_size: u64,
 }
@@ -203,7 +203,8 @@ impl NetRig {
         let offered = self.drv.device_features();
         let acked = (setup.features & offered) | VERSION_1;
         let nq = if acked & features::CTRL_VQ != 0 { 3 } else { 2 };
-        let max = rvm::devices::virtio_net::QUEUE_SIZES;
+        use rvm::devices::virtio_net::{CTRL_QUEUE_SIZE, DATA_QUEUE_SIZE};
+        let max = [DATA_QUEUE_SIZE, DATA_QUEUE_SIZE, CTRL_QUEUE_SIZE];
         let sizes: Vec<u16> = (0..nq)
             .map(|i| (1u16 << (setup.size_log2[i] % 16)).min(max[i]))
             .collect();

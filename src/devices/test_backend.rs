@@ -15,6 +15,9 @@ pub struct FakeTap {
     pub fd: OwnedFd,
     pub vnet: bool,
     pub offloads: Mutex<Option<(usize, u32)>>,
+    /// Every set_queue_enabled call, in order (a multi-queue TAP's queue
+    /// turned on or off).
+    pub queue_on: Mutex<Vec<bool>>,
 }
 
 impl AsRawFd for FakeTap {
@@ -63,6 +66,23 @@ impl NetBackend for FakeTap {
         *self.offloads.lock().unwrap() = Some((hdr_len, flags));
         Ok(())
     }
+    fn set_queue_enabled(&self, on: bool) -> std::io::Result<()> {
+        self.queue_on.lock().unwrap().push(on);
+        Ok(())
+    }
+}
+
+impl FakeTap {
+    /// Whether the last set_queue_enabled turned the queue on (never
+    /// called: on, as a TAP queue starts).
+    pub fn queue_is_on(&self) -> bool {
+        self.queue_on
+            .lock()
+            .unwrap()
+            .last()
+            .copied()
+            .unwrap_or(true)
+    }
 }
 
 /// A FakeTap (with or without a vnet header) and the host's end.
@@ -84,6 +104,7 @@ pub fn fake_tap(vnet: bool) -> (Arc<FakeTap>, OwnedFd) {
         fd: a,
         vnet,
         offloads: Mutex::new(None),
+        queue_on: Mutex::new(Vec::new()),
     });
     (tap, b)
 }

@@ -17,12 +17,14 @@ use crate::error::{Error, Result};
 /// One NIC, ready to plug.
 pub struct NicParts {
     pub model: NicModel,
-    pub backend: Arc<dyn NetBackend>,
+    /// One per queue pair (one for the e1000).
+    pub backends: Vec<Arc<dyn NetBackend>>,
     pub mac: [u8; 6],
     /// What the guest is told the MTU is (virtio-net's config space).
     pub mtu: u16,
-    /// The kernel's data path, when the policy and the host allow it.
-    pub vhost: Option<VhostNet>,
+    /// The kernel's data path, one device per queue pair, when the policy
+    /// and the host allow it (else none).
+    pub vhost: Vec<VhostNet>,
     /// The host interface's name, for the exit log line.
     pub name: String,
     /// The TAP's name as the user gave it (the e1000 uses it for the
@@ -47,18 +49,24 @@ pub fn check_vhost_policy(cfg: &NetConfig) -> Result<()> {
 pub fn assemble(cfg: &NetConfig, host: &HostNic, memory: &GuestMemoryMmap) -> Result<NicParts> {
     let tap = host.tap();
     let mac = cfg.mac.map(|m| m.0).unwrap_or(DEFAULT_MAC);
+    let pairs = host.taps().len();
     let (mtu, vhost) = match cfg.model {
         // The e1000 has no MTU field and no vhost path.
-        NicModel::E1000 => (1500, None),
+        NicModel::E1000 => (1500, Vec::new()),
         NicModel::Virtio => (
             cfg.mtu
                 .unwrap_or_else(|| tap.mtu().map(|m| m.min(65535) as u16).unwrap_or(1500)),
-            vhost_for(cfg, memory)?,
+            vhost_for(cfg, memory, pairs)?,
         ),
     };
+    let backends = host
+        .taps()
+        .iter()
+        .map(|t| t.clone() as Arc<dyn NetBackend>)
+        .collect();
     Ok(NicParts {
         model: cfg.model,
-        backend: tap.clone(),
+        backends,
         mac,
         mtu,
         vhost,
@@ -83,22 +91,24 @@ pub fn check_stages_against_vhost(nic: &str, vhost_required: bool, stages: &Stag
 /// A locally administered MAC, only for a config that skipped validation.
 const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
 
-fn vhost_for(cfg: &NetConfig, memory: &GuestMemoryMmap) -> Result<Option<VhostNet>> {
+/// One vhost-net device per queue pair, or none.
+fn vhost_for(cfg: &NetConfig, memory: &GuestMemoryMmap, pairs: usize) -> Result<Vec<VhostNet>> {
+    let open_all = || {
+        (0..pairs)
+            .map(|_| VhostNet::open(memory, cfg.vnet_hdr))
+            .collect::<std::result::Result<Vec<_>, _>>()
+    };
     Ok(match cfg.vhost {
-        VhostMode::Off => None,
-        VhostMode::On => {
-            Some(
-                VhostNet::open(memory, cfg.vnet_hdr).map_err(|source| Error::Vhost {
-                    nic: cfg.label(),
-                    source,
-                })?,
-            )
-        }
-        VhostMode::Auto => match VhostNet::open(memory, cfg.vnet_hdr) {
-            Ok(v) => Some(v),
+        VhostMode::Off => Vec::new(),
+        VhostMode::On => open_all().map_err(|source| Error::Vhost {
+            nic: cfg.label(),
+            source,
+        })?,
+        VhostMode::Auto => match open_all() {
+            Ok(v) => v,
             Err(e) => {
                 log::info!("{}: vhost=auto: {e}; data path: userspace", cfg.label());
-                None
+                Vec::new()
             }
         },
     })

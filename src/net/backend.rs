@@ -61,4 +61,12 @@ pub trait NetBackend: AsRawFd + AsFd + Send + Sync {
     /// Sets the header size and the offloads the guest accepted. Only
     /// called when `vnet_hdr()` is true.
     fn configure_offloads(&self, hdr_len: usize, flags: u32) -> std::io::Result<()>;
+    /// Turns this queue of a multi-queue backend on or off: while off the
+    /// host sends it no frames (its pair is one the guest does not use),
+    /// and its fd must not be polled (a detached TAP queue polls as an
+    /// error). Already so is not an error. A one-queue backend has
+    /// nothing to do.
+    fn set_queue_enabled(&self, _on: bool) -> std::io::Result<()> {
+        Ok(())
+    }
 }

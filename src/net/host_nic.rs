@@ -2,6 +2,7 @@
 //! that it is undone in one place: a TAP (created or attached), its bridge
 //! membership and its ifup/ifdown scripts.
 
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -24,7 +25,8 @@ pub struct HostNic {
     // Field order is drop order: the bridge port goes before the TAP.
     downscript: Option<PathBuf>,
     port: Option<BridgePort>,
-    tap: Arc<Tap>,
+    /// One fd per queue pair, all of one TAP.
+    taps: Vec<Arc<Tap>>,
 }
 
 /// What setup changed on a TAP rvm did not create, to put back when a
@@ -55,28 +57,36 @@ impl HostNic {
     /// Opens the TAP, sets its buffers and MTU, enslaves it, brings it
     /// up and runs the ifup script. On any failure what was done is undone.
     pub fn setup(cfg: &NetConfig) -> Result<HostNic, HostNicError> {
-        let tap = match (&cfg.tap, cfg.fd) {
-            (_, Some(fd)) => Tap::from_fd(tap::take_fd(fd)?, cfg.vnet_hdr)?,
-            (Some(name), None) => Tap::open(name, cfg.vnet_hdr)?,
-            (None, None) => return Err(TapError::BadName(String::new()).into()),
+        let pairs = usize::from(cfg.queues.pairs());
+        let taps = match (&cfg.tap, cfg.fd, cfg.fds.is_empty()) {
+            (_, Some(fd), _) => vec![Tap::from_fd(tap::take_fd(fd)?, cfg.vnet_hdr)?],
+            (_, None, false) => from_fds(&cfg.fds, cfg.vnet_hdr)?,
+            (Some(name), None, true) => Tap::open_queues(name, cfg.vnet_hdr, pairs)?,
+            (None, None, true) => return Err(TapError::BadName(String::new()).into()),
         };
         let mut undo = Undo::default();
-        match configure(&tap, cfg, &mut undo) {
+        match configure(&taps, cfg, &mut undo) {
             Ok(port) => Ok(HostNic {
                 downscript: cfg.downscript.clone(),
                 port,
-                tap: Arc::new(tap),
+                taps: taps.into_iter().map(Arc::new).collect(),
             }),
             Err(e) => {
                 // The bridge port is gone already; the TAP closes after this.
-                undo.apply(&tap);
+                undo.apply(&taps[0]);
                 Err(e)
             }
         }
     }
 
+    /// The TAP (its first queue).
     pub fn tap(&self) -> &Arc<Tap> {
-        &self.tap
+        &self.taps[0]
+    }
+
+    /// The TAP's queues, one per queue pair.
+    pub fn taps(&self) -> &[Arc<Tap>] {
+        &self.taps
     }
 
     pub fn bridge(&self) -> Option<&str> {
@@ -84,15 +94,44 @@ impl HostNic {
     }
 }
 
-/// The steps after opening the TAP. An early return drops the bridge
-/// port, taking the TAP off the bridge; `undo` collects the rest.
+/// The TAP behind `fds` (fds=A:B:...): all of one TAP, a multi-queue one
+/// when there are several.
+fn from_fds(fds: &[i32], vnet_hdr: bool) -> Result<Vec<Tap>, HostNicError> {
+    let mut taps = Vec::with_capacity(fds.len());
+    for &fd in fds {
+        taps.push(Tap::from_fd(tap::take_fd(fd)?, vnet_hdr)?);
+    }
+    let first = taps[0].name().to_string();
+    if let Some(t) = taps.iter().find(|t| t.name() != first) {
+        return Err(TapError::BadFd(
+            t.as_raw_fd(),
+            std::io::Error::other(format!(
+                "fds= must all be queues of one TAP: {} is not {first}",
+                t.name()
+            )),
+        )
+        .into());
+    }
+    if taps.len() > 1 && !taps[0].multi_queue() {
+        return Err(TapError::NotMultiQueue(first).into());
+    }
+    Ok(taps)
+}
+
+/// The steps after opening the TAP (`taps`: its queues). An early return
+/// drops the bridge port, taking the TAP off the bridge; `undo` collects
+/// the rest.
 fn configure(
-    tap: &Tap,
+    taps: &[Tap],
     cfg: &NetConfig,
     undo: &mut Undo,
 ) -> Result<Option<BridgePort>, HostNicError> {
+    let tap = &taps[0];
     if let Some(bytes) = cfg.sndbuf {
-        tap.set_sndbuf(bytes)?;
+        // The send buffer is each queue's own.
+        for t in taps {
+            t.set_sndbuf(bytes)?;
+        }
     }
     if let Some(mtu) = cfg.mtu.map(u32::from) {
         if !tap.created() {
@@ -129,7 +168,7 @@ fn configure(
 impl Drop for HostNic {
     fn drop(&mut self) {
         if let Some(down) = &self.downscript {
-            if let Err(e) = script::run(down, self.tap.name(), "downscript") {
+            if let Err(e) = script::run(down, self.tap().name(), "downscript") {
                 log::warn!("{e}");
             }
         }
@@ -401,6 +440,73 @@ mod tests {
             // The fd was the TAP's only holder and the TAP is not
             // persistent, so closing it deletes the TAP.
             assert!(gone_soon("rvmnic5"));
+        });
+    }
+
+    #[test]
+    fn queues_make_a_multi_queue_tap_with_one_fd_each() {
+        in_fresh_netns(|| {
+            add_bridge("rvmbr10");
+            let nic = HostNic::setup(&NetConfig {
+                bridge: Some("rvmbr10".into()),
+                queues: crate::net::config::Queues::Pairs(3),
+                sndbuf: Some(1 << 20),
+                ..NetConfig::tap("rvmmq10")
+            })
+            .unwrap();
+            assert_eq!(nic.taps().len(), 3);
+            assert!(nic.taps().iter().all(|t| t.multi_queue()));
+            assert!(tun_details("rvmmq10").contains("multi_queue"));
+            assert!(in_bridge("rvmmq10", "rvmbr10"));
+            drop(nic);
+            assert!(gone_soon("rvmmq10"));
+        });
+    }
+
+    #[test]
+    fn fds_must_be_queues_of_one_multi_queue_tap() {
+        in_fresh_netns(|| {
+            let mq = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_MULTI_QUEUE;
+            let fds: Vec<i32> = (0..2)
+                .map(|_| raw_tun("rvmmq11", mq).into_raw_fd())
+                .collect();
+            let nic = HostNic::setup(&NetConfig {
+                tap: None,
+                fds: fds.clone(),
+                queues: crate::net::config::Queues::Pairs(2),
+                ..NetConfig::tap("")
+            })
+            .unwrap();
+            assert_eq!(nic.taps().len(), 2);
+            assert_eq!(nic.taps()[1].as_raw_fd(), fds[1]);
+            drop(nic);
+            assert!(gone_soon("rvmmq11"));
+
+            // Two different TAPs, or two fds of a single-queue one: no.
+            let one = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+            let two = vec![
+                raw_tun("rvmmq12", mq).into_raw_fd(),
+                raw_tun("rvmmq13", mq).into_raw_fd(),
+            ];
+            let e = expect_err(HostNic::setup(&NetConfig {
+                tap: None,
+                fds: two,
+                queues: crate::net::config::Queues::Pairs(2),
+                ..NetConfig::tap("")
+            }));
+            assert!(
+                e.to_string().contains("must all be queues of one TAP"),
+                "{e}"
+            );
+            let single = raw_tun("rvmmq14", one);
+            let again = single.try_clone().unwrap().into_raw_fd();
+            let e = expect_err(HostNic::setup(&NetConfig {
+                tap: None,
+                fds: vec![single.into_raw_fd(), again],
+                queues: crate::net::config::Queues::Pairs(2),
+                ..NetConfig::tap("")
+            }));
+            assert!(e.to_string().contains("not a multi-queue TAP"), "{e}");
         });
     }
 

@@ -19,5 +19,5 @@ mod test_util;
 pub mod vhost;
 
 pub use config::{MacAddr, NetConfig, NicModel, VhostMode};
-pub use counters::{NetCounters, NetStats};
+pub use counters::{NetCounters, NetStats, NicStats};
 pub use host_nic::{HostNic, HostNicError};

@@ -46,6 +46,9 @@ pub struct Wants {
     pub room: bool,
     /// The earliest time to be woken ([`Token::Timer`]).
     pub wake_at: Option<Instant>,
+    /// The backend's fd is not to be polled at all: a detached queue of
+    /// a multi-queue TAP polls as an error until it is attached again.
+    pub detached: bool,
 }
 
 /// A NIC model's data path, driven by [`run`].
@@ -85,6 +88,8 @@ struct Looper<E> {
     timer: TimerFd,
     /// What is watched now.
     watching: Wants,
+    /// The backend's fds are out of the epoll set (detached or failed).
+    out_of_set: bool,
     /// The time the timer was last set for. It is not set again for the
     /// same time: an engine that cannot act when woken (bus mastering
     /// off) and keeps asking for that time is woken once, not every
@@ -153,6 +158,7 @@ impl<E: NicEngine> Looper<E> {
             stop: s.stop,
             timer,
             watching: Wants::default(),
+            out_of_set: false,
             armed_for: None,
             backend_failed: false,
             stopped: false,
@@ -164,9 +170,30 @@ impl<E: NicEngine> Looper<E> {
     /// timer.
     fn sync(&mut self, ops: &mut EventOps) {
         let mut want = self.engine.wants();
-        if self.backend_failed || self.backend.is_none() {
+        if self.backend_failed || self.backend.is_none() || want.detached {
             want.frames = false;
             want.room = false;
+        }
+        let out = self.backend_failed || want.detached;
+        if out != self.out_of_set {
+            // Out: no event of the fds, not even an error. Back in: as
+            // wanted now (sets chosen below against nothing watched).
+            for (fd, data) in [(self.backend, FRAMES), (self.room_fd(), ROOM)] {
+                if let Some(fd) = fd {
+                    let ev = Events::with_data_raw(fd, data, EventSet::empty());
+                    let r = if out { ops.remove(ev) } else { ops.add(ev) };
+                    if let Err(e) = r {
+                        crate::guest_log!(log::Level::Error, "NIC: cannot watch fd {fd}: {e:?}");
+                    }
+                }
+            }
+            self.out_of_set = out;
+            self.watching.frames = false;
+            self.watching.room = false;
+        }
+        if out {
+            self.arm_if_new(want.wake_at);
+            return;
         }
         if let Some(fd) = self.backend.filter(|_| want.frames != self.watching.frames) {
             let set = if want.frames {
@@ -186,8 +213,12 @@ impl<E: NicEngine> Looper<E> {
         }
         self.watching.frames = want.frames;
         self.watching.room = want.room;
-        if want.wake_at.is_some() && want.wake_at != self.armed_for {
-            self.arm(want.wake_at);
+        self.arm_if_new(want.wake_at);
+    }
+
+    fn arm_if_new(&mut self, at: Option<Instant>) {
+        if at.is_some() && at != self.armed_for {
+            self.arm(at);
         }
     }
 
@@ -224,6 +255,7 @@ impl<E: NicEngine> Looper<E> {
                 let _ = ops.remove(Events::with_data_raw(fd, data, EventSet::empty()));
             }
         }
+        self.out_of_set = true;
         self.engine.handle(Token::BackendFailed);
     }
 }

@@ -59,6 +59,8 @@ pub struct Tap {
     name: String,
     created: bool,
     vnet_hdr: bool,
+    /// One queue of a multi-queue TAP (IFF_MULTI_QUEUE).
+    multi_queue: bool,
 }
 
 /// Checks a Linux interface name (IFNAMSIZ is 16 with the NUL).
@@ -153,6 +155,7 @@ impl Tap {
             name,
             created: flags & IFF_PERSIST == 0,
             vnet_hdr,
+            multi_queue,
         })
     }
 
@@ -182,6 +185,7 @@ impl Tap {
             created: false,
             // A vnet header the fd has must be used even if not asked for.
             vnet_hdr: req.flags() & IFF_VNET_HDR != 0,
+            multi_queue: req.flags() & IFF_MULTI_QUEUE != 0,
         })
     }
 
@@ -284,6 +288,11 @@ impl Tap {
     pub fn created(&self) -> bool {
         self.created
     }
+
+    /// Whether this is one queue of a multi-queue TAP.
+    pub fn multi_queue(&self) -> bool {
+        self.multi_queue
+    }
 }
 
 /// An fd handed to rvm (fd=N) arrives blocking and inheritable, since it
@@ -361,6 +370,21 @@ impl NetBackend for Tap {
         let io = |e: TapError| std::io::Error::other(e.to_string());
         self.set_vnet_hdr_size(hdr_len as i32).map_err(io)?;
         self.set_offload(flags).map_err(io)
+    }
+
+    fn set_queue_enabled(&self, on: bool) -> std::io::Result<()> {
+        if !self.multi_queue {
+            return Ok(());
+        }
+        match self.set_queue_attached(on) {
+            // EINVAL: attached (or detached) already.
+            Err(TapError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                Ok(())
+            }
+            Err(TapError::Ioctl { source, .. }) => Err(source),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+            Ok(()) => Ok(()),
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use crate::bus::Bus;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{SerialDevice, SerialInput};
 use crate::net::{HostNic, NicModel};
-use crate::net::{NetCounters, NetStats};
+use crate::net::{NetCounters, NicStats};
 
 /// One NIC's identity and counters at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +29,8 @@ pub struct NicInfo {
     /// While vhost-net carries a NIC's frames the host kernel counts them
     /// instead: read the TAP's own counters (`ip -s link show NAME`).
     pub counters: NetCounters,
+    /// The same per queue pair (RX queue k and TX queue k), in order.
+    pub queues: Vec<NetCounters>,
 }
 
 /// What a thread other than the owner may do with a running VM. Clone it
@@ -38,7 +40,7 @@ pub struct VmController {
     exit: Arc<ExitSignal>,
     inspector: Arc<VcpuInspector>,
     i8042: Arc<Mutex<I8042>>,
-    nics: Vec<(String, NicModel, Arc<NetStats>)>,
+    nics: Vec<(String, NicModel, Arc<NicStats>)>,
 }
 
 impl VmController {
@@ -81,6 +83,7 @@ impl VmController {
                 name: name.clone(),
                 model: *model,
                 counters: stats.snapshot(),
+                queues: stats.per_pair(),
             })
             .collect()
     }

@@ -39,11 +39,12 @@ use crate::net::assembly;
 use crate::net::backend::NetBackend;
 use crate::net::stage::Stages;
 use crate::net::vhost::VhostNet;
-use crate::net::NetStats;
+use crate::net::NicStats;
 use crate::net::{HostNic, NicModel};
 use crate::pci::msix::{MsixTable, MsixVectors};
 use crate::pci::{root, BarKind, HostBridge, PciAllocator, PciRoot};
 use crate::virtio::pci::{self as virtio_pci, VirtioPciDevice};
+use crate::virtio::VirtioDevice;
 use irq::{GsiRouter, IntxLines};
 use seccomp::ThreadFilter;
 use vcpu::Vcpu;
@@ -81,7 +82,7 @@ pub struct Vm {
 struct NicHandle {
     name: String,
     model: NicModel,
-    stats: Arc<NetStats>,
+    stats: Arc<NicStats>,
     device: NicDevice,
     stages: Stages,
     /// `vhost=on`: the kernel must move this NIC's frames.
@@ -252,11 +253,12 @@ impl Vm {
                 let nic = assembly::assemble(cfg, &host, &vm.memory)?;
                 match nic.model {
                     NicModel::E1000 => {
-                        let (_, route) = vm.add_e1000(nic.backend, nic.mac, nic.tap_name)?;
+                        let backend = nic.backends[0].clone();
+                        let (_, route) = vm.add_e1000(backend, nic.mac, nic.tap_name)?;
                         routes.push(route);
                     }
                     NicModel::Virtio => {
-                        vm.add_virtio_net(nic.backend, nic.mac, nic.mtu, nic.vhost)?;
+                        vm.add_virtio_net_pairs(nic.backends, nic.mac, nic.mtu, nic.vhost)?;
                     }
                 }
                 vm.name_last_nic(&nic.name);
@@ -281,21 +283,43 @@ impl Vm {
         mac: [u8; 6],
         mtu: u16,
         vhost: Option<VhostNet>,
-    ) -> Result<Arc<NetStats>> {
+    ) -> Result<Arc<NicStats>> {
+        self.add_virtio_net_pairs(vec![backend], mac, mtu, vhost.into_iter().collect())
+    }
+
+    /// Plugs a multiqueue virtio-net-pci NIC: one RX/TX queue pair per
+    /// backend (the queues of one multi-queue TAP), with VIRTIO_NET_F_MQ
+    /// when there are several, and vhost-net for every pair (one device
+    /// each) or none. Returns its counters. Call before [`Vm::start`].
+    pub fn add_virtio_net_pairs(
+        &mut self,
+        backends: Vec<Arc<dyn NetBackend>>,
+        mac: [u8; 6],
+        mtu: u16,
+        vhost: Vec<VhostNet>,
+    ) -> Result<Arc<NicStats>> {
+        if backends.is_empty() || backends.len() > usize::from(crate::net::config::MAX_QUEUE_PAIRS)
+        {
+            return Err(Error::InvalidConfig(format!(
+                "a virtio-net NIC has 1 to {} queue pairs, one backend each; {} given",
+                crate::net::config::MAX_QUEUE_PAIRS,
+                backends.len()
+            )));
+        }
         let index = self.nics.len();
-        let net = VirtioNet::new(
+        let net = VirtioNet::with_pairs(
             NetParams {
                 mac,
                 mtu,
                 name: format!("net{index}"),
             },
-            backend,
+            backends,
             vhost,
         );
         let stats = net.stats();
         let stages = net.stages();
         // One vector per queue and one for configuration changes.
-        let vectors = (0..=crate::devices::virtio_net::QUEUE_SIZES.len())
+        let vectors = (0..=net.queue_max_sizes().len())
             .map(|_| self.gsi.msi_irqfd())
             .collect::<Result<Vec<_>>>()?;
         let msix = MsixTable::new(Arc::new(MsixVectors::new(vectors)), self.gsi.clone());
@@ -327,7 +351,7 @@ impl Vm {
     fn plug_nic(
         &mut self,
         dev: crate::pci::root::SharedDevice,
-        stats: Arc<NetStats>,
+        stats: Arc<NicStats>,
         stages: Stages,
         model: NicModel,
         device: NicDevice,
@@ -363,7 +387,7 @@ impl Vm {
         backend: Arc<dyn NetBackend>,
         mac: [u8; 6],
         tap_name: Option<String>,
-    ) -> Result<(Arc<NetStats>, PciIrqRoute)> {
+    ) -> Result<(Arc<NicStats>, PciIrqRoute)> {
         let index = self.nics.len();
         let mmio = self
             .pci_alloc

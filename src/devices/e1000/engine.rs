@@ -156,6 +156,7 @@ impl NicEngine for Engine {
             frames: !self.tap_failed && !self.waiting_for_buffers,
             room: self.tx_blocked && !self.tap_failed,
             wake_at,
+            detached: false,
         }
     }
 }

@@ -37,7 +37,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::LevelIrq;
 use crate::net::backend::NetBackend;
 use crate::net::stage::{self, Direction, Frame, HoldAt, Outcome, Stages};
-use crate::net::NetStats;
+use crate::net::{NetStats, NicStats};
 use crate::pci::config::PciConfig;
 use crate::pci::PciDevice;
 use eeprom::Eeprom;
@@ -499,7 +499,8 @@ impl Core {
 pub struct E1000 {
     config: PciConfig,
     core: Arc<Mutex<Core>>,
-    stats: Arc<NetStats>,
+    /// One queue pair's block, the core's.
+    stats: Arc<NicStats>,
     resets: Arc<ResetCounts>,
     rx_thread: Option<(EventFd, JoinHandle<()>)>,
 }
@@ -567,7 +568,7 @@ impl E1000 {
         }
         let rx_kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let tx_kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
-        let core = Core::new(
+        let mut core = Core::new(
             p.mac,
             mem,
             backend.clone(),
@@ -575,7 +576,9 @@ impl E1000 {
             rx_kick.try_clone()?,
             tx_kick.try_clone()?,
         );
-        let (stats, resets) = (core.stats.clone(), core.resets.clone());
+        let stats = Arc::new(NicStats::new(1));
+        core.stats = stats.pair(0);
+        let resets = core.resets.clone();
         let core = Arc::new(Mutex::new(core));
         let worker = engine::NicThread {
             core: core.clone(),
@@ -595,7 +598,7 @@ impl E1000 {
         Ok((dev, worker))
     }
 
-    pub fn stats(&self) -> Arc<NetStats> {
+    pub fn stats(&self) -> Arc<NicStats> {
         self.stats.clone()
     }
 

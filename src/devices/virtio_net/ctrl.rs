@@ -1,6 +1,7 @@
-//! The control queue: the driver's commands (RX mode, MAC filters) are
-//! read and acknowledged. A TAP delivers everything on the bridge's
-//! segment to rvm anyway; filtering would not make the guest faster.
+//! The control queue: the driver's commands. RX mode and MAC filters are
+//! acknowledged (a TAP delivers everything on the bridge's segment to rvm
+//! anyway; filtering would not make the guest faster); with multiqueue,
+//! VQ_PAIRS_SET sets the pairs in use ([`super::mq`]).
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -11,8 +12,13 @@ use crate::virtio::queue::{drain, pop, put_used, Step};
 
 const CLASS_RX: u8 = 0;
 const CLASS_MAC: u8 = 1;
+const CLASS_MQ: u8 = 4;
+const MQ_VQ_PAIRS_SET: u8 = 0;
 const OK: u8 = 0;
 const ERR: u8 = 1;
+/// The most of a command's readable bytes looked at: class, command and
+/// the largest argument rvm reads (VQ_PAIRS_SET's le16).
+const CMD_BYTES: usize = 4;
 
 impl Worker {
     pub(super) fn process_ctrl(&mut self) {
@@ -23,16 +29,19 @@ impl Worker {
             return;
         };
         let stats = &self.stats;
+        let mq = self.mq.as_ref().map(|(_, mq)| mq);
         let mut used = false;
         drain(&self.mem, &mut ctrl.queue, |q, mem| {
             let Some(c) = pop(q, mem) else {
                 return Step::Done;
             };
             let head = c.head_index();
-            // Readable part: class, command, data. Writable part: the ack.
-            // Only buffers of at least a byte count, and a chain longer
-            // than any command needs is refused without reading further.
-            let mut class = None;
+            // Readable part: class, command, data (the first CMD_BYTES of
+            // it, across descriptors). Writable part: the ack. Only
+            // buffers of at least a byte count, and a chain longer than
+            // any command needs is refused without reading further.
+            let mut cmd = [0u8; CMD_BYTES];
+            let mut got = 0;
             let mut ack_at = None;
             let mut too_long = false;
             for (i, d) in c.enumerate() {
@@ -45,20 +54,28 @@ impl Worker {
                 }
                 if d.is_write_only() {
                     ack_at.get_or_insert(d.addr());
-                } else if class.is_none() {
-                    class = mem.read_obj::<u8>(d.addr()).ok();
+                } else if got < CMD_BYTES && ack_at.is_none() {
+                    let n = (d.len() as usize).min(CMD_BYTES - got);
+                    if mem.read_slice(&mut cmd[got..got + n], d.addr()).is_ok() {
+                        got += n;
+                    }
                 }
             }
             if too_long {
-                (class, ack_at) = (None, None);
+                (got, ack_at) = (0, None);
             }
             let mut len = 0;
-            match (class, ack_at) {
-                (Some(class), Some(at)) => {
-                    let ack = if matches!(class, CLASS_RX | CLASS_MAC) {
-                        OK
-                    } else {
-                        ERR
+            match (got, ack_at) {
+                (1.., Some(at)) => {
+                    let ack = match (cmd[0], cmd[1], mq) {
+                        (CLASS_RX | CLASS_MAC, _, _) => OK,
+                        (CLASS_MQ, MQ_VQ_PAIRS_SET, Some(mq))
+                            if got == CMD_BYTES
+                                && mq.set_active(u16::from_le_bytes([cmd[2], cmd[3]])) =>
+                        {
+                            OK
+                        }
+                        _ => ERR,
                     };
                     if mem.write_obj(ack, GuestAddress(at.0)).is_ok() {
                         len = 1;

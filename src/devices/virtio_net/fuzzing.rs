@@ -13,7 +13,8 @@ use super::VirtioNet;
 use crate::net::nic_loop::{NicEngine, Token};
 use crate::virtio::{ActivateError, Activation, VirtioDevice};
 
-type Slot = Arc<Mutex<Option<Worker>>>;
+/// The workers of the pairs the driver set up (none before DRIVER_OK).
+type Slot = Arc<Mutex<Vec<Worker>>>;
 
 /// A [`VirtioNet`] whose worker the caller runs.
 pub struct SyncNet {
@@ -40,7 +41,7 @@ impl SyncNet {
     }
 }
 
-fn lock(slot: &Slot) -> MutexGuard<'_, Option<Worker>> {
+fn lock(slot: &Slot) -> MutexGuard<'_, Vec<Worker>> {
     crate::lock_or_recover(slot)
 }
 
@@ -66,14 +67,14 @@ impl VirtioDevice for SyncNet {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        *lock(&self.worker) = None;
-        let (w, _stop) = self.net.prepare_worker(a)?;
-        *lock(&self.worker) = Some(w);
+        lock(&self.worker).clear();
+        let workers = self.net.prepare_workers(a)?;
+        *lock(&self.worker) = workers.into_iter().map(|(w, _stop)| w).collect();
         Ok(())
     }
 
     fn reset(&mut self) {
-        *lock(&self.worker) = None;
+        lock(&self.worker).clear();
         self.net.reset();
     }
 
@@ -85,13 +86,13 @@ impl VirtioDevice for SyncNet {
 impl Passes {
     /// Whether the driver activated the device (a pass would run).
     pub fn active(&self) -> bool {
-        lock(&self.0).is_some()
+        !lock(&self.0).is_empty()
     }
 
     /// The worker's answer to a TX kick, or to the TAP having room again
     /// after TX parked on a full one (callers drain the host end first).
     pub fn tx(&self) {
-        if let Some(w) = lock(&self.0).as_mut() {
+        for w in lock(&self.0).iter_mut() {
             let t = if w.tx_parked {
                 Token::BackendWritable
             } else {
@@ -104,14 +105,14 @@ impl Passes {
     /// The worker's answer to an RX kick (which also lets a paused RX
     /// read again).
     pub fn rx(&self) {
-        if let Some(w) = lock(&self.0).as_mut() {
+        for w in lock(&self.0).iter_mut() {
             w.handle(Token::QueueKick(RX));
         }
     }
 
     /// The worker's answer to a control-queue kick.
     pub fn ctrl(&self) {
-        if let Some(w) = lock(&self.0).as_mut() {
+        for w in lock(&self.0).iter_mut() {
             w.handle(Token::QueueKick(CTRL));
         }
     }

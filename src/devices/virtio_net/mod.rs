@@ -14,6 +14,9 @@
 pub mod ctrl;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+pub mod mq;
+#[cfg(test)]
+mod mq_tests;
 pub mod rx;
 #[cfg(test)]
 mod tests;
@@ -30,15 +33,19 @@ use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::net::backend::{offload, NetBackend};
+use crate::net::config::MAX_QUEUE_PAIRS;
 use crate::net::stage::Stages;
 use crate::net::vhost::{VhostNet, VringSetup};
-use crate::net::NetStats;
+use crate::net::NicStats;
 use crate::virtio::features::{RING_EVENT_IDX, RING_INDIRECT_DESC, VERSION_1};
 use crate::virtio::{ActivateError, Activation, VirtioDevice};
+use mq::MqControl;
+use worker::{PairSetup, QueueCtx};
 
 pub const DEVICE_TYPE: u16 = 1;
-/// RX, TX, control.
-pub const QUEUE_SIZES: [u16; 3] = [256, 256, 64];
+/// Queue sizes: each RX and TX queue, and the control queue.
+pub const DATA_QUEUE_SIZE: u16 = 256;
+pub const CTRL_QUEUE_SIZE: u16 = 64;
 /// struct virtio_net_hdr_v1: the guest's header is the TAP's.
 pub const HDR_LEN: usize = crate::net::backend::VNET_HDR_LEN;
 
@@ -57,6 +64,7 @@ pub mod features {
     pub const MRG_RXBUF: u64 = 1 << 15;
     pub const STATUS: u64 = 1 << 16;
     pub const CTRL_VQ: u64 = 1 << 17;
+    pub const MQ: u64 = 1 << 22;
 }
 use features::*;
 
@@ -66,22 +74,26 @@ const LINK_UP: u16 = 1;
 pub struct NetParams {
     pub mac: [u8; 6],
     pub mtu: u16,
-    /// Thread name, for `top -H` and logs.
+    /// Thread name, for `top -H` and logs (pair k's is `NAME.qk`).
     pub name: String,
 }
 
 pub struct VirtioNet {
     params: NetParams,
-    backend: Arc<dyn NetBackend>,
-    stats: Arc<NetStats>,
+    /// One per queue pair: the queues of a multi-queue TAP.
+    backends: Vec<Arc<dyn NetBackend>>,
+    stats: Arc<NicStats>,
     avail_features: u64,
-    running: Option<(EventFd, JoinHandle<()>)>,
-    /// The kernel data path, when the NIC may use one.
-    vhost: Option<VhostNet>,
-    /// Bus Master Enable, shared with the worker: no guest memory is
+    /// RX and TX for each pair, then the control queue.
+    queue_sizes: Vec<u16>,
+    /// Each working pair's thread and the eventfd that stops it.
+    running: Vec<(EventFd, JoinHandle<()>)>,
+    /// The kernel data path, one per pair, when the NIC may use one.
+    vhost: Vec<VhostNet>,
+    /// Bus Master Enable, shared with the workers: no guest memory is
     /// touched while it is off.
     bus_master: Arc<AtomicBool>,
-    /// What every frame passes (the worker's path; vhost-net only when no
+    /// What every frame passes (the workers' path; vhost-net only when no
     /// stage needs the frames in rvm).
     stages: Stages,
 }
@@ -101,6 +113,21 @@ impl VirtioNet {
     /// A NIC on `backend`; with `vhost`, the kernel moves its frames
     /// whenever the driver's setup allows it.
     pub fn new(params: NetParams, backend: Arc<dyn NetBackend>, vhost: Option<VhostNet>) -> Self {
+        Self::with_pairs(params, vec![backend], vhost.into_iter().collect())
+    }
+
+    /// A NIC with one RX/TX pair per backend (the queues of one
+    /// multi-queue TAP; at least one) and VIRTIO_NET_F_MQ when there are
+    /// several; with `vhost` (one per pair), the kernel moves the frames
+    /// whenever the driver's setup allows it.
+    pub fn with_pairs(
+        params: NetParams,
+        backends: Vec<Arc<dyn NetBackend>>,
+        vhost: Vec<VhostNet>,
+    ) -> Self {
+        assert!(!backends.is_empty(), "a virtio-net NIC needs a backend");
+        let pairs = backends.len().min(usize::from(MAX_QUEUE_PAIRS));
+        let backends: Vec<_> = backends.into_iter().take(pairs).collect();
         let mut f = VERSION_1
             | RING_EVENT_IDX
             | RING_INDIRECT_DESC
@@ -109,26 +136,43 @@ impl VirtioNet {
             | MTU
             | MRG_RXBUF
             | CTRL_VQ;
+        if pairs > 1 {
+            f |= MQ;
+        }
         // Offloads need the header to cross the TAP; without IFF_VNET_HDR
         // the guest must finish every frame itself.
-        if backend.vnet_hdr() {
+        if backends[0].vnet_hdr() {
             f |= CSUM | GUEST_CSUM | HOST_TSO4 | HOST_TSO6 | HOST_ECN;
             f |= GUEST_TSO4 | GUEST_TSO6 | GUEST_ECN;
         }
-        let vhost = vhost.filter(|v| v.features() & VERSION_1 != 0);
-        if let Some(v) = &vhost {
+        // The kernel path for every pair or for none.
+        let vhost: Vec<VhostNet> =
+            if vhost.len() == pairs && vhost.iter().all(|v| v.features() & VERSION_1 != 0) {
+                vhost
+            } else {
+                Vec::new()
+            };
+        if let Some(v) = vhost.first() {
             f = restrict_to_vhost(f, v.features());
         }
+        let mut queue_sizes = vec![DATA_QUEUE_SIZE; 2 * pairs];
+        queue_sizes.push(CTRL_QUEUE_SIZE);
         VirtioNet {
             params,
-            backend,
-            stats: Arc::new(NetStats::default()),
+            backends,
+            stats: Arc::new(NicStats::new(pairs)),
             avail_features: f,
-            running: None,
+            queue_sizes,
+            running: Vec::new(),
             vhost,
             bus_master: Arc::new(AtomicBool::new(false)),
             stages: Stages::new(),
         }
+    }
+
+    /// RX/TX queue pairs.
+    pub fn pairs(&self) -> usize {
+        self.backends.len()
     }
 
     /// The NIC's stages: a handle to add or remove them while it runs.
@@ -136,14 +180,14 @@ impl VirtioNet {
         self.stages.clone()
     }
 
-    /// Hands RX and TX to vhost-net. Needs an irqfd per queue (MSI-X on,
-    /// a vector each); Err says why not, and nothing stays with the kernel.
-    fn start_vhost(&mut self, a: &Activation) -> Result<(), String> {
-        let Some(vhost) = self.vhost.as_mut() else {
+    /// Hands RX and TX of the first `pairs` pairs to vhost-net, one
+    /// device per pair. Needs an irqfd per queue (MSI-X on, a vector
+    /// each); Err says why not, and nothing stays with the kernel.
+    fn start_vhost(&mut self, a: &Activation, pairs: usize) -> Result<(), String> {
+        if self.vhost.len() < pairs {
             return Err("no vhost-net".into());
-        };
-        let data = &a.queues[..2];
-        let calls = data
+        }
+        let calls = a.queues[..2 * pairs]
             .iter()
             .map(|q| {
                 a.interrupt
@@ -151,31 +195,44 @@ impl VirtioNet {
                     .ok_or("the driver did not give each queue an MSI-X vector")
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let rings: Vec<VringSetup> = data
-            .iter()
-            .zip(&calls)
-            .map(|(q, call)| VringSetup {
-                size: q.queue.size(),
-                desc: q.queue.desc_table(),
-                avail: q.queue.avail_ring(),
-                used: q.queue.used_ring(),
-                next_avail: q.queue.next_avail(),
-                kick: &q.kick,
-                call,
-            })
-            .collect();
-        let tap = Self::tap_file(&self.backend)?;
         // Last: from here on a stage that needs the frames is refused.
         self.stages.enter_kernel()?;
-        vhost
-            .start(a.features, self.backend.vnet_hdr(), &rings, &tap)
-            .map_err(|e| {
+        let vnet_hdr = self.backends[0].vnet_hdr();
+        for k in 0..pairs {
+            let rings: Vec<VringSetup> = a.queues[2 * k..2 * k + 2]
+                .iter()
+                .zip(&calls[2 * k..2 * k + 2])
+                .map(|(q, call)| VringSetup {
+                    size: q.queue.size(),
+                    desc: q.queue.desc_table(),
+                    avail: q.queue.avail_ring(),
+                    used: q.queue.used_ring(),
+                    next_avail: q.queue.next_avail(),
+                    kick: &q.kick,
+                    call,
+                })
+                .collect();
+            let started = Self::tap_file(&self.backends[k]).and_then(|tap| {
+                self.vhost[k]
+                    .start(a.features, vnet_hdr, &rings, &tap)
+                    .map_err(|e| e.to_string())
+            });
+            if let Err(e) = started {
+                for v in &mut self.vhost[..k] {
+                    v.stop();
+                }
                 self.stages.leave_kernel();
-                e.to_string()
-            })
+                return Err(if pairs > 1 {
+                    format!("pair {k}: {e}")
+                } else {
+                    e
+                });
+            }
+        }
+        Ok(())
     }
 
-    /// The TAP as a file of its own, for the kernel's data path.
+    /// A TAP queue as a file of its own, for the kernel's data path.
     fn tap_file(backend: &Arc<dyn NetBackend>) -> Result<File, String> {
         backend
             .as_fd()
@@ -184,11 +241,7 @@ impl VirtioNet {
             .map_err(|e| format!("cannot share the TAP: {e}"))
     }
 
-    fn shared_tap(&self) -> Result<File, String> {
-        Self::tap_file(&self.backend)
-    }
-
-    pub fn stats(&self) -> Arc<NetStats> {
+    pub fn stats(&self) -> Arc<NicStats> {
         self.stats.clone()
     }
 
@@ -210,13 +263,15 @@ impl VirtioNet {
         flags
     }
 
-    fn stop_worker(&mut self) {
-        if let Some(v) = self.vhost.as_mut() {
+    fn stop_workers(&mut self) {
+        for v in &mut self.vhost {
             v.stop();
         }
         self.stages.leave_kernel();
-        if let Some((stop, thread)) = self.running.take() {
+        for (stop, _) in &self.running {
             let _ = stop.write(1);
+        }
+        for (_, thread) in self.running.drain(..) {
             let _ = thread.join();
         }
     }
@@ -224,7 +279,7 @@ impl VirtioNet {
 
 impl Drop for VirtioNet {
     fn drop(&mut self) {
-        self.stop_worker();
+        self.stop_workers();
     }
 }
 
@@ -234,7 +289,7 @@ impl VirtioDevice for VirtioNet {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
+        &self.queue_sizes
     }
 
     fn features(&self) -> u64 {
@@ -246,7 +301,7 @@ impl VirtioDevice for VirtioNet {
         let mut cfg = [0u8; 12];
         cfg[0..6].copy_from_slice(&self.params.mac);
         cfg[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
-        cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
+        cfg[8..10].copy_from_slice(&(self.pairs() as u16).to_le_bytes());
         cfg[10..12].copy_from_slice(&self.params.mtu.to_le_bytes());
         for (i, b) in data.iter_mut().enumerate() {
             *b = usize::try_from(offset)
@@ -266,27 +321,43 @@ impl VirtioDevice for VirtioNet {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let (w, stop) = self.prepare_worker(a)?;
-        let thread = std::thread::Builder::new()
-            .name(self.params.name.clone())
-            .spawn(move || w.run())
-            .map_err(|e| ActivateError::Start(format!("worker thread: {e}")))?;
-        self.running = Some((stop, thread));
+        let workers = self.prepare_workers(a)?;
+        for (k, (w, stop)) in workers.into_iter().enumerate() {
+            let name = if k == 0 {
+                self.params.name.clone()
+            } else {
+                format!("{}.q{k}", self.params.name)
+            };
+            match std::thread::Builder::new()
+                .name(name)
+                .spawn(move || w.run())
+            {
+                Ok(thread) => self.running.push((stop, thread)),
+                Err(e) => {
+                    self.stop_workers();
+                    return Err(ActivateError::Start(format!("worker thread: {e}")));
+                }
+            }
+        }
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        self.stop_workers();
     }
 
     fn set_bus_master(&mut self, on: bool) {
         self.bus_master.store(on, Ordering::SeqCst);
         // The kernel's data path holds still too, and carries on after.
-        let tap = self.shared_tap();
-        if let Some(v) = self.vhost.as_mut().filter(|v| v.running()) {
+        for (v, backend) in self.vhost.iter_mut().zip(&self.backends) {
+            if !v.running() {
+                continue;
+            }
             if !on {
                 v.pause();
-            } else if let Err(e) = tap.and_then(|t| v.resume(&t).map_err(|e| e.to_string())) {
+            } else if let Err(e) =
+                Self::tap_file(backend).and_then(|t| v.resume(&t).map_err(|e| e.to_string()))
+            {
                 crate::guest_log!(
                     log::Level::Warn,
                     "{}: vhost-net did not resume after bus mastering came back: {e}",
@@ -298,34 +369,53 @@ impl VirtioDevice for VirtioNet {
 }
 
 impl VirtioNet {
-    /// Everything activation does short of starting the thread: the
-    /// worker, and the eventfd that stops it. Kept apart so that a fuzzer
-    /// can run the worker's passes on its own thread, deterministically.
-    fn prepare_worker(
+    /// Everything activation does short of starting the threads: a
+    /// worker per pair the driver set up, each with the eventfd that
+    /// stops it. Kept apart so that a fuzzer can run a worker's passes on
+    /// its own thread, deterministically.
+    fn prepare_workers(
         &mut self,
         a: Activation,
-    ) -> Result<(worker::Worker, EventFd), ActivateError> {
-        self.stop_worker();
-        // Exactly RX, TX and (with CTRL_VQ) the control queue, each at its
-        // own number: a driver that left one out gets NEEDS_RESET rather
-        // than another ring in its place.
-        let want: u16 = if a.features & CTRL_VQ != 0 { 3 } else { 2 };
+    ) -> Result<Vec<(worker::Worker, EventFd)>, ActivateError> {
+        self.stop_workers();
+        // With MQ every pair's RX and TX, then control; without, one
+        // pair, and control if CTRL_VQ. Each queue at its own number: a
+        // driver that left one out gets NEEDS_RESET rather than another
+        // ring in its place.
+        let mq = a.features & MQ != 0;
+        if mq && a.features & CTRL_VQ == 0 {
+            return Err(ActivateError::Start(
+                "the driver accepted MQ without CTRL_VQ".into(),
+            ));
+        }
+        let pairs = if mq { self.pairs() } else { 1 };
+        let want = 2 * pairs as u16 + u16::from(a.features & CTRL_VQ != 0);
         if !a.queues.iter().map(|q| q.index).eq(0..want) {
             return Err(ActivateError::QueueSet {
                 got: a.queues.iter().map(|q| q.index).collect(),
                 want,
             });
         }
-        if self.backend.vnet_hdr() {
-            self.backend
-                .configure_offloads(HDR_LEN, Self::tap_offloads(a.features))
+        let offloads = Self::tap_offloads(a.features);
+        for b in self.backends.iter().filter(|b| b.vnet_hdr()) {
+            b.configure_offloads(HDR_LEN, offloads)
                 .map_err(|e| ActivateError::Start(format!("TAP offloads: {e}")))?;
+        }
+        // Pairs without a worker (a driver without MQ) get no frames.
+        for b in &self.backends[pairs..] {
+            if let Err(e) = b.set_queue_enabled(false) {
+                crate::guest_log!(
+                    log::Level::Warn,
+                    "{}: cannot detach an unused TAP queue: {e}",
+                    self.params.name
+                );
+            }
         }
         // With bus mastering off at DRIVER_OK (no Linux does that) the
         // session stays in userspace, held until it comes on.
-        let in_kernel = self.vhost.is_some()
+        let in_kernel = !self.vhost.is_empty()
             && self.bus_master.load(Ordering::SeqCst)
-            && match self.start_vhost(&a) {
+            && match self.start_vhost(&a, pairs) {
                 Ok(()) => {
                     crate::guest_log!(
                         log::Level::Info,
@@ -343,20 +433,47 @@ impl VirtioNet {
                     false
                 }
             };
-        let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-            .map_err(|e| ActivateError::Start(e.to_string()))?;
-        let w = worker::Worker::new(
-            a,
-            self.backend.clone(),
-            self.stats.clone(),
-            self.stages.clone(),
-            stop.try_clone()
-                .map_err(|e| ActivateError::Start(e.to_string()))?,
-            in_kernel,
-            self.params.mtu,
-            self.bus_master.clone(),
-        )
-        .map_err(|e| ActivateError::Start(format!("worker: {e}")))?;
-        Ok((w, stop))
+        let start = |e: std::io::Error| ActivateError::Start(e.to_string());
+        let control = if mq {
+            Some(Arc::new(MqControl::new(pairs as u16).map_err(start)?))
+        } else {
+            None
+        };
+        let mut queues = a.queues.into_iter().map(|q| QueueCtx {
+            queue: q.queue,
+            kick: q.kick,
+            vector: q.vector,
+        });
+        let mut data: Vec<(QueueCtx, QueueCtx)> = Vec::with_capacity(pairs);
+        for _ in 0..pairs {
+            // The count was checked above.
+            match (queues.next(), queues.next()) {
+                (Some(rx), Some(tx)) => data.push((rx, tx)),
+                _ => return Err(ActivateError::Start("a queue pair is missing".into())),
+            }
+        }
+        let mut ctrl = queues.next();
+        let mut workers = Vec::with_capacity(pairs);
+        for (k, (rx, tx)) in data.into_iter().enumerate() {
+            let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(start)?;
+            let w = worker::Worker::new(PairSetup {
+                mem: a.mem.clone(),
+                features: a.features,
+                interrupt: a.interrupt.clone(),
+                rx,
+                tx,
+                ctrl: ctrl.take(),
+                backend: self.backends[k].clone(),
+                stats: self.stats.pair(k),
+                stages: self.stages.clone(),
+                stop: stop.try_clone().map_err(start)?,
+                data_in_kernel: in_kernel,
+                mtu: self.params.mtu,
+                bus_master: self.bus_master.clone(),
+                mq: control.clone().map(|c| (k, c)),
+            });
+            workers.push((w, stop));
+        }
+        Ok(workers)
     }
 }

@@ -32,7 +32,9 @@ const RETRY_AFTER: Duration = Duration::from_millis(100);
 
 impl Worker {
     pub(super) fn process_rx(&mut self) {
-        if !self.may_dma() {
+        // A pair the driver does not use reads nothing (its TAP queue is
+        // detached: the host steers no frames to it).
+        if !self.may_dma() || !self.attached {
             return;
         }
         let mut used = false;

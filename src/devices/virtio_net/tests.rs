@@ -22,7 +22,7 @@ struct Rig {
     drv: SimDriver,
     peer: OwnedFd,
     tap: Arc<FakeTap>,
-    stats: Arc<crate::net::NetStats>,
+    stats: Arc<crate::net::NicStats>,
     stages: crate::net::stage::Stages,
 }
 

@@ -3,7 +3,7 @@
 //! device waits for between passes.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,18 +11,22 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::features::{CTRL_VQ, GUEST_TSO4, GUEST_TSO6, MRG_RXBUF};
+use super::features::{GUEST_TSO4, GUEST_TSO6, MRG_RXBUF};
+use super::mq::MqControl;
 use crate::net::backend::NetBackend;
 use crate::net::nic_loop::{self, NicEngine, Sources, Token, Wants};
 use crate::net::stage::{HoldAt, Stages};
 use crate::net::NetStats;
 use crate::virtio::chain::{Segment, MAX_IOV};
-use crate::virtio::{queue, Activation, Interrupt};
+use crate::virtio::{queue, Interrupt};
 
-/// The queues, in virtio-net's numbering (also their kicks' tokens).
+/// A pair's queues, as its worker numbers them (also their kicks'
+/// tokens; the transport's numbers are 2k, 2k + 1 and the last).
 pub(super) const RX: usize = 0;
 pub(super) const TX: usize = 1;
 pub(super) const CTRL: usize = 2;
+/// Not a queue: the pairs the driver uses changed (VQ_PAIRS_SET).
+const PAIRS: usize = 3;
 
 /// An RX frame a stage held: read into the pool's first chains, not yet
 /// handed to the driver, and nothing more is read until it is.
@@ -80,7 +84,7 @@ pub struct Worker {
     pub(super) iov: Vec<libc::iovec>,
     /// Bus Master Enable: while off, no queue is touched (the transport
     /// kicks every queue when it comes back on).
-    pub(super) bus_master: Arc<std::sync::atomic::AtomicBool>,
+    pub(super) bus_master: Arc<AtomicBool>,
     /// TX is parked: the backend would block, the chain is back in the
     /// ring, and the loop watches the backend for room to go on.
     pub(super) tx_parked: bool,
@@ -89,62 +93,95 @@ pub struct Worker {
     /// (until, the stage that held it).
     pub(super) tx_hold: Option<HoldAt>,
     pub(super) rx_held: Option<HeldRx>,
+    /// This pair's backend queue is attached: the driver uses the pair.
+    pub(super) attached: bool,
+    /// With VIRTIO_NET_F_MQ: this pair's number and the pairs' state.
+    pub(super) mq: Option<(usize, Arc<MqControl>)>,
 }
 
 // SAFETY: the iovecs in `iov` point into guest memory that `mem` keeps
 // mapped; the worker is the only user of them once moved to its thread.
 unsafe impl Send for Worker {}
 
+/// One queue pair's share of an activation: what its worker needs.
+pub(super) struct PairSetup {
+    pub mem: GuestMemoryMmap,
+    /// The features the driver accepted.
+    pub features: u64,
+    pub interrupt: Arc<dyn Interrupt>,
+    pub rx: QueueCtx,
+    pub tx: QueueCtx,
+    /// The control queue, pair 0's to serve.
+    pub ctrl: Option<QueueCtx>,
+    pub backend: Arc<dyn NetBackend>,
+    /// This pair's counters.
+    pub stats: Arc<NetStats>,
+    pub stages: Stages,
+    pub stop: EventFd,
+    /// vhost-net moves this pair's frames.
+    pub data_in_kernel: bool,
+    /// The MTU the device offered the driver.
+    pub mtu: u16,
+    pub bus_master: Arc<AtomicBool>,
+    /// With VIRTIO_NET_F_MQ: this pair's number and the pairs' shared
+    /// state.
+    pub mq: Option<(usize, Arc<MqControl>)>,
+}
+
 impl Worker {
-    /// `mtu` is the MTU the device offered the driver.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        a: Activation,
-        backend: Arc<dyn NetBackend>,
-        stats: Arc<NetStats>,
-        stages: Stages,
-        stop: EventFd,
-        data_in_kernel: bool,
-        mtu: u16,
-        bus_master: Arc<std::sync::atomic::AtomicBool>,
-    ) -> std::io::Result<Self> {
-        let mut queues = a.queues.into_iter().map(|q| QueueCtx {
-            queue: q.queue,
-            kick: q.kick,
-            vector: q.vector,
-        });
-        // The device checked the count (2, or 3 with CTRL_VQ) before this.
-        let (rx, tx) = (queues.next(), queues.next());
-        let ctrl = if a.features & CTRL_VQ != 0 {
-            queues.next()
-        } else {
-            None
-        };
-        let big = a.features & (GUEST_TSO4 | GUEST_TSO6) != 0;
-        Ok(Worker {
-            mem: a.mem,
-            rx: rx.expect("virtio-net activated without an RX queue"),
-            tx: tx.expect("virtio-net activated without a TX queue"),
-            ctrl,
-            interrupt: a.interrupt,
-            backend,
-            stats,
-            stop,
-            data_in_kernel,
+    pub(super) fn new(p: PairSetup) -> Self {
+        let big = p.features & (GUEST_TSO4 | GUEST_TSO6) != 0;
+        Worker {
+            mem: p.mem,
+            rx: p.rx,
+            tx: p.tx,
+            ctrl: p.ctrl,
+            interrupt: p.interrupt,
+            backend: p.backend,
+            stats: p.stats,
+            stop: p.stop,
+            data_in_kernel: p.data_in_kernel,
             rx_paused: false,
             rx_retry_at: None,
             backend_failed: false,
-            mergeable: a.features & MRG_RXBUF != 0,
-            max_frame: super::HDR_LEN + max_frame(big, mtu),
+            mergeable: p.features & MRG_RXBUF != 0,
+            max_frame: super::HDR_LEN + max_frame(big, p.mtu),
             pool: RxPool::default(),
             segs: Vec::with_capacity(MAX_IOV),
             iov: Vec::with_capacity(MAX_IOV),
-            bus_master,
+            bus_master: p.bus_master,
             tx_parked: false,
-            stages,
+            stages: p.stages,
             tx_hold: None,
             rx_held: None,
-        })
+            // A multi-queue TAP's queues start attached; `start` makes
+            // them follow the pairs the driver uses.
+            attached: true,
+            mq: p.mq,
+        }
+    }
+
+    /// Attaches or detaches this pair's backend queue to follow the pairs
+    /// the driver uses (VQ_PAIRS_SET): a pair it does not use gets no
+    /// frames from the host.
+    fn follow_pairs(&mut self) {
+        let Some((pair, mq)) = &self.mq else { return };
+        let want = *pair < usize::from(mq.active());
+        if let Err(e) = self.backend.set_queue_enabled(want) {
+            crate::guest_log!(
+                log::Level::Warn,
+                "virtio-net: cannot {} the TAP queue of pair {pair}: {e}",
+                if want { "attach" } else { "detach" }
+            );
+            return;
+        }
+        let was = self.attached;
+        self.attached = want;
+        if want && !was {
+            // Frames may wait, and buffers be posted, since it went off.
+            self.rx_paused = false;
+            self.process_rx();
+        }
     }
 
     fn on_timer(&mut self) {
@@ -180,9 +217,15 @@ impl Worker {
             vec![(RX, &self.rx.kick), (TX, &self.tx.kick)]
         };
         let ctrl = self.ctrl.as_ref().map(|c| (CTRL, &c.kick));
+        let pairs = self
+            .mq
+            .as_ref()
+            .and_then(|(k, mq)| mq.wake(*k))
+            .map(|w| (PAIRS, w));
         let sources = kicks
             .into_iter()
             .chain(ctrl)
+            .chain(pairs)
             .map(|(n, k)| k.try_clone().map(|k| (n, k)))
             .collect::<std::io::Result<Vec<_>>>()
             .and_then(|kicks| {
@@ -219,6 +262,7 @@ pub(super) const SIGNAL_CTRL: u32 = CTRL as u32;
 
 impl NicEngine for Worker {
     fn start(&mut self) {
+        self.follow_pairs();
         // Chains may have been posted before the driver came up.
         if !self.data_in_kernel {
             self.process_tx();
@@ -253,6 +297,7 @@ impl NicEngine for Worker {
             }
             Token::QueueKick(TX) => self.process_tx(),
             Token::QueueKick(CTRL) => self.process_ctrl(),
+            Token::QueueKick(PAIRS) => self.follow_pairs(),
             Token::QueueKick(_) => {}
             Token::Timer => self.on_timer(),
         }
@@ -275,6 +320,7 @@ impl NicEngine for Worker {
                 && self.may_dma(),
             room: self.tx_parked,
             wake_at,
+            detached: !self.attached,
         }
     }
 }
