@@ -46,9 +46,9 @@ struct RunArgs {
     /// Guest memory: MiB, or a size with a K, M or G suffix.
     #[arg(long, value_name = "SIZE", default_value = "256", value_parser = parse_mem_size)]
     mem: u64,
-    /// A NIC (repeatable): tap=NAME|fd=N[,bridge=BR][,mac=MAC][,model=virtio|e1000]
-    /// [,vhost=on|off|auto][,vnet_hdr=on|off][,sndbuf=BYTES][,mtu=N]
-    /// [,script=PATH|no][,downscript=PATH|no]
+    /// A NIC (repeatable): tap=NAME|fd=N|fds=A:B:...[,bridge=BR][,mac=MAC]
+    /// [,model=virtio|e1000][,queues=N|auto][,vhost=on|off|auto][,vnet_hdr=on|off]
+    /// [,sndbuf=BYTES][,mtu=N][,script=PATH|no][,downscript=PATH|no]
     #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
     nets: Vec<NetConfig>,
     /// One NIC on host TAP NAME (created if missing, removed at exit).
