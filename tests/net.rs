@@ -634,7 +634,9 @@ fn mq(path: DataPath) -> impl Fn(&Images) -> Result<(), String> {
                 let mut seen = String::new();
                 while !done.load(Ordering::Relaxed) && !seen.contains("multi_queue") {
                     let o = Command::new("ip")
-                        .args(["netns", "exec", &ns_name, "ip", "-d", "link", "show", "rvmmq"])
+                        .args([
+                            "netns", "exec", &ns_name, "ip", "-d", "link", "show", "rvmmq",
+                        ])
                         .output();
                     if let Some(o) = o.ok().filter(|o| o.status.success()) {
                         seen = String::from_utf8_lossy(&o.stdout).into_owned();
@@ -699,6 +701,18 @@ fn mq(path: DataPath) -> impl Fn(&Images) -> Result<(), String> {
                 ));
             }
         }
+        let get = |k: &str| r.result(k).unwrap_or_default();
+        println!(
+            "    mq ({path:?}): packets rx0 {} rx1 {} tx0 {} tx1 {}; interrupts rx0 {} rx1 {} tx0 {} tx1 {}",
+            get("rx0_packets"),
+            get("rx1_packets"),
+            get("tx0_packets"),
+            get("tx1_packets"),
+            get("irq_rx0"),
+            get("irq_rx1"),
+            get("irq_tx0"),
+            get("irq_tx1")
+        );
         expect(&r, "channels_one", "1")?;
         expect(&r, "ping_one", "1")?;
         expect(&r, "channels_two", "2")?;

@@ -86,6 +86,9 @@ enum Op {
 #[derive(Arbitrary, Debug)]
 struct Input {
     vnet: bool,
+    /// Queue pairs beyond the first (modulo 3): the common configuration
+    /// then has 2N+1 queues and MQ among the features.
+    more_pairs: u8,
     ops: Vec<Op>,
 }
 
@@ -108,7 +111,7 @@ fn msix_control(rig: &mut NetRig, value: u16) {
 }
 
 fuzz_target!(|input: Input| {
-    let mut rig = NetRig::new(input.vnet);
+    let mut rig = NetRig::new(input.vnet, 1 + usize::from(input.more_pairs % 3));
     let size = rig.mem_size;
     for op in &input.ops {
         match *op {

@@ -12,6 +12,7 @@ use rvm::devices::test_backend::{fake_tap, peer_try_send, FakeTap};
 use rvm::devices::virtio_net::fuzzing::{Passes, SyncNet};
 use rvm::devices::virtio_net::{features, NetParams, VirtioNet};
 use rvm::net::stage::{Direction, Frame as StageFrame, Stage, Verdict};
+use rvm::net::backend::NetBackend;
 use rvm::net::NicStats;
 use rvm::virtio::features::VERSION_1;
 use rvm::virtio::sim::{SimDriver, DATA_START};
@@ -107,6 +108,10 @@ pub struct Setup {
     /// The verdicts of a stage on the NIC's data path, in turn (no stage
     /// when None): see [`ScriptedStage`].
     pub stage: Option<[u8; 8]>,
+    /// Queue pairs beyond the first (modulo 3): with more than one the
+    /// device offers MQ, and the driver's VQ_PAIRS_SET commands (on the
+    /// control queue) turn the other pairs' backends on and off.
+    pub more_pairs: u8,
 }
 
 /// A stage whose verdicts the fuzzer picks, one per frame in turn: pass,
@@ -153,26 +158,35 @@ impl Stage for ScriptedStage {
 pub struct NetRig {
     pub drv: SimDriver,
     pub passes: Passes,
-    /// The host's end of the TAP.
+    /// The host's end of the TAP (pair 0's queue).
     pub peer: OwnedFd,
     pub tap: Arc<FakeTap>,
+    /// The other pairs' TAP queues and host ends.
+    pub more: Vec<(Arc<FakeTap>, OwnedFd)>,
+    /// The transport's number of the control queue (a number beyond the
+    /// queues when the driver has none).
+    pub ctrlq: usize,
     pub stats: Arc<NicStats>,
     pub stages: rvm::net::stage::Stages,
     pub mem_size: u64,
 }
 
 impl NetRig {
-    /// A NIC not yet initialised by the driver.
-    pub fn new(vnet: bool) -> Self {
+    /// A NIC of `pairs` queue pairs (at least one), not yet initialised
+    /// by the driver.
+    pub fn new(vnet: bool, pairs: usize) -> Self {
         let (tap, peer) = fake_tap(vnet);
-        let net = VirtioNet::new(
+        let more: Vec<_> = (1..pairs).map(|_| fake_tap(vnet)).collect();
+        let mut backends: Vec<Arc<dyn NetBackend>> = vec![tap.clone()];
+        backends.extend(more.iter().map(|(t, _)| t.clone() as Arc<dyn NetBackend>));
+        let net = VirtioNet::with_pairs(
             NetParams {
                 mac: [0x52, 0x54, 0, 0xf, 0x22, 0x01],
                 mtu: 1500,
                 name: "fuzz-net".into(),
             },
-            tap.clone(),
-            None,
+            backends,
+            Vec::new(),
         );
         let stats = net.stats();
         let stages = net.stages();
@@ -182,6 +196,8 @@ impl NetRig {
             passes,
             peer,
             tap,
+            more,
+            ctrlq: CTRLQ,
             stats,
             stages,
             mem_size: VIRTIO_MEM_MIB << 20,
@@ -190,7 +206,7 @@ impl NetRig {
 
     /// A NIC the driver brought to DRIVER_OK as `setup` says.
     pub fn ready(setup: &Setup) -> Self {
-        let mut r = NetRig::new(setup.vnet);
+        let mut r = NetRig::new(setup.vnet, 1 + usize::from(setup.more_pairs % 3));
         if let Some(s) = setup.stage.and_then(|s| ScriptedStage::boxed(&s)) {
             r.stages.push(s).expect("no vhost-net here");
         }
@@ -202,12 +218,22 @@ impl NetRig {
     pub fn init(&mut self, setup: &Setup) {
         let offered = self.drv.device_features();
         let acked = (setup.features & offered) | VERSION_1;
-        let nq = if acked & features::CTRL_VQ != 0 { 3 } else { 2 };
+        let ctrl = acked & features::CTRL_VQ != 0;
+        let pairs = if acked & features::MQ != 0 {
+            1 + self.more.len()
+        } else {
+            1
+        };
+        let data = 2 * pairs;
         use rvm::devices::virtio_net::{CTRL_QUEUE_SIZE, DATA_QUEUE_SIZE};
-        let max = [DATA_QUEUE_SIZE, DATA_QUEUE_SIZE, CTRL_QUEUE_SIZE];
-        let sizes: Vec<u16> = (0..nq)
-            .map(|i| (1u16 << (setup.size_log2[i] % 16)).min(max[i]))
+        // Every RX queue takes the RX size, every TX queue the TX one.
+        let mut sizes: Vec<u16> = (0..data)
+            .map(|i| (1u16 << (setup.size_log2[i % 2] % 16)).min(DATA_QUEUE_SIZE))
             .collect();
+        if ctrl {
+            sizes.push((1u16 << (setup.size_log2[2] % 16)).min(CTRL_QUEUE_SIZE));
+        }
+        self.ctrlq = data;
         self.drv.init(acked, &sizes);
     }
 
@@ -221,22 +247,25 @@ impl NetRig {
         let _ = peer_try_send(&self.peer, frame);
     }
 
-    /// Empties the host's receive queue, so that TX does not stall on it.
+    /// Empties the host's receive queues, so that TX does not stall on
+    /// them.
     pub fn host_drain(&self) {
         let mut buf = vec![0u8; MAX_HOST_FRAME];
-        // A bounded number of frames: the queue holds far fewer.
-        for _ in 0..1024 {
-            // SAFETY: buf is a live, writable buffer of the given length.
-            let n = unsafe {
-                libc::recv(
-                    self.peer.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                break;
+        for peer in std::iter::once(&self.peer).chain(self.more.iter().map(|(_, p)| p)) {
+            // A bounded number of frames: the queue holds far fewer.
+            for _ in 0..1024 {
+                // SAFETY: buf is a live, writable buffer of the given length.
+                let n = unsafe {
+                    libc::recv(
+                        peer.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if n < 0 {
+                    break;
+                }
             }
         }
     }
@@ -277,10 +306,12 @@ const TXQ: usize = 1;
 const CTRLQ: usize = 2;
 
 impl Focus {
-    fn queue(self, other: bool) -> usize {
+    /// The transport's number of the queue an op is about (`ctrlq`: where
+    /// the control queue is, after every pair's queues).
+    fn queue(self, other: bool, ctrlq: usize) -> usize {
         match (self, other) {
             (Focus::Tx, false) => TXQ,
-            (Focus::Tx, true) => CTRLQ,
+            (Focus::Tx, true) => ctrlq,
             (Focus::Rx, false) => RXQ,
             (Focus::Rx, true) => TXQ,
         }
@@ -359,9 +390,10 @@ pub enum NetOp {
 pub fn run_net(rig: &mut NetRig, focus: Focus, ops: &[NetOp]) {
     let size = rig.mem_size;
     for op in ops {
+        let ctrlq = rig.ctrlq;
         match op {
             NetOp::Desc { other, slot, d } => {
-                if let Some(q) = rig.drv.queues.get(focus.queue(*other)) {
+                if let Some(q) = rig.drv.queues.get(focus.queue(*other, ctrlq)) {
                     let at = q.desc + 16 * u64::from(slot % q.size);
                     poke(&rig.drv.mem, at, &d.bytes(size));
                 }
@@ -371,7 +403,7 @@ pub fn run_net(rig: &mut NetRig, focus: Focus, ops: &[NetOp]) {
                 bufs,
                 writable,
             } => {
-                if let Some(q) = rig.drv.queues.get_mut(focus.queue(*other)) {
+                if let Some(q) = rig.drv.queues.get_mut(focus.queue(*other, ctrlq)) {
                     // A chain longer than the ring would wrap onto itself.
                     let n = bufs.len().min(usize::from(q.size));
                     if n > 0 {
@@ -390,7 +422,7 @@ pub fn run_net(rig: &mut NetRig, focus: Focus, ops: &[NetOp]) {
                 }
             }
             NetOp::Publish { other, heads } => {
-                if let Some(q) = rig.drv.queues.get_mut(focus.queue(*other)) {
+                if let Some(q) = rig.drv.queues.get_mut(focus.queue(*other, ctrlq)) {
                     for h in heads {
                         q.stage(&rig.drv.mem, *h);
                     }
@@ -398,17 +430,17 @@ pub fn run_net(rig: &mut NetRig, focus: Focus, ops: &[NetOp]) {
                 }
             }
             NetOp::AvailIdx { other, idx } => {
-                if let Some(q) = rig.drv.queues.get(focus.queue(*other)) {
+                if let Some(q) = rig.drv.queues.get(focus.queue(*other, ctrlq)) {
                     poke(&rig.drv.mem, q.avail + 2, &idx.to_le_bytes());
                 }
             }
             NetOp::AvailFlags { other, flags } => {
-                if let Some(q) = rig.drv.queues.get(focus.queue(*other)) {
+                if let Some(q) = rig.drv.queues.get(focus.queue(*other, ctrlq)) {
                     poke(&rig.drv.mem, q.avail, &flags.to_le_bytes());
                 }
             }
             NetOp::UsedEvent { other, idx } => {
-                if let Some(q) = rig.drv.queues.get_mut(focus.queue(*other)) {
+                if let Some(q) = rig.drv.queues.get_mut(focus.queue(*other, ctrlq)) {
                     q.set_used_event(&rig.drv.mem, *idx);
                 }
             }
@@ -418,7 +450,7 @@ pub fn run_net(rig: &mut NetRig, focus: Focus, ops: &[NetOp]) {
             NetOp::HostFrame { head, len, extra } => rig.host_send(&frame(head, *len, *extra)),
             NetOp::HostDrain => rig.host_drain(),
             NetOp::Pass | NetOp::OtherPass => {
-                match focus.queue(matches!(op, NetOp::OtherPass)) {
+                match focus.queue(matches!(op, NetOp::OtherPass), ctrlq) {
                     RXQ => rig.passes.rx(),
                     TXQ => rig.passes.tx(),
                     _ => rig.passes.ctrl(),
