@@ -282,7 +282,7 @@ fn own_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// CPU time of the NIC's worker thread (named after NetParams::name), from
+/// CPU time of the NIC's worker threads (named after NetParams::name), from
 /// /proc/self/task/*/schedstat.
 fn worker_cpu() -> Duration {
     let mut ns = 0;
@@ -291,7 +291,8 @@ fn worker_cpu() -> Duration {
         .flatten()
     {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim() == WORKER {
+        // Pair k > 0's thread is WORKER.qk.
+        if comm.trim().starts_with(WORKER) {
             let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
             ns += stat
                 .split_whitespace()
@@ -567,6 +568,134 @@ fn measure(tap: &Arc<Tap>, shape: Shape, dir: &str) -> (Figures, Figures) {
     (raw, dev)
 }
 
+/// TX of 1514-byte frames on `pairs` queue pairs at once (a worker thread
+/// each, one multi-queue TAP), the driver feeding every TX queue in turn
+/// from one thread: frames/s and CPU per frame of all workers.
+fn measure_pairs(pairs: usize) -> Figures {
+    let shape = Shape::Mtu;
+    let name = format!("rvmbench{pairs}");
+    let taps = Tap::open_queues(&name, true, pairs).expect("multi-queue TAP");
+    taps[0].set_up().expect("TAP up");
+    let backends: Vec<Arc<dyn NetBackend>> = taps.into_iter().map(|t| Arc::new(t) as _).collect();
+    let params = NetParams {
+        mac: [0x52, 0x54, 0, 0xbe, 0x9c, 0x02],
+        mtu: 1500,
+        name: WORKER.into(),
+    };
+    let net = VirtioNet::with_pairs(params, backends, Vec::new());
+    let mut drv = SimDriver::new(Box::new(net), 64);
+    let mut sizes = vec![QSIZE; 2 * pairs];
+    sizes.push(64);
+    let mq = if pairs > 1 { MQ } else { 0 };
+    let st = drv.init(FEATURES | CTRL_VQ | mq, &sizes);
+    assert_ne!(st & rvm::virtio::status::DRIVER_OK, 0, "driver init failed");
+    if pairs > 1 {
+        pairs_set(&mut drv, 2 * pairs, pairs as u16);
+    }
+    let pkt = packet(shape);
+    drv.mem
+        .write_slice(&pkt, GuestAddress(DATA_START))
+        .expect("frame in guest memory");
+    let txqs: Vec<usize> = (0..pairs).map(|k| 2 * k + 1).collect();
+    for &q in &txqs {
+        let mem = drv.mem.clone();
+        let bufs = shape.tx_bufs(DATA_START);
+        drv.queues[q].write_descs(
+            &mem,
+            &vec![(bufs[0].0, bufs[0].1, 0, 0); usize::from(QSIZE)],
+        );
+    }
+    let mut f = Figures::default();
+    // The same frames in all: `round` per round, spread over the pairs.
+    let per_queue = shape.round() / pairs;
+    while f.time < budget() {
+        let (took, cpu) = stream_queues(&mut drv, &txqs, per_queue);
+        f.add(shape, per_queue * pairs, (took, cpu));
+    }
+    f
+}
+
+/// VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET `n` on control queue `c`.
+fn pairs_set(drv: &mut SimDriver, c: usize, n: u16) {
+    let mem = drv.mem.clone();
+    let at = DATA_START + (12 << 20);
+    mem.write_slice(&[4, 0], GuestAddress(at)).unwrap();
+    mem.write_slice(&n.to_le_bytes(), GuestAddress(at + 16))
+        .unwrap();
+    let q = &mut drv.queues[c];
+    let first = q.write_descs(&mem, &[]);
+    let head = q.write_descs(
+        &mem,
+        &[
+            (at, 2, DESC_F_NEXT, first + 1),
+            (at + 16, 2, DESC_F_NEXT, first + 2),
+            (at + 32, 1, DESC_F_WRITE, 0),
+        ],
+    );
+    q.publish(&mem, head);
+    drv.kick(c as u16);
+    drv.queues[c]
+        .wait_used(&mem, Duration::from_secs(5))
+        .expect("VQ_PAIRS_SET answered");
+    let ack: u8 = mem.read_obj(GuestAddress(at + 32)).unwrap();
+    assert_eq!(ack, 0, "VQ_PAIRS_SET {n} refused");
+}
+
+/// The busy driver of [`stream`] on several TX queues at once, in turn:
+/// `n` chains each. Returns the wall time and the workers' CPU time.
+fn stream_queues(drv: &mut SimDriver, qs: &[usize], n: usize) -> (Duration, Duration) {
+    let mem = drv.mem.clone();
+    let mut posted = vec![0usize; qs.len()];
+    let mut reaped = vec![0usize; qs.len()];
+    let mut flushed = vec![0u16; qs.len()];
+    for (i, &q) in qs.iter().enumerate() {
+        while posted[i] < n.min(usize::from(QSIZE)) {
+            let head = (posted[i] % usize::from(QSIZE)) as u16;
+            drv.queues[q].stage(&mem, head);
+            posted[i] += 1;
+        }
+    }
+    let cpu0 = worker_cpu();
+    let t = Instant::now();
+    for (i, &q) in qs.iter().enumerate() {
+        flushed[i] = drv.queues[q].avail_idx();
+        drv.queues[q].flush(&mem);
+        drv.kick(q as u16);
+    }
+    while reaped.iter().any(|&r| r < n) {
+        for (i, &q) in qs.iter().enumerate() {
+            let mut more = false;
+            while drv.queues[q].pop_used(&mem).is_some() {
+                reaped[i] += 1;
+                if posted[i] < n {
+                    let head = (posted[i] % usize::from(QSIZE)) as u16;
+                    drv.queues[q].stage(&mem, head);
+                    posted[i] += 1;
+                    more = true;
+                }
+            }
+            if more {
+                let size = drv.queues[q].size;
+                let avail_event = GuestAddress(drv.queues[q].used + 4 + 8 * u64::from(size));
+                let new = drv.queues[q].avail_idx();
+                drv.queues[q].flush(&mem);
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+                let event: u16 = mem.read_obj(avail_event).expect("avail_event");
+                if new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(flushed[i]) {
+                    drv.kick(q as u16);
+                }
+                flushed[i] = new;
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the device stalled: {reaped:?} of {n} used"
+        );
+        std::hint::spin_loop();
+    }
+    (t.elapsed(), worker_cpu() - cpu0)
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         // `cargo test --all-targets` runs us without --bench: time nothing.
@@ -621,6 +750,19 @@ fn main() {
                 100.0 * raw.ns_per_frame() / dev.ns_per_frame()
             );
         }
+    }
+    if picks.is_empty() || picks.iter().any(|p| p == "pairs") {
+        // One pair, then two on two worker threads: does TX scale?
+        let one = measure_pairs(1);
+        let two = measure_pairs(2);
+        println!(
+            "\nTX 1514-byte frames, one multi-queue TAP: 1 pair {:.0} frame/s ({:.0} ns CPU/frame), 2 pairs {:.0} frame/s ({:.0} ns CPU/frame): {:.2}x",
+            one.fps(),
+            one.ns_per_frame(),
+            two.fps(),
+            two.ns_per_frame(),
+            two.fps() / one.fps()
+        );
     }
     println!(
         "\nframe/s and Gb/s: wall clock, the device fed by a simulated driver on another thread."
