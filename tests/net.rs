@@ -305,6 +305,66 @@ fn sha256(path: &Path) -> Result<String, String> {
         .to_string())
 }
 
+/// A host listener in `ns` on `port` that writes what it gets to `to`
+/// (socat), started before the guest sends.
+fn host_listener(ns: &Netns, port: u16, to: &Path) -> Result<Child, String> {
+    ns.command("socat")
+        .args(["-u", &format!("TCP-LISTEN:{port},reuseaddr")])
+        .arg(format!("OPEN:{},creat,trunc", to.display()))
+        .spawn()
+        .map_err(|e| e.to_string())
+}
+
+/// A host sender in `ns` of `file` to the guest's `port`, connecting
+/// (retrying) once the guest listens.
+fn host_sender(ns: &Netns, file: &Path, port: u16) -> Result<Child, String> {
+    ns.command("socat")
+        .arg("-u")
+        .arg(format!("OPEN:{}", file.display()))
+        .arg(format!("TCP:10.0.0.2:{port},retry=600,interval=0.5"))
+        .spawn()
+        .map_err(|e| e.to_string())
+}
+
+/// Waits for a listener to end, at most 60 s from `since`, then stops it.
+/// A listener ends when the guest's stream does; a guest that never sent
+/// (it failed, hung or reset) would leave it, and the test, waiting
+/// forever, silent: the nested host's hang detector would then take an
+/// rvm failure for its own hang. So it is bounded.
+fn end_listener(server: &mut Child, since: Instant) {
+    while matches!(server.try_wait(), Ok(None)) && since.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// Runs `cmd` in `ns` every 500 ms while a guest runs, until its output
+/// satisfies `enough` or `done` is set; the thread returns the last output.
+fn probe_host(
+    ns: &Netns,
+    cmd: &'static [&'static str],
+    enough: fn(&str) -> bool,
+    done: &Arc<AtomicBool>,
+) -> std::thread::JoinHandle<String> {
+    let ns_name = ns.name.clone();
+    let done = done.clone();
+    std::thread::spawn(move || {
+        let mut seen = String::new();
+        while !done.load(Ordering::Relaxed) && !enough(&seen) {
+            let o = Command::new("ip")
+                .args(["netns", "exec", &ns_name])
+                .args(cmd)
+                .output();
+            if let Some(o) = o.ok().filter(|o| o.status.success()) {
+                seen = String::from_utf8_lossy(&o.stdout).into_owned();
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        seen
+    })
+}
+
 /// 32 MiB each way over TCP, sha256 checked on both ends, with the
 /// offloads the test expects (on with a vnet header, off without).
 fn tcp(k: Kernel, vnet_hdr: bool, path: DataPath) -> impl Fn(&Images) -> Result<(), String> {
@@ -330,19 +390,8 @@ fn tcp_on(
             .map_err(|e| e.to_string())?;
         // The host listens before the guest sends, and connects (retrying)
         // to the guest's listener to send its own file.
-        let mut server = ns
-            .command("socat")
-            .args(["-u", "TCP-LISTEN:5001,reuseaddr"])
-            .arg(format!("OPEN:{},creat,trunc", rx.display()))
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        let mut sender = ns
-            .command("socat")
-            .arg("-u")
-            .arg(format!("OPEN:{}", tx.display()))
-            .arg("TCP:10.0.0.2:5002,retry=600,interval=0.5")
-            .spawn()
-            .map_err(|e| e.to_string())?;
+        let mut server = host_listener(&ns, 5001, &rx)?;
+        let mut sender = host_sender(&ns, &tx, 5002)?;
         let net = format!(
             "tap=rvmtcp,bridge=br0,vnet_hdr={},{},model={model}",
             if vnet_hdr { "on" } else { "off" },
@@ -351,26 +400,12 @@ fn tcp_on(
         // The host's view of the TAP's offloads, read while the guest runs
         // (they are programmed when the guest's driver is up).
         let done = Arc::new(AtomicBool::new(false));
-        let ns_name = ns.name.clone();
-        let probe = std::thread::spawn({
-            let done = done.clone();
-            move || {
-                let mut seen = String::new();
-                while !done.load(Ordering::Relaxed) {
-                    let o = Command::new("ip")
-                        .args(["netns", "exec", &ns_name, "ethtool", "-k", "rvmtcp"])
-                        .output();
-                    if let Some(o) = o.ok().filter(|o| o.status.success()) {
-                        seen = String::from_utf8_lossy(&o.stdout).into_owned();
-                        if seen.contains("tcp-segmentation-offload: on") {
-                            break;
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                seen
-            }
-        });
+        let probe = probe_host(
+            &ns,
+            &["ethtool", "-k", "rvmtcp"],
+            |seen| seen.contains("tcp-segmentation-offload: on"),
+            &done,
+        );
         let r = run(
             "tcp",
             &ns,
@@ -382,16 +417,7 @@ fn tcp_on(
         );
         done.store(true, Ordering::Relaxed);
         let _ = sender.kill();
-        // The listener ends when the guest's stream does. A guest that never
-        // sent (it failed, hung or reset) would leave it, and this test,
-        // waiting forever, silent: the nested host's hang detector would
-        // then take an rvm failure for its own hang. Bound it.
-        let t = Instant::now();
-        while matches!(server.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(60) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = server.kill();
-        let _ = server.wait();
+        end_listener(&mut server, Instant::now());
         let host_view = probe.join().unwrap_or_default();
         finished(&r)?;
         path.check(&r, 1)?;
@@ -604,48 +630,21 @@ fn mq(path: DataPath) -> impl Fn(&Images) -> Result<(), String> {
             .status()
             .map_err(|e| e.to_string())?;
         let mut servers = Vec::new();
-        for c in 0..2 {
+        for c in 0..2u16 {
             let rx = dir.join(format!("host-rx{c}"));
-            let s = ns
-                .command("socat")
-                .args(["-u", &format!("TCP-LISTEN:{},reuseaddr", 5001 + c)])
-                .arg(format!("OPEN:{},creat,trunc", rx.display()))
-                .spawn()
-                .map_err(|e| e.to_string())?;
-            servers.push((s, rx));
+            servers.push((host_listener(&ns, 5001 + c, &rx)?, rx));
         }
-        let mut senders = Vec::new();
-        for i in 0..FLOWS {
-            let s = ns
-                .command("socat")
-                .arg("-u")
-                .arg(format!("OPEN:{}", tx.display()))
-                .arg(format!("TCP:10.0.0.2:{},retry=600,interval=0.5", 5100 + i))
-                .spawn()
-                .map_err(|e| e.to_string())?;
-            senders.push(s);
-        }
+        let senders = (0..FLOWS as u16)
+            .map(|i| host_sender(&ns, &tx, 5100 + i))
+            .collect::<Result<Vec<_>, _>>()?;
         // The TAP as the host sees it, while the guest runs.
         let done = Arc::new(AtomicBool::new(false));
-        let ns_name = ns.name.clone();
-        let probe = std::thread::spawn({
-            let done = done.clone();
-            move || {
-                let mut seen = String::new();
-                while !done.load(Ordering::Relaxed) && !seen.contains("multi_queue") {
-                    let o = Command::new("ip")
-                        .args([
-                            "netns", "exec", &ns_name, "ip", "-d", "link", "show", "rvmmq",
-                        ])
-                        .output();
-                    if let Some(o) = o.ok().filter(|o| o.status.success()) {
-                        seen = String::from_utf8_lossy(&o.stdout).into_owned();
-                    }
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                seen
-            }
-        });
+        let probe = probe_host(
+            &ns,
+            &["ip", "-d", "link", "show", "rvmmq"],
+            |seen| seen.contains("multi_queue"),
+            &done,
+        );
         let r = run(
             "mq",
             &ns,
@@ -662,11 +661,7 @@ fn mq(path: DataPath) -> impl Fn(&Images) -> Result<(), String> {
         }
         let t = Instant::now();
         for (s, _) in &mut servers {
-            while matches!(s.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(60) {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = s.kill();
-            let _ = s.wait();
+            end_listener(s, t);
         }
         let host_view = probe.join().unwrap_or_default();
         finished(&r)?;
