@@ -125,6 +125,12 @@ pub fn write_at(mem: &GuestMemoryMmap, segs: &[Segment], offset: usize, bytes: &
 /// Copies the iovecs of `segs` into `iov` with the first `skip` bytes left
 /// out (for a backend without a vnet header). Returns false if the buffer
 /// is not longer than `skip`.
+///
+/// A segment that starts where the one before it ends joins it: Linux
+/// carves its merged RX buffers one after the other from the same pages,
+/// and every iovec costs the kernel a copy-in per readv (and beyond 8 of
+/// them an allocation), which was a quarter of a 1514-byte RX frame's
+/// cost. The bytes and their order are the same either way.
 pub fn iovecs_skipping(segs: &[Segment], skip: usize, iov: &mut Vec<libc::iovec>) -> bool {
     iov.clear();
     let mut skip = skip;
@@ -133,11 +139,68 @@ pub fn iovecs_skipping(segs: &[Segment], skip: usize, iov: &mut Vec<libc::iovec>
             skip -= s.iov.iov_len;
             continue;
         }
-        iov.push(libc::iovec {
-            iov_base: s.iov.iov_base.cast::<u8>().wrapping_add(skip).cast(),
-            iov_len: s.iov.iov_len - skip,
-        });
+        let base = s.iov.iov_base.cast::<u8>().wrapping_add(skip);
+        let len = s.iov.iov_len - skip;
         skip = 0;
+        if let Some(last) = iov.last_mut() {
+            if last.iov_base.cast::<u8>().wrapping_add(last.iov_len) == base {
+                last.iov_len += len;
+                continue;
+            }
+        }
+        iov.push(libc::iovec {
+            iov_base: base.cast(),
+            iov_len: len,
+        });
     }
     skip == 0 && !iov.is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(buf: &mut [u8], from: usize, to: usize) -> Segment {
+        Segment {
+            gpa: from as u64,
+            iov: libc::iovec {
+                iov_base: buf[from..to].as_mut_ptr().cast(),
+                iov_len: to - from,
+            },
+        }
+    }
+
+    fn spans(buf: &[u8], iov: &[libc::iovec]) -> Vec<(usize, usize)> {
+        iov.iter()
+            .map(|v| (v.iov_base as usize - buf.as_ptr() as usize, v.iov_len))
+            .collect()
+    }
+
+    #[test]
+    fn adjacent_segments_make_one_iovec_and_the_skip_still_holds() {
+        let mut buf = vec![0u8; 1024];
+        let segs = [
+            seg(&mut buf, 0, 100),
+            seg(&mut buf, 100, 300),
+            seg(&mut buf, 300, 301),
+            // A gap: a new iovec.
+            seg(&mut buf, 400, 500),
+            seg(&mut buf, 500, 600),
+            // Backwards (a hostile or odd driver): never joined.
+            seg(&mut buf, 0, 50),
+        ];
+        let mut iov = Vec::new();
+        assert!(iovecs_skipping(&segs, 0, &mut iov));
+        assert_eq!(spans(&buf, &iov), [(0, 301), (400, 200), (0, 50)]);
+        assert!(iovecs_skipping(&segs, 12, &mut iov));
+        assert_eq!(spans(&buf, &iov), [(12, 289), (400, 200), (0, 50)]);
+        // A skip that eats whole segments starts in the next one.
+        assert!(iovecs_skipping(&segs, 301, &mut iov));
+        assert_eq!(spans(&buf, &iov), [(400, 200), (0, 50)]);
+        assert!(iovecs_skipping(&segs, 350, &mut iov));
+        assert_eq!(spans(&buf, &iov), [(449, 151), (0, 50)]);
+        // Nothing after the skip: refused.
+        assert!(!iovecs_skipping(&segs[..3], 301, &mut iov));
+        assert!(!iovecs_skipping(&segs[..3], 400, &mut iov));
+    }
 }
