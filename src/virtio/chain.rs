@@ -130,7 +130,8 @@ pub fn write_at(mem: &GuestMemoryMmap, segs: &[Segment], offset: usize, bytes: &
 /// carves its merged RX buffers one after the other from the same pages,
 /// and every iovec costs the kernel a copy-in per readv (and beyond 8 of
 /// them an allocation), which was a quarter of a 1514-byte RX frame's
-/// cost. The bytes and their order are the same either way.
+/// cost. The bytes and their order are the same either way, and a joined
+/// iovec covers exactly the memory of the segments it joins.
 pub fn iovecs_skipping(segs: &[Segment], skip: usize, iov: &mut Vec<libc::iovec>) -> bool {
     iov.clear();
     let mut skip = skip;
