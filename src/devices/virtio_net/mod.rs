@@ -117,9 +117,13 @@ impl VirtioNet {
     }
 
     /// A NIC with one RX/TX pair per backend (the queues of one
-    /// multi-queue TAP; at least one) and VIRTIO_NET_F_MQ when there are
-    /// several; with `vhost` (one per pair), the kernel moves the frames
-    /// whenever the driver's setup allows it.
+    /// multi-queue TAP; at most 16 are used) and VIRTIO_NET_F_MQ when
+    /// there are several; with `vhost` (one per pair), the kernel moves
+    /// the frames whenever the driver's setup allows it.
+    ///
+    /// # Panics
+    /// With no backend at all: a NIC needs one (`Vm::add_virtio_net_pairs`
+    /// refuses that with an error before it gets here).
     pub fn with_pairs(
         params: NetParams,
         backends: Vec<Arc<dyn NetBackend>>,
