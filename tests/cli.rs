@@ -327,3 +327,42 @@ fn the_harness_calls_a_guest_stuck_only_when_no_vcpu_runs_or_moves() {
     assert!(!vcpus_stuck(&busy, &busy));
     assert!(!vcpus_stuck(&[], &[]));
 }
+
+/// The harness retries a guest killed at its deadline only when a vCPU's
+/// report shows a state the guest cannot be in: page tables beyond its
+/// RAM (the nested host's own state in the vCPU). The lines are fresh-clone
+/// run 9's (2026-11-30), a 256 MiB guest of the minimal kernel.
+#[test]
+fn the_harness_tells_a_vcpu_state_that_is_not_the_guests() {
+    use common::{foreign_vcpu_state, guest_mem_bytes};
+    let report = "rvm: vCPU states (signal 10):
+rvm:   vCPU 0: runnable, interrupts on: rip 0xffffffffc048420c rsp 0xffffcf3140cf3c90 rflags 0x10246 cr0 0x80050033 cr2 0xffffffffc048420c cr3 0x10b0fc000 cr4 0x3106b0 efer 0xd01 cs 0x10
+rvm:   vCPU 1: halted, interrupts on: rip 0xffffffff812bd95b rsp 0xffffc90000063f08 rflags 0x246 cr0 0x80050033 cr2 0x0 cr3 0x1a0a000 cr4 0x3106a0 efer 0xd01 cs 0x10";
+    let mib = 1u64 << 20;
+    let line = foreign_vcpu_state(report, 256 * mib).expect("vCPU 0 is foreign");
+    assert!(
+        line.contains("vCPU 0") && line.contains("cr3 0x10b0fc000"),
+        "{line}"
+    );
+    // The same CR3 is RAM in a 6 GiB guest (RAM from 4 GiB on there).
+    assert_eq!(foreign_vcpu_state(report, 6144 * mib), None);
+    // A healthy guest's report, PCID bits and the no-flush bit included;
+    // a vCPU that never ran (CR3 0).
+    let fine = "rvm:   vCPU 0: runnable, interrupts on: rip 0xffffffff81000000 rsp 0x1 cr3 0x8000000001a0a001 cr4 0x3206f0
+rvm:   vCPU 1: waiting for INIT, interrupts off: rip 0xfff0 rsp 0x0 cr3 0x0";
+    assert_eq!(foreign_vcpu_state(fine, 256 * mib), None);
+    assert_eq!(foreign_vcpu_state("", 256 * mib), None);
+    let mem = |args: &[&str]| {
+        let mut c = std::process::Command::new("rvm");
+        c.args(args);
+        guest_mem_bytes(&c)
+    };
+    assert_eq!(mem(&["run", "--mem", "256M"]), 256 * mib);
+    assert_eq!(
+        mem(&["run", "--cpus", "2", "--mem", "512M", "--net", "x"]),
+        512 * mib
+    );
+    assert_eq!(mem(&["run", "--mem", "6144"]), 6144 * mib);
+    assert_eq!(mem(&["run", "--mem", "2G"]), 2048 * mib);
+    assert_eq!(mem(&["run"]), 256 * mib);
+}
