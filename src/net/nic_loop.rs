@@ -166,59 +166,60 @@ impl<E: NicEngine> Looper<E> {
     }
 
     /// Watches what the engine wants now: the backend's frames and room
-    /// (registered once, switched between their event and none), and the
-    /// timer.
+    /// (each fd registered once, switched between its event and none, or
+    /// out of the set while there is nothing to poll), and the timer.
     fn sync(&mut self, ops: &mut EventOps) {
-        let mut want = self.engine.wants();
-        if self.backend_failed || self.backend.is_none() || want.detached {
-            want.frames = false;
-            want.room = false;
-        }
-        let out = self.backend_failed || want.detached;
+        let want = self.engine.wants();
+        let out = self.backend.is_none() || self.backend_failed || want.detached;
         if out != self.out_of_set {
             // Out: no event of the fds, not even an error. Back in: as
-            // wanted now (sets chosen below against nothing watched).
-            for (fd, data) in [(self.backend, FRAMES), (self.room_fd(), ROOM)] {
-                if let Some(fd) = fd {
-                    let ev = Events::with_data_raw(fd, data, EventSet::empty());
-                    let r = if out { ops.remove(ev) } else { ops.add(ev) };
-                    if let Err(e) = r {
+            // wanted now, against nothing watched.
+            self.backend_fds(ops, !out);
+            self.out_of_set = out;
+            self.watching = Wants::default();
+        }
+        if !out {
+            let fds = [
+                (
+                    self.backend,
+                    FRAMES,
+                    want.frames,
+                    self.watching.frames,
+                    EventSet::IN,
+                ),
+                (
+                    self.room_fd(),
+                    ROOM,
+                    want.room,
+                    self.watching.room,
+                    EventSet::OUT,
+                ),
+            ];
+            for (fd, data, wanted, watched, on) in fds {
+                if let Some(fd) = fd.filter(|_| wanted != watched) {
+                    let set = if wanted { on } else { EventSet::empty() };
+                    if let Err(e) = ops.modify(Events::with_data_raw(fd, data, set)) {
                         crate::guest_log!(log::Level::Error, "NIC: cannot watch fd {fd}: {e:?}");
                     }
                 }
             }
-            self.out_of_set = out;
-            self.watching.frames = false;
-            self.watching.room = false;
+            self.watching.frames = want.frames;
+            self.watching.room = want.room;
         }
-        if out {
-            self.arm_if_new(want.wake_at);
-            return;
+        if let Some(at) = want.wake_at.filter(|&at| Some(at) != self.armed_for) {
+            self.arm(at);
         }
-        if let Some(fd) = self.backend.filter(|_| want.frames != self.watching.frames) {
-            let set = if want.frames {
-                EventSet::IN
-            } else {
-                EventSet::empty()
-            };
-            self.watch(ops, fd, FRAMES, set);
-        }
-        if let Some(fd) = self.room_fd().filter(|_| want.room != self.watching.room) {
-            let set = if want.room {
-                EventSet::OUT
-            } else {
-                EventSet::empty()
-            };
-            self.watch(ops, fd, ROOM, set);
-        }
-        self.watching.frames = want.frames;
-        self.watching.room = want.room;
-        self.arm_if_new(want.wake_at);
     }
 
-    fn arm_if_new(&mut self, at: Option<Instant>) {
-        if at.is_some() && at != self.armed_for {
-            self.arm(at);
+    /// Puts the backend's two fds in the epoll set, watching nothing yet
+    /// (`add`), or takes them out.
+    fn backend_fds(&self, ops: &mut EventOps, add: bool) {
+        for (fd, data) in [(self.backend, FRAMES), (self.room_fd(), ROOM)] {
+            let Some(fd) = fd else { continue };
+            let ev = Events::with_data_raw(fd, data, EventSet::empty());
+            if let Err(e) = if add { ops.add(ev) } else { ops.remove(ev) } {
+                crate::guest_log!(log::Level::Error, "NIC: cannot watch fd {fd}: {e:?}");
+            }
         }
     }
 
@@ -226,14 +227,7 @@ impl<E: NicEngine> Looper<E> {
         self.room.as_ref().map(|r| r.as_raw_fd())
     }
 
-    fn watch(&self, ops: &mut EventOps, fd: RawFd, data: u32, set: EventSet) {
-        if let Err(e) = ops.modify(Events::with_data_raw(fd, data, set)) {
-            crate::guest_log!(log::Level::Error, "NIC: cannot watch fd {fd}: {e:?}");
-        }
-    }
-
-    fn arm(&mut self, at: Option<Instant>) {
-        let Some(at) = at else { return };
+    fn arm(&mut self, at: Instant) {
         // A model that keeps asking for "now" (a stage holding until now)
         // must not spin its thread.
         let wait = at.saturating_duration_since(Instant::now()).max(MIN_HOLD);
@@ -244,19 +238,12 @@ impl<E: NicEngine> Looper<E> {
     }
 
     /// The backend failed for good (EPOLLERR or EPOLLHUP): it would be
-    /// reported again and again, so it is not watched any more.
-    fn backend_gone(&mut self, ops: &mut EventOps) {
-        if self.backend_failed {
-            return;
+    /// reported again and again, so the sync after this takes it out.
+    fn backend_gone(&mut self) {
+        if !self.backend_failed {
+            self.backend_failed = true;
+            self.engine.handle(Token::BackendFailed);
         }
-        self.backend_failed = true;
-        for (fd, data) in [(self.backend, FRAMES), (self.room_fd(), ROOM)] {
-            if let Some(fd) = fd {
-                let _ = ops.remove(Events::with_data_raw(fd, data, EventSet::empty()));
-            }
-        }
-        self.out_of_set = true;
-        self.engine.handle(Token::BackendFailed);
     }
 }
 
@@ -275,13 +262,7 @@ impl<E: NicEngine> MutEventSubscriber for Looper<E> {
             }
         }
         // The backend's two fds, watching nothing until the engine wants.
-        for (fd, data) in [(self.backend, FRAMES), (self.room_fd(), ROOM)] {
-            if let Some(fd) = fd {
-                if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::empty())) {
-                    crate::guest_log!(log::Level::Error, "NIC: cannot watch fd {fd}: {e:?}");
-                }
-            }
-        }
+        self.backend_fds(ops, true);
         self.engine.start();
         self.sync(ops);
     }
@@ -300,7 +281,7 @@ impl<E: NicEngine> MutEventSubscriber for Looper<E> {
                 self.engine.handle(Token::Timer);
             }
             FRAMES | ROOM if set.intersects(EventSet::ERROR | EventSet::HANG_UP) => {
-                self.backend_gone(ops);
+                self.backend_gone();
             }
             FRAMES => self.engine.handle(Token::BackendReadable),
             ROOM => self.engine.handle(Token::BackendWritable),
