@@ -48,8 +48,9 @@ pub fn placement() -> Placement {
 
 /// Re-runs this very executable inside the nested host with the same
 /// arguments and exits with its status. A run cut short by the nested
-/// host's own kernel panicking starts over (at most MAX_FLAKE_RETRIES
-/// times, each said so).
+/// host's own kernel panicking, or by the nested host hanging on every try
+/// scripts/nested-host made, starts over (at most MAX_FLAKE_RETRIES times,
+/// each said so).
 pub fn reexec_nested(nested_args: &[&str]) -> ! {
     let exe = std::env::current_exe().expect("current_exe");
     let mut retries = 0;
@@ -65,36 +66,69 @@ pub fn reexec_nested(nested_args: &[&str]) -> ! {
             std::process::exit(1)
         });
         let code = status.code().unwrap_or(1);
-        if code == NESTED_PANIC && retries < MAX_FLAKE_RETRIES {
-            retries += 1;
-            println!(
-                "RETRY {retries}/{MAX_FLAKE_RETRIES}: the nested host's kernel panicked (known TCG nested-host fault, not an rvm failure); starting over in a fresh nested host"
-            );
-            continue;
+        if let Some(fault) = NestedFault::from_status(code) {
+            if retries < MAX_FLAKE_RETRIES {
+                retries += 1;
+                println!(
+                    "RETRY {retries}/{MAX_FLAKE_RETRIES}: {} (known TCG nested-host fault, not an rvm failure); starting over in a fresh nested host",
+                    fault.what()
+                );
+                continue;
+            }
         }
         std::process::exit(code)
     }
 }
 
-/// The nested host's kernel panicked under CMD (scripts/nested-host).
-const NESTED_PANIC: i32 = 124;
+/// How scripts/nested-host says that the nested host itself failed while
+/// CMD ran, so part of CMD's work may be done and only the caller knows
+/// what to rerun.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum NestedFault {
+    /// Exit 124: its kernel panicked.
+    Panic,
+    /// Exit 123: it printed nothing for the idle timeout (its hang is
+    /// described on stderr, SysRq dumps included).
+    Hang,
+}
+
+impl NestedFault {
+    fn from_status(code: i32) -> Option<Self> {
+        match code {
+            124 => Some(Self::Panic),
+            123 => Some(Self::Hang),
+            _ => None,
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Self::Panic => "the nested host's kernel panicked",
+            Self::Hang => "the nested host hung",
+        }
+    }
+}
 
 /// Runs the named tests of this executable inside the nested host and
 /// returns the exit status for the whole suite. When the nested host's own
-/// kernel panics mid-run (its exit 124), the tests that had no verdict yet
-/// run again in a fresh nested host, each time said so; a test that failed
-/// is never rerun. The bound: at most MAX_STALLED_PANICS panics in a row
-/// with no new verdict in between, and MAX_NESTED_PANICS in all. (The panic,
-/// L2 state leaking into the L1 kernel's GS base on a #VMEXIT under TCG,
-/// hits QEMU as the L2 VMM as well; a long suite can see several.)
+/// kernel panics mid-run (its exit 124) or the nested host hangs (123:
+/// scripts/nested-host is told not to retry, because it would start the
+/// whole list again), the tests that had no verdict yet run again in a
+/// fresh nested host, each time said so; a test that failed is never
+/// rerun. The bound: at most MAX_STALLED_PANICS faults in a row with no new
+/// verdict in between, MAX_NESTED_PANICS in all, and MAX_NESTED_HANGS hangs
+/// (each costs the idle timeout). A hang that keeps striking one test is
+/// thus a failure, as it may be rvm's. (The panic, L2 state leaking into
+/// the L1 kernel's GS base on a #VMEXIT under TCG, hits QEMU as the L2 VMM
+/// as well; a long suite can see several.)
 pub fn run_nested_suite(nested_args: &[&str], mut pending: Vec<String>) -> i32 {
     let exe = std::env::current_exe().expect("current_exe");
     let (mut passed, mut failed) = (Vec::new(), Vec::new());
-    let (mut panics, mut stalled) = (0, 0);
+    let (mut panics, mut hangs, mut stalled) = (0, 0, 0);
     while !pending.is_empty() {
         let mut cmd = Command::new(repo().join("scripts/nested-host"));
         cmd.args(nested_args)
-            .arg("--")
+            .args(["--retries", "0", "--"])
             .arg(&exe)
             .arg("--exact")
             .args(&pending)
@@ -108,16 +142,10 @@ pub fn run_nested_suite(nested_args: &[&str], mut pending: Vec<String>) -> i32 {
             }
         };
         // Echo the inner run's output and note each verdict as it comes.
-        // When scripts/nested-host reruns a hung nested host, the rerun
-        // starts the whole list again: only its verdicts count.
         let out = BufReader::new(child.stdout.take().expect("piped stdout"));
         let (mut ok, mut bad) = (Vec::new(), Vec::new());
         for line in out.lines().map_while(Result::ok) {
             println!("{line}");
-            if line.starts_with("nested-host: RETRY") {
-                ok.clear();
-                bad.clear();
-            }
             if let Some(rest) = line.strip_prefix("test ") {
                 if let Some((name, verdict)) = rest.split_once(" ... ") {
                     if verdict.starts_with("ok") {
@@ -133,8 +161,12 @@ pub fn run_nested_suite(nested_args: &[&str], mut pending: Vec<String>) -> i32 {
         let code = child.wait().map_or(1, |s| s.code().unwrap_or(1));
         let before = pending.len();
         pending.retain(|n| !passed.contains(n) && !failed.contains(n));
-        if code == NESTED_PANIC {
-            panics += 1;
+        let fault = NestedFault::from_status(code);
+        if let Some(f) = fault {
+            match f {
+                NestedFault::Panic => panics += 1,
+                NestedFault::Hang => hangs += 1,
+            }
             stalled = if pending.len() < before {
                 1
             } else {
@@ -142,18 +174,23 @@ pub fn run_nested_suite(nested_args: &[&str], mut pending: Vec<String>) -> i32 {
             };
         }
         let stall_bound = STALLED_PANICS.load(std::sync::atomic::Ordering::SeqCst);
-        match code {
-            NESTED_PANIC
-                if stalled <= stall_bound && panics <= MAX_NESTED_PANICS && !pending.is_empty() =>
-            {
+        let within_bounds = stalled <= stall_bound
+            && panics + hangs <= MAX_NESTED_PANICS
+            && hangs <= MAX_NESTED_HANGS
+            && !pending.is_empty();
+        match (fault, code) {
+            // Every test has its verdict: a fault after the last one is moot.
+            (Some(_), _) | (None, 0 | 101) if pending.is_empty() => break,
+            (Some(f), _) if within_bounds => {
                 println!(
-                    "RETRY (nested-host panic {panics}/{MAX_NESTED_PANICS} in this suite, {stalled}/{stall_bound} since the last verdict): the nested host's kernel panicked (known TCG nested-host fault, not an rvm failure); rerunning the {} test(s) without a verdict in a fresh nested host: {}",
+                    "RETRY (nested-host fault {}/{MAX_NESTED_PANICS} in this suite, {hangs}/{MAX_NESTED_HANGS} of them hangs, {stalled}/{stall_bound} since the last verdict): {} (known TCG nested-host fault, not an rvm failure); rerunning the {} test(s) without a verdict in a fresh nested host: {}",
+                    panics + hangs,
+                    f.what(),
                     pending.len(),
                     pending.join(", ")
                 );
             }
-            0 | 101 if pending.is_empty() => break,
-            c => {
+            (_, c) => {
                 println!(
                     "the nested host run ended with status {c} before these tests had a verdict: {}",
                     pending.join(", ")
@@ -590,7 +627,12 @@ pub const MAX_FLAKE_RETRIES: u32 = 2;
 /// run_nested_suite); each costs a nested-host boot, about a minute.
 pub const MAX_NESTED_PANICS: u32 = 10;
 
-/// Nested-host kernel panics in a row with no test verdict in between.
+/// Nested-host hangs one guest suite absorbs (within MAX_NESTED_PANICS);
+/// each costs the suite's idle timeout and a nested-host boot.
+pub const MAX_NESTED_HANGS: u32 = 4;
+
+/// Nested-host kernel panics or hangs in a row with no test verdict in
+/// between.
 pub const MAX_STALLED_PANICS: u32 = 3;
 
 /// The bounds a suite runs with: MAX_STALLED_PANICS and MAX_FLAKE_RETRIES
