@@ -13,7 +13,14 @@
 //! interleaved); RVM_IPERF_SECS: seconds per direction (default 10);
 //! RVM_IPERF_KERNELS: `stock`, `minimal` or `stock,minimal` (default stock).
 //! Free arguments pick setups by name (`offloads`, `vhost`, `vnet_hdr_off`,
-//! `e1000`).
+//! `e1000`, `mq`, `vhost_mq`).
+//!
+//! The multiqueue setups (`mq`, `vhost_mq`) give the guest 2 vCPUs and the
+//! NIC 2 queue pairs (QEMU: `-netdev tap,queues=2` on a multi_queue TAP,
+//! `-device virtio-net-pci,mq=on,vectors=6`); the guest runs one iperf3
+//! server per port 5201 and 5202 and the host one client per server at
+//! once, so two flows, two guest CPUs and both queue pairs carry the
+//! traffic. The figure is the two clients' sum.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -53,32 +60,52 @@ struct Setup {
     vhost: bool,
     /// `virtio` or `e1000`.
     model: &'static str,
+    /// Queue pairs; also the guest's vCPUs and the parallel flows.
+    queues: u32,
 }
 
-const SETUPS: [Setup; 4] = [
+const SETUPS: [Setup; 6] = [
     Setup {
         name: "offloads",
         vnet_hdr: true,
         vhost: false,
         model: "virtio",
+        queues: 1,
     },
     Setup {
         name: "vhost",
         vnet_hdr: true,
         vhost: true,
         model: "virtio",
+        queues: 1,
     },
     Setup {
         name: "vnet_hdr_off",
         vnet_hdr: false,
         vhost: false,
         model: "virtio",
+        queues: 1,
     },
     Setup {
         name: "e1000",
         vnet_hdr: true,
         vhost: false,
         model: "e1000",
+        queues: 1,
+    },
+    Setup {
+        name: "mq",
+        vnet_hdr: true,
+        vhost: false,
+        model: "virtio",
+        queues: 2,
+    },
+    Setup {
+        name: "vhost_mq",
+        vnet_hdr: true,
+        vhost: true,
+        model: "virtio",
+        queues: 2,
     },
 ];
 
@@ -89,11 +116,12 @@ fn cmdline(reboot: &str) -> String {
 fn vmm_command(vmm: Vmm, ns: &Netns, kernel: &Path, img: &Images, setup: &Setup) -> Command {
     let onoff = if setup.vnet_hdr { "on" } else { "off" };
     let vhost = if setup.vhost { "on" } else { "off" };
+    let cpus = setup.queues.to_string();
     match vmm {
         Vmm::Rvm => {
             let mut c = ns.command(rvm_bin());
             c.env("RVM_LOG", "info")
-                .args(["run", "--cpus", "1", "--mem", MEM])
+                .args(["run", "--cpus", &cpus, "--mem", MEM])
                 .arg("--kernel")
                 .arg(kernel)
                 .arg("--initrd")
@@ -102,14 +130,14 @@ fn vmm_command(vmm: Vmm, ns: &Netns, kernel: &Path, img: &Images, setup: &Setup)
                 .arg(cmdline("k"))
                 .arg("--net")
                 .arg(format!(
-                    "tap=rvmtap0,bridge=br0,vnet_hdr={onoff},vhost={vhost},model={}",
-                    setup.model
+                    "tap=rvmtap0,bridge=br0,vnet_hdr={onoff},vhost={vhost},model={},queues={}",
+                    setup.model, setup.queues
                 ));
             c
         }
         Vmm::Qemu => {
             let mut c = ns.command("qemu-system-x86_64");
-            c.args(["-enable-kvm", "-cpu", "host", "-smp", "1", "-m", MEM])
+            c.args(["-enable-kvm", "-cpu", "host", "-smp", &cpus, "-m", MEM])
                 .args(["-nodefaults", "-no-user-config", "-display", "none"])
                 .args(["-serial", "stdio", "-no-reboot"])
                 .arg("-kernel")
@@ -120,18 +148,21 @@ fn vmm_command(vmm: Vmm, ns: &Netns, kernel: &Path, img: &Images, setup: &Setup)
                 .arg(cmdline("k"))
                 .arg("-netdev")
                 .arg(format!(
-                    "tap,id=n0,ifname=qtap0,script=no,downscript=no,vhost={vhost},vnet_hdr={onoff}"
+                    "tap,id=n0,ifname=qtap0,script=no,downscript=no,vhost={vhost},vnet_hdr={onoff},queues={}",
+                    setup.queues
                 ))
-                .args(["-device", qemu_model(setup.model)]);
+                .args(["-device", &qemu_model(setup)]);
             c
         }
     }
 }
 
-fn qemu_model(model: &str) -> &'static str {
-    match model {
-        "e1000" => "e1000,netdev=n0",
-        _ => "virtio-net-pci,netdev=n0",
+fn qemu_model(setup: &Setup) -> String {
+    match (setup.model, setup.queues) {
+        ("e1000", _) => "e1000,netdev=n0".into(),
+        (_, 1) => "virtio-net-pci,netdev=n0".into(),
+        // A vector per queue, one for the control queue, one for config.
+        (_, n) => format!("virtio-net-pci,netdev=n0,mq=on,vectors={}", 2 * n + 2),
     }
 }
 
@@ -233,12 +264,30 @@ fn json_number(json: &str, section: &str, key: &str) -> Option<f64> {
     v[..end].parse().ok()
 }
 
+/// `flows` iperf3 clients at once from the host, one per guest server
+/// (ports 5201, 5202, ...); their summed Mbit/s on the host's clock.
+fn iperf(ns: &Netns, secs: u64, reverse: bool, flows: u32) -> Result<f64, String> {
+    std::thread::scope(|s| {
+        let clients: Vec<_> = (0..flows)
+            .map(|i| s.spawn(move || iperf_one(ns, secs, reverse, 5201 + i as u16)))
+            .collect();
+        clients
+            .into_iter()
+            .map(|c| {
+                c.join()
+                    .unwrap_or_else(|_| Err("an iperf3 client thread panicked".into()))
+            })
+            .sum()
+    })
+}
+
 /// One iperf3 client run from the host; Mbit/s on the host's clock.
-fn iperf(ns: &Netns, secs: u64, reverse: bool) -> Result<f64, String> {
+fn iperf_one(ns: &Netns, secs: u64, reverse: bool, port: u16) -> Result<f64, String> {
     // A stalled transfer ends as a failure instead of blocking for ever.
     let mut c = ns.command("timeout");
     c.args(["-k", "5", &(secs + 60).to_string(), "iperf3"])
         .args(["-c", GUEST, "-J", "-t", &secs.to_string()])
+        .args(["-p", &port.to_string()])
         .args(["--connect-timeout", "10000"]);
     if reverse {
         c.arg("-R");
@@ -262,7 +311,7 @@ fn iperf(ns: &Netns, secs: u64, reverse: bool) -> Result<f64, String> {
         last = json;
         std::thread::sleep(Duration::from_secs(1));
     }
-    Err(format!("iperf3 to the guest failed:\n{last}"))
+    Err(format!("iperf3 to the guest (port {port}) failed:\n{last}"))
 }
 
 struct Figures {
@@ -294,7 +343,10 @@ fn measure(
         let ns = Netns::new("iperf")?;
         ns.bridge("10.0.0.1/24", 1500)?;
         if vmm == Vmm::Qemu {
-            ns.sh("ip tuntap add qtap0 mode tap && ip link set qtap0 master br0 up")?;
+            let mq = if setup.queues > 1 { " multi_queue" } else { "" };
+            ns.sh(&format!(
+                "ip tuntap add qtap0 mode tap{mq} && ip link set qtap0 master br0 up"
+            ))?;
         }
         let log = std::env::temp_dir().join(format!("iperf-{}-{}.stderr", vmm.name(), setup.name));
         let vmm_log = || {
@@ -313,8 +365,8 @@ fn measure(
                     .find_map(|l| l.strip_prefix("rvm-result: tso="))
                     .unwrap_or("?")
                     .to_string();
-                let measured = iperf(&ns, secs, false)
-                    .and_then(|to| iperf(&ns, secs, true).map(|from| (to, from)));
+                let measured = iperf(&ns, secs, false, setup.queues)
+                    .and_then(|to| iperf(&ns, secs, true, setup.queues).map(|from| (to, from)));
                 let (to_guest, from_guest) = match measured {
                     Ok(m) => m,
                     Err(e) => {
@@ -378,7 +430,7 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     println!(
-        "iperf3 TCP, {secs} s per direction, {runs} run(s) per VMM, guest: 1 vCPU, {MEM} MiB; Mbit/s on the host's clock"
+        "iperf3 TCP, {secs} s per direction, {runs} run(s) per VMM, guest: 1 vCPU per queue pair, {MEM} MiB; Mbit/s on the host's clock"
     );
     let mut failures = 0;
     let mut summary = Vec::new();
