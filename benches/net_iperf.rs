@@ -36,7 +36,7 @@ use common::netns::Netns;
 use common::{images, placement, reexec_nested, rvm_bin, Images, Placement};
 
 const BOOT_DEADLINE: Duration = Duration::from_secs(240);
-const MEM: &str = "512";
+const MEM_MIB: u64 = 512;
 const GUEST: &str = "10.0.0.2";
 
 #[derive(Clone, Copy, PartialEq)]
@@ -118,11 +118,12 @@ fn vmm_command(vmm: Vmm, ns: &Netns, kernel: &Path, img: &Images, setup: &Setup)
     let onoff = if setup.vnet_hdr { "on" } else { "off" };
     let vhost = if setup.vhost { "on" } else { "off" };
     let cpus = setup.queues.to_string();
+    let mem = MEM_MIB.to_string();
     match vmm {
         Vmm::Rvm => {
             let mut c = ns.command(rvm_bin());
             c.env("RVM_LOG", "info")
-                .args(["run", "--cpus", &cpus, "--mem", MEM])
+                .args(["run", "--cpus", &cpus, "--mem", &mem])
                 .arg("--kernel")
                 .arg(kernel)
                 .arg("--initrd")
@@ -138,7 +139,7 @@ fn vmm_command(vmm: Vmm, ns: &Netns, kernel: &Path, img: &Images, setup: &Setup)
         }
         Vmm::Qemu => {
             let mut c = ns.command("qemu-system-x86_64");
-            c.args(["-enable-kvm", "-cpu", "host", "-smp", &cpus, "-m", MEM])
+            c.args(["-enable-kvm", "-cpu", "host", "-smp", &cpus, "-m", &mem])
                 .args(["-nodefaults", "-no-user-config", "-display", "none"])
                 .args(["-serial", "stdio", "-no-reboot"])
                 .arg("-kernel")
@@ -356,7 +357,7 @@ fn measure(
             format!(
                 "\n{} stderr:\n{}",
                 vmm.name(),
-                lines[lines.len().saturating_sub(20)..].join("\n")
+                lines[lines.len().saturating_sub(40)..].join("\n")
             )
         };
         match boot(vmm_command(vmm, &ns, kernel, img, setup), &log) {
@@ -371,25 +372,49 @@ fn measure(
                 let (to_guest, from_guest) = match measured {
                     Ok(m) => m,
                     Err(e) => {
+                        let mut guest = guest;
+                        let nested = std::env::var_os("RVM_NESTED").is_some();
+                        let running = matches!(guest.child.try_wait(), Ok(None));
                         // The VMM ended by itself with status 0: the guest
                         // reset mid-run (the nested host's reset flake).
-                        let mut guest = guest;
-                        let reset = std::env::var_os("RVM_NESTED").is_some()
-                            && matches!(guest.child.try_wait(), Ok(Some(s)) if s.success());
+                        let reset =
+                            nested && matches!(guest.child.try_wait(), Ok(Some(s)) if s.success());
+                        if vmm == Vmm::Rvm && running {
+                            // Where the vCPUs are, into rvm's stderr log.
+                            // SAFETY: kill(2) on our child's pid, not reaped.
+                            unsafe { libc::kill(guest.child.id() as i32, libc::SIGUSR1) };
+                            std::thread::sleep(Duration::from_millis(1500));
+                        }
+                        let console: Vec<String> = guest.console.try_iter().collect();
                         // Stopped first, so that its exit log is there.
                         drop(guest);
-                        if reset && attempt < common::MAX_FLAKE_RETRIES {
-                            attempt += 1;
-                            println!(
-                                "  RETRY {attempt}/{}: {} {}: the guest reset mid-run and the VMM exited 0 (known nested-host flake, not a VMM failure){}",
-                                common::MAX_FLAKE_RETRIES,
-                                vmm.name(),
-                                setup.name,
-                                vmm_log()
-                            );
-                            continue;
+                        let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+                        let foreign =
+                            common::foreign_vcpu_state(&stderr, MEM_MIB << 20).filter(|_| nested);
+                        let known = match (&foreign, reset) {
+                            (Some(line), _) => Some(format!("a vCPU's state is not the guest's (its CR3 lies beyond the guest's RAM: {line}): the nested host put its own state there (known TCG nested-SVM fault, not a VMM failure)")),
+                            (None, true) => Some("the guest reset mid-run and the VMM exited 0 (known nested-host flake, not a VMM failure)".to_string()),
+                            (None, false) => None,
+                        };
+                        match known {
+                            Some(why) if attempt < common::MAX_FLAKE_RETRIES => {
+                                attempt += 1;
+                                println!(
+                                    "  RETRY {attempt}/{}: {} {}: {why}",
+                                    common::MAX_FLAKE_RETRIES,
+                                    vmm.name(),
+                                    setup.name,
+                                );
+                                continue;
+                            }
+                            _ => {
+                                return Err(format!(
+                                    "{e}\nthe guest's console after it was up:\n{}{}",
+                                    console.join("\n"),
+                                    vmm_log()
+                                ))
+                            }
                         }
-                        return Err(e + &vmm_log());
                     }
                 };
                 // Nothing else may have been printed: a guest oops would be.
@@ -447,7 +472,7 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     println!(
-        "iperf3 TCP, {secs} s per direction, {runs} run(s) per VMM, guest: 1 vCPU per queue pair, {MEM} MiB; Mbit/s on the host's clock"
+        "iperf3 TCP, {secs} s per direction, {runs} run(s) per VMM, guest: 1 vCPU per queue pair, {MEM_MIB} MiB; Mbit/s on the host's clock"
     );
     let mut failures = 0;
     let mut summary = Vec::new();
