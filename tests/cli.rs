@@ -366,3 +366,66 @@ rvm:   vCPU 1: waiting for INIT, interrupts off: rip 0xfff0 rsp 0x0 cr3 0x0";
     assert_eq!(mem(&["run", "--mem", "2G"]), 2048 * mib);
     assert_eq!(mem(&["run"]), 256 * mib);
 }
+
+/// The guest suites' reruns after the nested host failed under them: a
+/// fake scripts/nested-host plays a run that hangs after one verdict
+/// (exit 123), then one that panics with none (124), then one that
+/// finishes. Only the tests without a verdict run again, each time; and a
+/// hang that strikes with no new verdict more often than the bound is a
+/// failure, not a retry for ever.
+#[test]
+fn the_harness_reruns_only_the_tests_a_nested_host_fault_cut_off() {
+    use common::{run_suite_through, MAX_STALLED_PANICS};
+    let dir = std::env::temp_dir().join(format!("rvm-fake-nested-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("nested-host");
+    let calls = dir.join("calls");
+    // Records the tests each run was given (after --exact), then plays
+    // the next outcome from the list in $dir/plan.
+    std::fs::write(
+        &script,
+        format!(
+            r#"#!/bin/bash
+dir={dir}
+while [ "$1" != --exact ]; do shift; done; shift
+echo "$*" >> "$dir/calls"
+n=$(wc -l < "$dir/calls")
+case $(sed -n "${{n}}p" "$dir/plan") in
+    hang-after-a) echo "test a ... ok"; exit 123 ;;
+    panic) exit 124 ;;
+    hang) exit 123 ;;
+    finish) for t in "$@"; do echo "test $t ... ok"; done; exit 0 ;;
+esac
+"#,
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let exe = std::path::Path::new("/bin/true");
+    let tests = || vec!["a".to_string(), "b".to_string(), "c".to_string()];
+    let run = |plan: &[&str]| {
+        std::fs::write(dir.join("plan"), plan.join("\n") + "\n").unwrap();
+        let _ = std::fs::remove_file(&calls);
+        let code = run_suite_through(&script, exe, &["--mem", "64"], tests());
+        let seen = std::fs::read_to_string(&calls).unwrap_or_default();
+        (code, seen)
+    };
+
+    let (code, seen) = run(&["hang-after-a", "panic", "finish"]);
+    assert_eq!(code, 0, "{seen}");
+    assert_eq!(seen, "a b c\nb c\nb c\n");
+
+    // Hangs with no verdict in between: retried up to the bound, then the
+    // suite fails with the nested host's status.
+    let mut plan = vec!["hang"; MAX_STALLED_PANICS as usize + 1];
+    plan.push("finish");
+    let (code, seen) = run(&plan);
+    assert_eq!(code, 123, "{seen}");
+    assert_eq!(
+        seen.lines().count(),
+        MAX_STALLED_PANICS as usize + 1,
+        "{seen}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -121,15 +121,31 @@ impl NestedFault {
 /// thus a failure, as it may be rvm's. (The panic, L2 state leaking into
 /// the L1 kernel's GS base on a #VMEXIT under TCG, hits QEMU as the L2 VMM
 /// as well; a long suite can see several.)
-pub fn run_nested_suite(nested_args: &[&str], mut pending: Vec<String>) -> i32 {
+pub fn run_nested_suite(nested_args: &[&str], pending: Vec<String>) -> i32 {
     let exe = std::env::current_exe().expect("current_exe");
+    run_suite_through(
+        &repo().join("scripts/nested-host"),
+        &exe,
+        nested_args,
+        pending,
+    )
+}
+
+/// run_nested_suite with the nested-host script and the test executable
+/// named (a test gives a fake script).
+pub fn run_suite_through(
+    script: &Path,
+    exe: &Path,
+    nested_args: &[&str],
+    mut pending: Vec<String>,
+) -> i32 {
     let (mut passed, mut failed) = (Vec::new(), Vec::new());
     let (mut panics, mut hangs, mut stalled) = (0, 0, 0);
     while !pending.is_empty() {
-        let mut cmd = Command::new(repo().join("scripts/nested-host"));
+        let mut cmd = Command::new(script);
         cmd.args(nested_args)
             .args(["--retries", "0", "--"])
-            .arg(&exe)
+            .arg(exe)
             .arg("--exact")
             .args(&pending)
             .current_dir(repo())
