@@ -374,11 +374,11 @@ fn measure(
                     Err(e) => {
                         let mut guest = guest;
                         let nested = std::env::var_os("RVM_NESTED").is_some();
-                        let running = matches!(guest.child.try_wait(), Ok(None));
+                        let exit = guest.child.try_wait();
+                        let running = matches!(exit, Ok(None));
                         // The VMM ended by itself with status 0: the guest
                         // reset mid-run (the nested host's reset flake).
-                        let reset =
-                            nested && matches!(guest.child.try_wait(), Ok(Some(s)) if s.success());
+                        let reset = nested && matches!(exit, Ok(Some(s)) if s.success());
                         if vmm == Vmm::Rvm && running {
                             // Where the vCPUs are, into rvm's stderr log.
                             // SAFETY: kill(2) on our child's pid, not reaped.
