@@ -37,7 +37,7 @@ pub struct SimQueue {
 }
 
 impl SimQueue {
-    fn new(index: u64, size: u16) -> Self {
+    pub(crate) fn new(index: u64, size: u16) -> Self {
         let base = RINGS_START + index * RING_STRIDE;
         SimQueue {
             size,

@@ -8,7 +8,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::worker::{Worker, SIGNAL_CTRL};
 use crate::net::counters::bump;
 use crate::virtio::chain::MAX_IOV;
-use crate::virtio::queue::{drain, pop, put_used, Step};
+use crate::virtio::queue::{drain, Step};
 
 const CLASS_RX: u8 = 0;
 const CLASS_MAC: u8 = 1;
@@ -31,10 +31,8 @@ impl Worker {
         let stats = &self.stats;
         let mq = self.mq.as_ref().map(|(_, mq)| mq);
         let mut used = false;
-        drain(&self.mem, &mut ctrl.queue, |q, mem| {
-            let Some(c) = pop(q, mem) else {
-                return Step::Done;
-            };
+        let mem = &self.mem;
+        drain(mem, &mut ctrl.queue, &mut ctrl.used, |c, ret| {
             let head = c.head_index();
             // Readable part: class, command, data (the first CMD_BYTES of
             // it, across descriptors). Writable part: the ack. Only
@@ -83,7 +81,7 @@ impl Worker {
                 }
                 _ => bump(&stats.malformed, 1),
             }
-            if !put_used(q, mem, head, len) {
+            if !ret.put(head, len) {
                 return Step::Done;
             }
             used = true;

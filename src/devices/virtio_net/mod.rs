@@ -38,6 +38,7 @@ use crate::net::stage::Stages;
 use crate::net::vhost::{VhostNet, VringSetup};
 use crate::net::NicStats;
 use crate::virtio::features::{RING_EVENT_IDX, RING_INDIRECT_DESC, VERSION_1};
+use crate::virtio::queue::UsedRing;
 use crate::virtio::{ActivateError, Activation, VirtioDevice};
 use mq::MqControl;
 use worker::{PairSetup, QueueCtx};
@@ -444,6 +445,7 @@ impl VirtioNet {
             None
         };
         let mut queues = a.queues.into_iter().map(|q| QueueCtx {
+            used: UsedRing::new(&q.queue),
             queue: q.queue,
             kick: q.kick,
             vector: q.vector,

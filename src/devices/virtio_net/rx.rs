@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 
 use virtio_queue::QueueT;
 
-use super::worker::{HeldRx, Worker, SIGNAL_RX};
+use super::worker::{HeldRx, RxPool, Worker, SIGNAL_RX};
 use super::HDR_LEN;
 use crate::net::counters::bump;
 use crate::net::stage::{Direction, Frame, Outcome};
 use crate::virtio::chain::{self, MAX_IOV};
-use crate::virtio::queue::{pop, put_used, rearm, unpop};
+use crate::virtio::queue::{pop_each, rearm, Take};
 
 /// Most chains kept popped at once.
 const MAX_POOL_CHAINS: usize = 64;
@@ -110,40 +110,49 @@ impl Worker {
         let mut used = false;
         let want = self.wanted();
         loop {
-            let q = &mut self.rx.queue;
-            let mem = &self.mem;
-            while self.pool.bytes < want && self.pool.chains.len() < MAX_POOL_CHAINS {
-                let Some(c) = pop(q, mem) else {
-                    break;
-                };
-                let head = c.head_index();
-                self.segs.clear();
-                match chain::collect(c, mem, true, &mut self.segs) {
-                    Ok(len) if len as usize > HDR_LEN => {
-                        if self.pool.segs.len() + self.segs.len() > MAX_IOV {
-                            unpop(q, 1);
-                            // Full: the pool takes frames as it is.
-                            self.pool.iov_full = true;
-                            return used;
+            let (pool, segs, mem) = (&mut self.pool, &mut self.segs, &self.mem);
+            let full = |p: &RxPool| p.bytes >= want || p.chains.len() >= MAX_POOL_CHAINS;
+            // A malformed chain stops the batch and goes back answered.
+            let mut refused = None;
+            if !full(pool) {
+                pop_each(&mut self.rx.queue, mem, |c| {
+                    let head = c.head_index();
+                    segs.clear();
+                    match chain::collect(c, mem, true, segs) {
+                        Ok(len) if len as usize > HDR_LEN => {
+                            if pool.segs.len() + segs.len() > MAX_IOV {
+                                // Full: the pool takes frames as it is.
+                                pool.iov_full = true;
+                                return Take::PutBack;
+                            }
+                            pool.chains.push_back((head, len, segs.len()));
+                            pool.segs.extend(segs.iter().copied());
+                            pool.bytes += u64::from(len);
                         }
-                        self.pool.chains.push_back((head, len, self.segs.len()));
-                        self.pool.segs.extend(self.segs.iter().copied());
-                        self.pool.bytes += u64::from(len);
-                    }
-                    r => {
-                        let why = r.map_or_else(|e| e.to_string(), |_| "too short".into());
-                        crate::guest_log!(
-                            log::Level::Debug,
-                            "virtio-net: RX chain {head} refused: {why}"
-                        );
-                        bump(&self.stats.malformed, 1);
-                        if put_used(q, mem, head, 0) {
-                            used = true;
+                        r => {
+                            refused = Some((head, r));
+                            return Take::Stop;
                         }
                     }
-                }
+                    if full(pool) {
+                        Take::Stop
+                    } else {
+                        Take::Next
+                    }
+                });
             }
-            if self.pool_ready() {
+            if let Some((head, r)) = refused {
+                let why = r.map_or_else(|e| e.to_string(), |_| "too short".into());
+                crate::guest_log!(
+                    log::Level::Debug,
+                    "virtio-net: RX chain {head} refused: {why}"
+                );
+                bump(&self.stats.malformed, 1);
+                used |= self.give_back(head, 0);
+                // Each refusal takes a chain off the ring: bounded.
+                continue;
+            }
+            if self.pool.iov_full || self.pool_ready() {
                 return used;
             }
             // Short: ask for a kick, unless buffers arrived meanwhile.
@@ -248,6 +257,16 @@ impl Worker {
         Ok(true)
     }
 
+    /// Returns an RX chain to the driver (published at the end of the
+    /// pass, or now when the batch is full). False for a hostile head.
+    fn give_back(&mut self, head: u16, len: u32) -> bool {
+        let rx = &mut self.rx;
+        if rx.used.is_full() {
+            rx.used.publish(&mut rx.queue, &self.mem);
+        }
+        rx.used.put(head, len)
+    }
+
     /// Hands the frame of `n` bytes (header included) at the pool's front
     /// to the driver: num_buffers, then the used entries of its chains.
     fn publish(&mut self, n: usize) {
@@ -289,7 +308,7 @@ impl Worker {
             self.pool.bytes -= u64::from(len);
             let filled = rest.min(u64::from(len));
             rest -= filled;
-            let _ = put_used(&mut self.rx.queue, &self.mem, head, filled as u32);
+            self.give_back(head, filled as u32);
         }
         bump(&self.stats.rx_frames, 1);
         bump(&self.stats.rx_bytes, (n - HDR_LEN.min(n)) as u64);

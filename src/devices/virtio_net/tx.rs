@@ -6,7 +6,7 @@ use super::HDR_LEN;
 use crate::net::counters::bump;
 use crate::net::stage::{self, Direction, Frame, HoldAt, Outcome};
 use crate::virtio::chain::{self, ChainError};
-use crate::virtio::queue::{drain, pop, put_used, unpop, Step};
+use crate::virtio::queue::{drain, Step};
 
 impl Worker {
     pub(super) fn process_tx(&mut self) {
@@ -28,10 +28,8 @@ impl Worker {
             &mut self.segs,
             &mut self.iov,
         );
-        let parked = drain(&self.mem, &mut self.tx.queue, |q, mem| {
-            let Some(c) = pop(q, mem) else {
-                return Step::Done;
-            };
+        let mem = &self.mem;
+        let parked = drain(mem, &mut self.tx.queue, &mut self.tx.used, |c, ret| {
             let head = c.head_index();
             segs.clear();
             let frame = chain::collect(c, mem, false, segs).and_then(|len| {
@@ -55,7 +53,6 @@ impl Worker {
             match verdict {
                 Ok((_, Outcome::Hold { until, stage })) => {
                     // The chain goes back, unanswered, until the stage's time.
-                    unpop(q, 1);
                     hold = Some(HoldAt { until, stage });
                     return Step::Park;
                 }
@@ -76,7 +73,6 @@ impl Worker {
                             // the chain goes back, unanswered, and the
                             // guest waits, as on a busy wire with flow
                             // control, instead of losing the frame.
-                            unpop(q, 1);
                             return Step::Park;
                         }
                         Ok(_) => {
@@ -103,7 +99,7 @@ impl Worker {
                 }
             }
             // TX buffers are only read: the used length is 0.
-            if !put_used(q, mem, head, 0) {
+            if !ret.put(head, 0) {
                 return Step::Done;
             }
             used = true;

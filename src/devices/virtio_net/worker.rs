@@ -18,7 +18,8 @@ use crate::net::nic_loop::{self, NicEngine, Sources, Token, Wants};
 use crate::net::stage::{HoldAt, Stages};
 use crate::net::NetStats;
 use crate::virtio::chain::{Segment, MAX_IOV};
-use crate::virtio::{queue, Interrupt};
+use crate::virtio::queue::UsedRing;
+use crate::virtio::Interrupt;
 
 /// A pair's queues, as its worker numbers them (also their kicks'
 /// tokens; the transport's numbers are 2k, 2k + 1 and the last).
@@ -41,6 +42,8 @@ pub(super) struct HeldRx {
 
 pub(super) struct QueueCtx {
     pub queue: Queue,
+    /// Chains returned and not yet published.
+    pub used: UsedRing,
     pub kick: EventFd,
     pub vector: u16,
 }
@@ -250,7 +253,8 @@ impl Worker {
                 None => return,
             },
         };
-        if queue::should_interrupt(&self.mem, &mut ctx.queue) {
+        ctx.used.publish(&mut ctx.queue, &self.mem);
+        if ctx.used.should_interrupt(&ctx.queue, &self.mem) {
             self.interrupt.queue(ctx.vector);
         }
     }
