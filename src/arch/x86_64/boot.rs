@@ -138,6 +138,23 @@ pub fn build_boot_params(
     params
 }
 
+/// Where the kernel decompresses itself and runs, loaded at 1 MiB: the
+/// load address rounded up to its alignment, but never below its
+/// preferred address (LOAD_PHYSICAL_ADDR, 16 MiB for distribution
+/// kernels): a relocatable kernel's startup code moves itself there
+/// before it decompresses (arch/x86/boot/compressed/head_64.S), and one
+/// that is not relocatable runs there anyway. Its init_size bytes are
+/// counted from here, not from the load address.
+pub fn runtime_start(hdr: &setup_header) -> u64 {
+    let align = u64::from(hdr.kernel_alignment);
+    let load = if align.is_power_of_two() {
+        HIMEM_START.next_multiple_of(align)
+    } else {
+        HIMEM_START
+    };
+    load.max(hdr.pref_address)
+}
+
 /// Picks the initrd address: page-aligned, as high as the kernel allows,
 /// and above the memory the kernel will decompress into.
 pub fn place_initrd(size: u64, hdr: &setup_header, mem_bytes: u64, kernel_end: u64) -> Result<u64> {
@@ -163,14 +180,17 @@ pub fn load_linux(
     cmdline: &str,
 ) -> Result<BootEntry> {
     let hdr = read_setup_header(kernel)?;
-    // The kernel decompresses in place and needs init_size bytes from its
-    // load address: check it fits before loading anything.
+    // The kernel decompresses and runs in init_size bytes from where it
+    // moves itself: check they fit before loading anything, and keep the
+    // initrd above them.
+    let start = runtime_start(&hdr);
     let init_size = u64::from(hdr.init_size);
-    let kernel_end = HIMEM_START + init_size;
+    let kernel_end = start.saturating_add(init_size);
     if kernel_end > low_ram_end(mem_bytes) {
         return Err(Error::KernelLoad(format!(
-            "it needs {} MiB from 1 MiB",
-            init_size.div_ceil(1 << 20)
+            "it needs {} MiB from {} MiB",
+            init_size.div_ceil(1 << 20),
+            start >> 20
         )));
     }
 
@@ -330,6 +350,36 @@ mod tests {
     }
 
     #[test]
+    fn the_kernel_is_counted_from_where_it_moves_itself_to() {
+        // A distribution kernel: 2 MiB aligned, preferring 16 MiB. Loaded
+        // at 1 MiB, it decompresses in [16 MiB, 16 MiB + init_size).
+        let hdr = setup_header {
+            kernel_alignment: 0x20_0000,
+            pref_address: 0x100_0000,
+            ..valid_hdr()
+        };
+        assert_eq!(runtime_start(&hdr), 0x100_0000);
+        // An initrd at 1 MiB + init_size would be overwritten when the
+        // kernel moves itself up: it goes above 16 MiB + init_size.
+        let end = runtime_start(&hdr) + u64::from(hdr.init_size);
+        assert!(place_initrd(8 << 20, &hdr, 36 << 20, end).is_err());
+        assert!(place_initrd(8 << 20, &hdr, 40 << 20, end).unwrap() >= end);
+        // No preferred address: the load address rounded up to the
+        // alignment; an alignment that is not a power of two is ignored.
+        let hdr = setup_header {
+            kernel_alignment: 0x20_0000,
+            pref_address: 0,
+            ..valid_hdr()
+        };
+        assert_eq!(runtime_start(&hdr), 0x20_0000);
+        let hdr = setup_header {
+            kernel_alignment: 3,
+            ..hdr
+        };
+        assert_eq!(runtime_start(&hdr), HIMEM_START);
+    }
+
+    #[test]
     fn initrd_goes_high_and_aligned() {
         let hdr = valid_hdr();
         let addr = place_initrd(0x12345, &hdr, 256 << 20, 0x200_0000).unwrap();
@@ -406,6 +456,31 @@ mod tests {
         let small = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let e = load_linux(&small, 16 << 20, &k, None, "").unwrap_err();
         assert!(e.to_string().contains("--mem"), "{e}");
+        // A kernel preferring 16 MiB moves itself there before it
+        // decompresses into init_size (16 MiB) bytes: 24 MiB is too little
+        // (from 1 MiB it would fit, and the initrd at the top of the 24
+        // MiB would be overwritten), 40 MiB is enough, the initrd above.
+        let hdr = setup_header {
+            kernel_alignment: 0x20_0000,
+            pref_address: 0x100_0000,
+            ..valid_hdr()
+        };
+        // SAFETY: as above.
+        let hb = unsafe {
+            std::slice::from_raw_parts(
+                &hdr as *const setup_header as *const u8,
+                std::mem::size_of::<setup_header>(),
+            )
+        };
+        image[0x1f1..0x1f1 + hb.len()].copy_from_slice(hb);
+        std::fs::write(&k, &image).unwrap();
+        let mem24 = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 24 << 20)]).unwrap();
+        let e = load_linux(&mem24, 24 << 20, &k, Some(&i), "").unwrap_err();
+        assert!(e.to_string().contains("16 MiB from 16 MiB"), "{e}");
+        let mem40 = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 40 << 20)]).unwrap();
+        load_linux(&mem40, 40 << 20, &k, Some(&i), "").unwrap();
+        let params: boot_params = mem40.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        assert!(u64::from(params.hdr.ramdisk_image) >= 32 << 20);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
