@@ -14,7 +14,7 @@ use rvm::devices::test_backend::{fake_tap, peer_try_send};
 use rvm::devices::LevelIrq;
 use rvm::pci::PciDevice;
 use rvm_fuzz::{access_len, frame, poke, Addr, ScriptedStage};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 const MEM: u64 = 2 << 20;
 const RINGS: u64 = 0x1000;
@@ -180,7 +180,7 @@ fn drain(fd: &std::os::fd::OwnedFd) {
 }
 
 fuzz_target!(|input: Input| {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+    let mem = rvm::vmm::memory::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
     let (tap, peer) = fake_tap(input.vnet);
     let mut dev = E1000::new_synchronous(
         E1000Params {

@@ -22,7 +22,7 @@ use rvm::pci::msix::{MsixTable, MsixVectors, NoRoutes};
 use rvm::pci::root::{SharedDevice, PORT_LEN};
 use rvm::pci::{HostBridge, PciRoot};
 use rvm::virtio::VirtioPciDevice;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 const DEVICES: u8 = 3;
@@ -89,7 +89,7 @@ fn address(dev: u8, reg: u8) -> u32 {
 }
 
 fuzz_target!(|input: Input| {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mem = rvm::vmm::memory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let (pio, mmio) = (Arc::new(Bus::new()), Arc::new(Bus::new()));
     let mut root = PciRoot::new(&pio, &mmio);
 

@@ -16,7 +16,8 @@ use rvm::net::backend::NetBackend;
 use rvm::net::NicStats;
 use rvm::virtio::features::VERSION_1;
 use rvm::virtio::sim::{SimDriver, DATA_START};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use rvm::vmm::memory::GuestRam;
 
 /// Guest memory of the virtio rigs. Small, so that a random address has
 /// a fair chance of landing in it; the simulated driver's rings start at
@@ -272,7 +273,7 @@ impl NetRig {
 }
 
 /// Writes `bytes` at `at` in `mem`, silently dropping what falls outside.
-pub fn poke(mem: &GuestMemoryMmap, at: u64, bytes: &[u8]) {
+pub fn poke(mem: &GuestRam, at: u64, bytes: &[u8]) {
     let _ = mem.write_slice(bytes, GuestAddress(at));
 }
 

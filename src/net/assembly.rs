@@ -3,9 +3,8 @@
 //! userspace, by the `vhost=` policy). The machine (src/vmm) only chooses
 //! the device model's slot; every networking decision is made here.
 
+use crate::vmm::memory::GuestRam;
 use std::sync::Arc;
-
-use vm_memory::GuestMemoryMmap;
 
 use super::backend::NetBackend;
 use super::config::{NetConfig, NicModel, VhostMode};
@@ -46,7 +45,7 @@ pub fn check_vhost_policy(cfg: &NetConfig) -> Result<()> {
 
 /// The parts of the NIC `cfg` describes, on its host side `host`.
 /// `validate_all` has run, so the MAC is set.
-pub fn assemble(cfg: &NetConfig, host: &HostNic, memory: &GuestMemoryMmap) -> Result<NicParts> {
+pub fn assemble(cfg: &NetConfig, host: &HostNic, memory: &GuestRam) -> Result<NicParts> {
     let tap = host.tap();
     let mac = cfg.mac.map(|m| m.0).unwrap_or(DEFAULT_MAC);
     let pairs = host.taps().len();
@@ -92,7 +91,7 @@ pub fn check_stages_against_vhost(nic: &str, vhost_required: bool, stages: &Stag
 const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
 
 /// One vhost-net device per queue pair, or none.
-fn vhost_for(cfg: &NetConfig, memory: &GuestMemoryMmap, pairs: usize) -> Result<Vec<VhostNet>> {
+fn vhost_for(cfg: &NetConfig, memory: &GuestRam, pairs: usize) -> Result<Vec<VhostNet>> {
     let open_all = || {
         (0..pairs)
             .map(|_| VhostNet::open(memory, cfg.vnet_hdr))

@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::vmm::memory::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::virtio::chain::Segment;
 
@@ -46,7 +47,7 @@ pub enum Frame<'a> {
     /// In guest memory: `len` bytes of `segs` after the first `skip`
     /// (the vnet header).
     Guest {
-        mem: &'a GuestMemoryMmap,
+        mem: &'a GuestRam,
         segs: &'a [Segment],
         skip: usize,
         len: usize,
@@ -439,7 +440,7 @@ mod tests {
 
     #[test]
     fn a_guest_frame_reads_across_segments_without_its_header() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mem = crate::vmm::memory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         // A 12-byte header and 20 bytes of frame in three buffers.
         let bytes: Vec<u8> = (0u8..32).collect();
         mem.write_slice(&bytes[..8], GuestAddress(0x1000)).unwrap();

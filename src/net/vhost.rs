@@ -12,10 +12,11 @@
 use std::fs::File;
 use std::sync::Arc;
 
+use crate::vmm::memory::GuestRam;
 use vhost::net::VhostNet as _;
 use vhost::vhost_kern::net::Net;
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 pub const DEVICE_PATH: &str = "/dev/vhost-net";
@@ -56,7 +57,7 @@ pub struct VringSetup<'a> {
 }
 
 pub struct VhostNet {
-    net: Net<Arc<GuestMemoryMmap>>,
+    net: Net<Arc<GuestRam>>,
     /// The features the kernel's vhost-net implements.
     features: u64,
     /// Queues handed to the kernel by the last start.
@@ -67,7 +68,7 @@ impl VhostNet {
     /// Opens /dev/vhost-net for a NIC whose guest memory is `mem`. With
     /// `vnet_hdr` false the TAP carries bare frames and vhost must add the
     /// header for the guest.
-    pub fn open(mem: &GuestMemoryMmap, vnet_hdr: bool) -> Result<Self, VhostError> {
+    pub fn open(mem: &GuestRam, vnet_hdr: bool) -> Result<Self, VhostError> {
         let net = Net::new(Arc::new(mem.clone())).map_err(|e| match e {
             vhost::Error::VhostOpen(io) => VhostError::Open(io),
             other => VhostError::Unusable(other),
@@ -206,7 +207,7 @@ impl VhostNet {
         self.started = 0;
     }
 
-    fn net_mem(&self) -> &GuestMemoryMmap {
+    fn net_mem(&self) -> &GuestRam {
         use vhost::vhost_kern::VhostKernBackend;
         self.net.mem()
     }
@@ -220,12 +221,12 @@ impl Drop for VhostNet {
 
 /// The guest's RAM as the kernel must see it: guest physical range and
 /// where rvm has it mapped.
-fn memory_regions(mem: &GuestMemoryMmap) -> Vec<VhostUserMemoryRegionInfo> {
+fn memory_regions(mem: &GuestRam) -> Vec<VhostUserMemoryRegionInfo> {
     mem.iter()
         .map(|r| VhostUserMemoryRegionInfo {
             guest_phys_addr: r.start_addr().0,
             memory_size: r.len(),
-            userspace_addr: r.as_ptr() as u64,
+            userspace_addr: r.host_ptr() as u64,
             mmap_offset: 0,
             mmap_handle: -1,
         })
@@ -234,7 +235,7 @@ fn memory_regions(mem: &GuestMemoryMmap) -> Vec<VhostUserMemoryRegionInfo> {
 
 /// Whether /dev/vhost-net can be opened and answers, without keeping it.
 pub fn probe(vnet_hdr: bool) -> Result<(), VhostError> {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 4096)])
+    let mem = crate::vmm::memory::from_ranges(&[(vm_memory::GuestAddress(0), 4096)])
         .map_err(|e| VhostError::Unusable(vhost::Error::IOError(std::io::Error::other(e))))?;
     VhostNet::open(&mem, vnet_hdr).map(|_| ())
 }

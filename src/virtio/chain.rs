@@ -2,8 +2,9 @@
 //! anything a well-behaved driver would not post. Everything here is
 //! guest-controlled: addresses, lengths, flags, next pointers.
 
+use crate::vmm::memory::GuestRam;
 use virtio_queue::DescriptorChain;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::GuestMemoryBackend;
 
 /// readv/writev take at most this many segments (UIO_MAXIOV).
 pub const MAX_IOV: usize = 1024;
@@ -32,15 +33,15 @@ pub struct Segment {
 }
 
 // SAFETY: an iovec is a pointer into guest memory that stays mapped while
-// the worker holds its GuestMemoryMmap; it is only handed to readv/writev.
+// the worker holds its GuestRam; it is only handed to readv/writev.
 unsafe impl Send for Segment {}
 
 /// Appends the chain's buffers to `out`; all must be device-writable
 /// (`writable`) or all device-readable. Returns the chain's total length.
 /// On error `out` is left as it was.
 pub fn collect(
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestRam>,
+    mem: &GuestRam,
     writable: bool,
     out: &mut Vec<Segment>,
 ) -> Result<u32, ChainError> {
@@ -53,8 +54,8 @@ pub fn collect(
 }
 
 fn collect_inner(
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestRam>,
+    mem: &GuestRam,
     writable: bool,
     out: &mut Vec<Segment>,
 ) -> Result<u32, ChainError> {
@@ -97,7 +98,7 @@ fn collect_inner(
 
 /// Writes `bytes` at byte `offset` of the buffer the segments describe.
 /// Returns false if the buffer is too short.
-pub fn write_at(mem: &GuestMemoryMmap, segs: &[Segment], offset: usize, bytes: &[u8]) -> bool {
+pub fn write_at(mem: &GuestRam, segs: &[Segment], offset: usize, bytes: &[u8]) -> bool {
     use vm_memory::{Bytes, GuestAddress};
     let mut skip = offset;
     let mut rest = bytes;

@@ -7,10 +7,10 @@ pub mod pci;
 pub mod queue;
 pub mod sim;
 
+use crate::vmm::memory::GuestRam;
 use std::sync::Arc;
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use pci::VirtioPciDevice;
@@ -60,7 +60,7 @@ pub struct ActiveQueue {
 
 /// Everything a device needs to run once the driver is ready.
 pub struct Activation {
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestRam,
     /// The features the driver accepted.
     pub features: u64,
     pub queues: Vec<ActiveQueue>,

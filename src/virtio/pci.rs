@@ -16,9 +16,10 @@
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use crate::vmm::memory::GuestRam;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{features, status, Activation, ActiveQueue, Interrupt, VirtioDevice, NO_VECTOR};
@@ -113,7 +114,7 @@ impl Interrupt for PciInterrupt {
 pub struct VirtioPciDevice {
     config: PciConfig,
     device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     /// Registers ioeventfds; None in unit tests, where kicks come through
     /// the notify region as ordinary writes.
     vm: Option<Arc<VmFd>>,
@@ -147,7 +148,7 @@ impl VirtioPciDevice {
     /// vectors (one per queue plus one for configuration changes is best).
     pub fn new(
         device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
+        mem: GuestRam,
         vm: Option<Arc<VmFd>>,
         bar_addr: u64,
         msix: MsixTable,

@@ -10,8 +10,9 @@
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
+use crate::vmm::memory::GuestRam;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 /// VRING_AVAIL_F_NO_INTERRUPT: the driver asks not to be interrupted.
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
@@ -35,9 +36,9 @@ pub enum Take {
 /// A hostile available index (more new entries than the ring holds)
 /// gives no chain (a debug line, rate-limited as every guest-caused
 /// line). Returns how many chains were taken (one put back not counted).
-pub fn pop_each<'m, F>(q: &mut Queue, mem: &'m GuestMemoryMmap, mut each: F) -> usize
+pub fn pop_each<'m, F>(q: &mut Queue, mem: &'m GuestRam, mut each: F) -> usize
 where
-    F: FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> Take,
+    F: FnMut(DescriptorChain<&'m GuestRam>) -> Take,
 {
     let mut taken = 0;
     let mut put_back = false;
@@ -112,7 +113,7 @@ impl UsedRing {
 
     /// Writes the gathered entries to the used ring and then, once, the
     /// used index the driver reads.
-    pub fn publish(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) {
+    pub fn publish(&mut self, q: &mut Queue, mem: &GuestRam) {
         if self.pending.is_empty() {
             return;
         }
@@ -147,7 +148,7 @@ impl UsedRing {
     /// Whether the driver wants an interrupt for what was published since
     /// it was last asked: the event-idx test (virtio 1.x, 2.7.10), or the
     /// driver's NO_INTERRUPT flag without event idx.
-    pub fn should_interrupt(&mut self, q: &Queue, mem: &GuestMemoryMmap) -> bool {
+    pub fn should_interrupt(&mut self, q: &Queue, mem: &GuestRam) -> bool {
         let fresh = std::mem::replace(&mut self.unsignalled, Wrapping(0));
         if q.event_idx_enabled() {
             // The index stores before the read of the driver's used_event.
@@ -181,9 +182,9 @@ pub enum Step {
 /// with one used-index store; then re-enables notifications and goes
 /// again if the driver added more meanwhile (the event-idx protocol; also
 /// correct without event idx). Returns true when a step parked the queue.
-pub fn drain<F>(mem: &GuestMemoryMmap, q: &mut Queue, used: &mut UsedRing, mut each: F) -> bool
+pub fn drain<F>(mem: &GuestRam, q: &mut Queue, used: &mut UsedRing, mut each: F) -> bool
 where
-    F: FnMut(DescriptorChain<&GuestMemoryMmap>, &mut UsedRing) -> Step,
+    F: FnMut(DescriptorChain<&GuestRam>, &mut UsedRing) -> Step,
 {
     loop {
         let _ = q.disable_notification(mem);
@@ -219,7 +220,7 @@ where
 /// meanwhile and the caller should go on. A hostile available index (more
 /// new entries than the ring holds) gives false: the queue stays stalled
 /// until the driver resets it, instead of the worker spinning on it.
-pub fn rearm(q: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+pub fn rearm(q: &mut Queue, mem: &GuestRam) -> bool {
     if !matches!(q.enable_notification(mem), Ok(true)) {
         return false;
     }
@@ -241,8 +242,8 @@ mod tests {
     use crate::virtio::sim::{SimQueue, DATA_START};
 
     /// A driver's queue of `size` and the device's view of it.
-    fn queue(size: u16) -> (GuestMemoryMmap, SimQueue, Queue) {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+    fn queue(size: u16) -> (GuestRam, SimQueue, Queue) {
+        let mem = crate::vmm::memory::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
         let sim = SimQueue::new(0, size);
         let mut q = Queue::new(size).unwrap();
         q.try_set_desc_table_address(GuestAddress(sim.desc))
@@ -254,7 +255,7 @@ mod tests {
         (mem, sim, q)
     }
 
-    fn heads(q: &mut Queue, mem: &GuestMemoryMmap, stop_at: usize, last: Take) -> Vec<u16> {
+    fn heads(q: &mut Queue, mem: &GuestRam, stop_at: usize, last: Take) -> Vec<u16> {
         let mut got = Vec::new();
         pop_each(q, mem, |c| {
             got.push(c.head_index());
@@ -306,7 +307,7 @@ mod tests {
         assert_eq!(q.next_avail(), 0);
     }
 
-    fn used_idx(mem: &GuestMemoryMmap, q: &Queue) -> u16 {
+    fn used_idx(mem: &GuestRam, q: &Queue) -> u16 {
         mem.read_obj(GuestAddress(q.used_ring() + 2)).unwrap()
     }
 

@@ -7,7 +7,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use crate::vmm::memory::GuestRam;
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::pci::{VirtioPciDevice, BAR};
@@ -52,7 +53,7 @@ impl SimQueue {
 
     /// Writes descriptors (addr, len, flags, next) starting at the next
     /// free table slot, without publishing them. Returns the first index.
-    pub fn write_descs(&mut self, mem: &GuestMemoryMmap, descs: &[(u64, u32, u16, u16)]) -> u16 {
+    pub fn write_descs(&mut self, mem: &GuestRam, descs: &[(u64, u32, u16, u16)]) -> u16 {
         let first = self.next_desc;
         for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
             let slot = (first + i as u16) % self.size;
@@ -68,19 +69,14 @@ impl SimQueue {
 
     /// Posts a well-formed chain of buffers (addr, len), all device-
     /// writable or all device-readable. Returns the head index.
-    pub fn add_chain(&mut self, mem: &GuestMemoryMmap, bufs: &[(u64, u32)], writable: bool) -> u16 {
+    pub fn add_chain(&mut self, mem: &GuestRam, bufs: &[(u64, u32)], writable: bool) -> u16 {
         let head = self.write_chain(mem, bufs, writable);
         self.publish(mem, head);
         head
     }
 
     /// Writes a well-formed chain into the table without publishing it.
-    pub fn write_chain(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        bufs: &[(u64, u32)],
-        writable: bool,
-    ) -> u16 {
+    pub fn write_chain(&mut self, mem: &GuestRam, bufs: &[(u64, u32)], writable: bool) -> u16 {
         let first = self.next_desc;
         let descs: Vec<_> = bufs
             .iter()
@@ -98,14 +94,14 @@ impl SimQueue {
     }
 
     /// Puts `head` on the available ring.
-    pub fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
+    pub fn publish(&mut self, mem: &GuestRam, head: u16) {
         self.stage(mem, head);
         self.flush(mem);
     }
 
     /// Fills the next available-ring slot without moving the index: the
     /// device cannot see it before [`SimQueue::flush`].
-    pub fn stage(&mut self, mem: &GuestMemoryMmap, head: u16) {
+    pub fn stage(&mut self, mem: &GuestRam, head: u16) {
         let slot = self.avail_idx % self.size;
         mem.write_obj(head, GuestAddress(self.avail + 4 + 2 * u64::from(slot)))
             .unwrap();
@@ -113,7 +109,7 @@ impl SimQueue {
     }
 
     /// Publishes every staged slot with one index write.
-    pub fn flush(&mut self, mem: &GuestMemoryMmap) {
+    pub fn flush(&mut self, mem: &GuestRam) {
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
         mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
             .unwrap();
@@ -121,7 +117,7 @@ impl SimQueue {
 
     /// With EVENT_IDX: ask for an interrupt once the used index passes
     /// `idx` (the used_event field after the available ring).
-    pub fn set_used_event(&mut self, mem: &GuestMemoryMmap, idx: u16) {
+    pub fn set_used_event(&mut self, mem: &GuestRam, idx: u16) {
         let at = self.avail + 4 + 2 * u64::from(self.size);
         mem.write_obj(idx, GuestAddress(at)).unwrap();
     }
@@ -137,7 +133,7 @@ impl SimQueue {
     }
 
     /// The next used element (id, len), if the device returned one.
-    pub fn pop_used(&mut self, mem: &GuestMemoryMmap) -> Option<(u32, u32)> {
+    pub fn pop_used(&mut self, mem: &GuestRam) -> Option<(u32, u32)> {
         let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
         if idx == self.used_seen {
             return None;
@@ -151,7 +147,7 @@ impl SimQueue {
     }
 
     /// Waits up to `timeout` for a used element.
-    pub fn wait_used(&mut self, mem: &GuestMemoryMmap, timeout: Duration) -> Option<(u32, u32)> {
+    pub fn wait_used(&mut self, mem: &GuestRam, timeout: Duration) -> Option<(u32, u32)> {
         let end = Instant::now() + timeout;
         loop {
             if let Some(u) = self.pop_used(mem) {
@@ -173,7 +169,7 @@ impl SimQueue {
 
 /// A device behind its virtio-pci transport, driven like a guest would.
 pub struct SimDriver {
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestRam,
     pub pci: VirtioPciDevice,
     pub queues: Vec<SimQueue>,
     pub vectors: Arc<MsixVectors>,
@@ -183,9 +179,8 @@ impl SimDriver {
     /// Memory of `mem_mib` MiB and the device behind a transport, not yet
     /// initialised by the driver.
     pub fn new(device: Box<dyn VirtioDevice>, mem_mib: u64) -> Self {
-        let mem =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), (mem_mib << 20) as usize)])
-                .expect("guest memory");
+        let mem = crate::vmm::memory::from_ranges(&[(GuestAddress(0), (mem_mib << 20) as usize)])
+            .expect("guest memory");
         let nq = device.queue_max_sizes().len();
         let fds = (0..=nq)
             .map(|i| (EventFd::new(libc::EFD_NONBLOCK).unwrap(), 24 + i as u32))

@@ -3,12 +3,12 @@
 //! threads and joins them; [`VmController`] is a cheap clone that other
 //! threads keep to stop the VM or read counters.
 
+use crate::vmm::memory::GuestRam;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_ioctls::VmFd;
-use vm_memory::GuestMemoryMmap;
 
 use super::exit::{ExitReason, ExitSignal};
 use super::inspect::{VcpuInspector, VcpuReport, ANSWER_TIMEOUT};
@@ -97,7 +97,7 @@ pub struct RunningVm {
     exit: Arc<ExitSignal>,
     serial: Arc<Mutex<SerialDevice>>,
     control: VmController,
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     nics: Vec<NicHandle>,
     /// Held only to be dropped after the NIC threads stopped: that undoes
     /// each NIC's host setup (downscript, bridge port, TAP).
@@ -114,7 +114,7 @@ impl RunningVm {
         inspector: Arc<VcpuInspector>,
         serial: Arc<Mutex<SerialDevice>>,
         i8042: Arc<Mutex<I8042>>,
-        memory: GuestMemoryMmap,
+        memory: GuestRam,
         nics: Vec<NicHandle>,
         host_nics: Vec<HostNic>,
         buses: [Arc<Bus>; 2],

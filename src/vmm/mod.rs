@@ -11,6 +11,7 @@ pub mod rss;
 pub mod seccomp;
 pub mod vcpu;
 
+use crate::vmm::memory::GuestRam;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -18,7 +19,6 @@ use std::time::Duration;
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use exit::{ExitReason, ExitSignal};
@@ -58,7 +58,7 @@ const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 pub struct Vm {
     _kvm: Kvm,
     fd: Arc<VmFd>,
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     vcpus: Vec<VcpuFd>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,

@@ -6,9 +6,10 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
+use crate::vmm::memory::GuestRam;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{load_cmdline, BzImage, Cmdline, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::layout::{
     low_ram_end, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_HOLE_END,
@@ -173,7 +174,7 @@ pub fn place_initrd(size: u64, hdr: &setup_header, mem_bytes: u64, kernel_end: u
 
 /// Loads everything a Linux guest needs to boot and returns its entry.
 pub fn load_linux(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     mem_bytes: u64,
     kernel: &Path,
     initrd: Option<&Path>,
@@ -235,7 +236,7 @@ pub fn load_linux(
 }
 
 fn load_initrd(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     mem_bytes: u64,
     path: &Path,
     hdr: &setup_header,
@@ -437,7 +438,8 @@ mod tests {
         std::fs::write(&k, &image).unwrap();
         std::fs::write(&i, vec![0xcd; 10_000]).unwrap();
         let mem_bytes = 64 << 20;
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_bytes as usize)]).unwrap();
+        let mem =
+            crate::vmm::memory::from_ranges(&[(GuestAddress(0), mem_bytes as usize)]).unwrap();
         let entry = load_linux(&mem, mem_bytes, &k, Some(&i), "console=ttyS0 quiet").unwrap();
         assert_eq!(entry.entry_64, HIMEM_START + 0x200);
         let b: u8 = mem.read_obj(GuestAddress(HIMEM_START)).unwrap();
@@ -453,7 +455,7 @@ mod tests {
         assert_eq!(&cl, b"console=ttyS0 quiet\0");
         assert_eq!({ params.hdr.cmdline_size }, 19);
         // Too little memory for init_size.
-        let small = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let small = crate::vmm::memory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let e = load_linux(&small, 16 << 20, &k, None, "").unwrap_err();
         assert!(e.to_string().contains("--mem"), "{e}");
         // A kernel preferring 16 MiB moves itself there before it
@@ -474,10 +476,10 @@ mod tests {
         };
         image[0x1f1..0x1f1 + hb.len()].copy_from_slice(hb);
         std::fs::write(&k, &image).unwrap();
-        let mem24 = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 24 << 20)]).unwrap();
+        let mem24 = crate::vmm::memory::from_ranges(&[(GuestAddress(0), 24 << 20)]).unwrap();
         let e = load_linux(&mem24, 24 << 20, &k, Some(&i), "").unwrap_err();
         assert!(e.to_string().contains("16 MiB from 16 MiB"), "{e}");
-        let mem40 = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 40 << 20)]).unwrap();
+        let mem40 = crate::vmm::memory::from_ranges(&[(GuestAddress(0), 40 << 20)]).unwrap();
         load_linux(&mem40, 40 << 20, &k, Some(&i), "").unwrap();
         let params: boot_params = mem40.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert!(u64::from(params.hdr.ramdisk_image) >= 32 << 20);

@@ -2,7 +2,8 @@
 //! ACPI finds its CPUs, its IOAPIC, and which IOAPIC pin each ISA and PCI
 //! interrupt arrives on.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::vmm::memory::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{APIC_DEFAULT_PHYS_BASE, IOAPIC_ADDR, MPTABLE_START};
 use crate::error::{Error, Result};
@@ -136,7 +137,7 @@ pub fn build(base: u64, vcpus: u8, pci_routes: &[PciIrqRoute]) -> Vec<u8> {
 }
 
 /// Writes the MP table at [`MPTABLE_START`].
-pub fn write(mem: &GuestMemoryMmap, vcpus: u8, pci_routes: &[PciIrqRoute]) -> Result<()> {
+pub fn write(mem: &GuestRam, vcpus: u8, pci_routes: &[PciIrqRoute]) -> Result<()> {
     let bytes = build(MPTABLE_START, vcpus, pci_routes);
     mem.write_slice(&bytes, GuestAddress(MPTABLE_START))
         .map_err(|e| Error::BootSetup(format!("MP table: {e}")))
@@ -233,7 +234,7 @@ mod tests {
         let b = build(MPTABLE_START, crate::config::MAX_VCPUS, &[]);
         parse(&b, MPTABLE_START);
         assert!(MPTABLE_START + b.len() as u64 <= 0x10_0000);
-        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        let m = crate::vmm::memory::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
         write(&m, crate::config::MAX_VCPUS, &[]).unwrap();
         let mut sig = [0u8; 4];
         m.read_slice(&mut sig, GuestAddress(MPTABLE_START)).unwrap();

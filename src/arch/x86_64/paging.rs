@@ -1,8 +1,9 @@
 //! Identity-mapped page tables and a flat GDT, so the vCPU can start
 //! directly in 64-bit long mode at the kernel's 64-bit entry point.
 
+use crate::vmm::memory::GuestRam;
 use kvm_bindings::kvm_segment;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{GDT_START, IDT_START, PDPT_START, PD_COUNT, PD_START, PML4_START};
 use crate::error::{Error, Result};
@@ -60,7 +61,7 @@ pub fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
 }
 
 /// Writes the GDT and an empty IDT.
-pub fn write_gdt_idt(mem: &GuestMemoryMmap) -> Result<()> {
+pub fn write_gdt_idt(mem: &GuestRam) -> Result<()> {
     for (i, entry) in GDT_TABLE.iter().enumerate() {
         mem.write_obj(*entry, GuestAddress(GDT_START + (i as u64) * 8))
             .map_err(|e| Error::BootSetup(format!("GDT: {e}")))?;
@@ -73,7 +74,7 @@ pub fn write_gdt_idt(mem: &GuestMemoryMmap) -> Result<()> {
 /// Writes page tables identity-mapping the first 4 GiB with 2 MiB pages and
 /// returns the value for CR3. The kernel, boot_params and command line must
 /// be mapped at entry; the kernel builds its own tables right after.
-pub fn write_identity_page_tables(mem: &GuestMemoryMmap) -> Result<u64> {
+pub fn write_identity_page_tables(mem: &GuestRam) -> Result<u64> {
     let err = |e: vm_memory::GuestMemoryError| Error::BootSetup(format!("page tables: {e}"));
     mem.write_obj(PDPT_START | PTE_PRESENT_RW, GuestAddress(PML4_START))
         .map_err(err)?;
@@ -94,8 +95,8 @@ pub fn write_identity_page_tables(mem: &GuestMemoryMmap) -> Result<u64> {
 mod tests {
     use super::*;
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    fn mem() -> GuestRam {
+        crate::vmm::memory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
     }
 
     #[test]

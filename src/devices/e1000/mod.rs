@@ -26,12 +26,12 @@ pub mod rx;
 mod tests;
 pub mod tx;
 
+use crate::vmm::memory::GuestRam;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::LevelIrq;
@@ -82,7 +82,7 @@ pub struct Core {
     eeprom: Eeprom,
     phy: Phy,
     tx: TxEngine,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     backend: Arc<dyn NetBackend>,
     irq: Box<dyn LevelIrq>,
     stats: Arc<NetStats>,
@@ -148,7 +148,7 @@ impl TxSink for StagedTap<'_> {
 impl Core {
     fn new(
         mac: [u8; 6],
-        mem: GuestMemoryMmap,
+        mem: GuestRam,
         backend: Arc<dyn NetBackend>,
         irq: Box<dyn LevelIrq>,
         rx_kick: EventFd,
@@ -532,7 +532,7 @@ pub enum E1000Error {
 impl E1000 {
     pub fn new(
         p: E1000Params,
-        mem: GuestMemoryMmap,
+        mem: GuestRam,
         backend: Arc<dyn NetBackend>,
         irq: Box<dyn LevelIrq>,
     ) -> Result<Self, E1000Error> {
@@ -553,7 +553,7 @@ impl E1000 {
     /// The function and the work of its NIC thread, not started.
     fn unstarted(
         p: E1000Params,
-        mem: GuestMemoryMmap,
+        mem: GuestRam,
         backend: Arc<dyn NetBackend>,
         irq: Box<dyn LevelIrq>,
     ) -> Result<(Self, engine::NicThread), E1000Error> {
@@ -631,7 +631,7 @@ impl E1000 {
 impl E1000 {
     pub fn new_synchronous(
         p: E1000Params,
-        mem: GuestMemoryMmap,
+        mem: GuestRam,
         backend: Arc<dyn NetBackend>,
         irq: Box<dyn LevelIrq>,
     ) -> Result<Self, E1000Error> {

@@ -63,7 +63,7 @@ enum Read {
 }
 
 // SAFETY: the iovecs point into guest memory kept mapped by the core's
-// GuestMemoryMmap (or into `hdr`); they are rebuilt before each readv and
+// GuestRam (or into `hdr`); they are rebuilt before each readv and
 // only used under the core's lock.
 unsafe impl Send for RxState {}
 

@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::vmm::memory::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::regs::*;
 use super::{E1000Params, E1000};
@@ -33,7 +34,7 @@ impl LevelIrq for Line {
 
 struct Rig {
     dev: E1000,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     peer: OwnedFd,
     irq: Arc<AtomicBool>,
     /// The device's end of the fake TAP.
@@ -41,7 +42,7 @@ struct Rig {
 }
 
 fn rig() -> Rig {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+    let mem = crate::vmm::memory::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
     let (tap, peer) = fake_tap(false);
     let irq = Arc::new(AtomicBool::new(false));
     let fake = tap.clone();
@@ -513,7 +514,7 @@ fn rx_thread_cpu_secs(dev: &E1000) -> f64 {
 /// the caller does the NIC thread's work.
 #[test]
 fn synchronous_e1000_transmits_only_when_asked() {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+    let mem = crate::vmm::memory::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
     let (tap, peer) = fake_tap(false);
     let fake = tap.clone();
     let dev = E1000::new_synchronous(

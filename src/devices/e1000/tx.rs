@@ -10,7 +10,8 @@
 
 use std::io;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::vmm::memory::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::csum;
 use super::regs::DESC_LEN;
@@ -307,12 +308,7 @@ impl TxEngine {
     /// PASS_DESCRIPTORS) and says when it left descriptors (`more`).
     /// Returns the new head and counters. Writes back DD (status bit 0)
     /// into descriptors that have RS (report status) set.
-    pub fn process(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        ring: &TxRing,
-        send: &mut dyn TxSink,
-    ) -> TxReport {
+    pub fn process(&mut self, mem: &GuestRam, ring: &TxRing, send: &mut dyn TxSink) -> TxReport {
         let mut rep = TxReport {
             head: ring.head,
             ..TxReport::default()
@@ -384,7 +380,7 @@ impl TxEngine {
 
     fn descriptor(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         d: &[u8; 16],
         send: &mut dyn TxSink,
         rep: &mut TxReport,
@@ -441,7 +437,7 @@ impl TxEngine {
     }
 
     /// Appends a descriptor's buffer to the frame.
-    fn gather(&mut self, mem: &GuestMemoryMmap, addr: u64, len: usize) {
+    fn gather(&mut self, mem: &GuestRam, addr: u64, len: usize) {
         let f = &mut self.frame;
         // A zero-length buffer is legal and its address meaningless.
         if f.dropping || len == 0 {
@@ -889,8 +885,8 @@ mod tests {
     const IP_ID: u16 = 0x1234;
     const ACK_PSH_FIN: u8 = 0x10 | TCP_PSH | TCP_FIN;
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap()
+    fn mem() -> GuestRam {
+        crate::vmm::memory::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap()
     }
 
     fn legacy(addr: u64, len: u16, cmd: u8) -> [u8; 16] {
@@ -988,12 +984,12 @@ mod tests {
         }
     }
 
-    fn put_desc(m: &GuestMemoryMmap, base: u64, idx: u32, d: &[u8; 16]) {
+    fn put_desc(m: &GuestRam, base: u64, idx: u32, d: &[u8; 16]) {
         m.write_slice(d, GuestAddress(base + u64::from(idx) * 16))
             .unwrap();
     }
 
-    fn read_desc(m: &GuestMemoryMmap, base: u64, idx: u32) -> [u8; 16] {
+    fn read_desc(m: &GuestRam, base: u64, idx: u32) -> [u8; 16] {
         let mut d = [0u8; 16];
         m.read_slice(&mut d, GuestAddress(base + u64::from(idx) * 16))
             .unwrap();
@@ -1002,7 +998,7 @@ mod tests {
 
     /// Writes descriptors from index 0 of the ring at RING; returns the
     /// ring with head 0 and tail after them.
-    fn post(m: &GuestMemoryMmap, descs: &[[u8; 16]]) -> TxRing {
+    fn post(m: &GuestRam, descs: &[[u8; 16]]) -> TxRing {
         for (i, d) in descs.iter().enumerate() {
             put_desc(m, RING, i as u32, d);
         }
@@ -1023,7 +1019,7 @@ mod tests {
         run(&mut TxEngine::new(vnet_hdr), &m, &ring)
     }
 
-    fn run(e: &mut TxEngine, m: &GuestMemoryMmap, ring: &TxRing) -> (TxReport, Vec<Vec<u8>>) {
+    fn run(e: &mut TxEngine, m: &GuestRam, ring: &TxRing) -> (TxReport, Vec<Vec<u8>>) {
         let mut out = Vec::new();
         let rep = e.process(m, ring, &mut |b: &[u8]| {
             out.push(b.to_vec());
@@ -1032,7 +1028,7 @@ mod tests {
         (rep, out)
     }
 
-    fn write(m: &GuestMemoryMmap, addr: u64, bytes: &[u8]) {
+    fn write(m: &GuestRam, addr: u64, bytes: &[u8]) {
         m.write_slice(bytes, GuestAddress(addr)).unwrap();
     }
 

@@ -2,13 +2,13 @@
 //! (net::nic_loop): which event runs which queue's pass, and what the
 //! device waits for between passes.
 
+use crate::vmm::memory::GuestRam;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::features::{GUEST_TSO4, GUEST_TSO6, MRG_RXBUF};
@@ -60,7 +60,7 @@ pub(super) struct RxPool {
 }
 
 pub struct Worker {
-    pub(super) mem: GuestMemoryMmap,
+    pub(super) mem: GuestRam,
     pub(super) rx: QueueCtx,
     pub(super) tx: QueueCtx,
     pub(super) ctrl: Option<QueueCtx>,
@@ -108,7 +108,7 @@ unsafe impl Send for Worker {}
 
 /// One queue pair's share of an activation: what its worker needs.
 pub(super) struct PairSetup {
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestRam,
     /// The features the driver accepted.
     pub features: u64,
     pub interrupt: Arc<dyn Interrupt>,
