@@ -103,8 +103,8 @@ fn config(kernel: &std::path::Path, img: &Images, scenario: &str, args: &str) ->
     c.initrd = Some(img.initramfs.clone());
     c.mem_mib = 256;
     c.cmdline = format!(
-        "{} quiet rvm.scenario={scenario} rvm.args={args}",
-        rvm::DEFAULT_CMDLINE
+        "{} rvm.scenario={scenario} rvm.args={args}",
+        common::base_cmdline()
     );
     c
 }

@@ -33,8 +33,8 @@ fn rvm(ns: &Netns, img: &Images, scenario: &str, args: &str, net: &str) -> Comma
         .args(["--mem", "256M", "--net", net])
         .arg("--cmdline")
         .arg(format!(
-            "{} quiet rvm.scenario={scenario} rvm.args={args}",
-            rvm::DEFAULT_CMDLINE
+            "{} rvm.scenario={scenario} rvm.args={args}",
+            common::base_cmdline()
         ));
     c
 }

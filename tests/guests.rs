@@ -23,8 +23,8 @@ struct Boot<'a> {
 
 fn boot(name: &str, img: &Images, b: Boot) -> GuestRun {
     let cmdline = format!(
-        "{} quiet rvm.scenario=boot {}",
-        rvm::DEFAULT_CMDLINE,
+        "{} rvm.scenario=boot {}",
+        common::base_cmdline(),
         b.extra_cmdline
     );
     let make = || {
@@ -105,7 +105,7 @@ fn sigusr1_reports_idle_vcpus_and_sigterm_stops_them(img: &Images) -> Result<(),
     use std::process::Stdio;
     let mut child = Command::new(rvm_bin())
         .args(["run", "--cpus", "2", "--mem", "128M", "--cmdline"])
-        .arg(format!("{} quiet rvm.scenario=idle", rvm::DEFAULT_CMDLINE))
+        .arg(format!("{} rvm.scenario=idle", common::base_cmdline()))
         .arg("--kernel")
         .arg(&img.minimal)
         .arg("--initrd")

@@ -29,8 +29,8 @@ const STAGGER: Duration = Duration::from_secs(2);
 
 fn cmdline(i: usize) -> String {
     format!(
-        "{} quiet rvm.scenario=net_stream rvm.args=ip=10.0.0.{}/24,port={},secs={STREAM_SECS}",
-        rvm::DEFAULT_CMDLINE,
+        "{} rvm.scenario=net_stream rvm.args=ip=10.0.0.{}/24,port={},secs={STREAM_SECS}",
+        common::base_cmdline(),
         10 + i,
         5000 + i
     )

@@ -100,8 +100,8 @@ fn rvm(
         .args(["--cpus", "2", "--mem", mem, "--net", &net])
         .arg("--cmdline")
         .arg(format!(
-            "{} quiet rvm.scenario={scenario} rvm.args={args}",
-            rvm::DEFAULT_CMDLINE
+            "{} rvm.scenario={scenario} rvm.args={args}",
+            common::base_cmdline()
         ));
     c
 }

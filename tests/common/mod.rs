@@ -308,6 +308,19 @@ impl GuestRun {
     }
 }
 
+/// The kernel command line every test guest starts from: rvm's default,
+/// `quiet`, and `earlyprintk` on the serial port. With `quiet` the
+/// decompressor and the early kernel print only their errors, and without
+/// `earlyprintk` not even those: a kernel that stops before its console
+/// registers (the decompressor finding its payload corrupt: "XZ-compressed
+/// data is corrupt -- System halted", issue 19) would halt in silence.
+pub fn base_cmdline() -> String {
+    format!(
+        "{} quiet earlyprintk=serial,ttyS0,115200",
+        rvm::DEFAULT_CMDLINE
+    )
+}
+
 /// A guest that has printed nothing at all for this long is looked at: if
 /// its vCPUs are stuck (none runnable and none moved, in two looks two
 /// seconds apart: a CPU halted with interrupts off, secondaries still
