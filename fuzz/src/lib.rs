@@ -11,13 +11,13 @@ use arbitrary::Arbitrary;
 use rvm::devices::test_backend::{fake_tap, peer_try_send, FakeTap};
 use rvm::devices::virtio_net::fuzzing::{Passes, SyncNet};
 use rvm::devices::virtio_net::{features, NetParams, VirtioNet};
-use rvm::net::stage::{Direction, Frame as StageFrame, Stage, Verdict};
 use rvm::net::backend::NetBackend;
+use rvm::net::stage::{Direction, Frame as StageFrame, Stage, Verdict};
 use rvm::net::NicStats;
 use rvm::virtio::features::VERSION_1;
 use rvm::virtio::sim::{SimDriver, DATA_START};
-use vm_memory::{Bytes, GuestAddress};
 use rvm::vmm::memory::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 /// Guest memory of the virtio rigs. Small, so that a random address has
 /// a fair chance of landing in it; the simulated driver's rings start at

@@ -3,7 +3,6 @@
 //! userspace, by the `vhost=` policy). The machine (src/vmm) only chooses
 //! the device model's slot; every networking decision is made here.
 
-use crate::vmm::memory::GuestRam;
 use std::sync::Arc;
 
 use super::backend::NetBackend;
@@ -12,6 +11,7 @@ use super::host_nic::HostNic;
 use super::stage::Stages;
 use super::vhost::VhostNet;
 use crate::error::{Error, Result};
+use crate::vmm::memory::GuestRam;
 
 /// One NIC, ready to plug.
 pub struct NicParts {

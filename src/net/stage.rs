@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::vmm::memory::GuestRam;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::virtio::chain::Segment;
+use crate::vmm::memory::GuestRam;
 
 /// Which way a frame goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

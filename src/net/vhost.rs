@@ -12,12 +12,13 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use crate::vmm::memory::GuestRam;
 use vhost::net::VhostNet as _;
 use vhost::vhost_kern::net::Net;
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::vmm::memory::GuestRam;
 
 pub const DEVICE_PATH: &str = "/dev/vhost-net";
 

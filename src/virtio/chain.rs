@@ -2,9 +2,10 @@
 //! anything a well-behaved driver would not post. Everything here is
 //! guest-controlled: addresses, lengths, flags, next pointers.
 
-use crate::vmm::memory::GuestRam;
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryBackend;
+
+use crate::vmm::memory::GuestRam;
 
 /// readv/writev take at most this many segments (UIO_MAXIOV).
 pub const MAX_IOV: usize = 1024;

@@ -3,15 +3,17 @@
 //! and the status machine; the device owns what the queues carry.
 
 pub mod chain;
+pub mod iov_queue;
 pub mod pci;
 pub mod queue;
 pub mod sim;
 
-use crate::vmm::memory::GuestRam;
 use std::sync::Arc;
 
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::vmm::memory::GuestRam;
 
 pub use pci::VirtioPciDevice;
 

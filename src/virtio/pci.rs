@@ -16,7 +16,6 @@
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::Arc;
 
-use crate::vmm::memory::GuestRam;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
@@ -26,6 +25,7 @@ use super::{features, status, Activation, ActiveQueue, Interrupt, VirtioDevice, 
 use crate::pci::config::{BarKind, PciConfig};
 use crate::pci::msix::{self, MsixTable, MsixVectors};
 use crate::pci::PciDevice;
+use crate::vmm::memory::GuestRam;
 
 pub const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
 /// Modern devices are 0x1040 + the virtio device type.

@@ -10,9 +10,10 @@
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
-use crate::vmm::memory::GuestRam;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
+
+use crate::vmm::memory::GuestRam;
 
 /// VRING_AVAIL_F_NO_INTERRUPT: the driver asks not to be interrupted.
 const AVAIL_F_NO_INTERRUPT: u16 = 1;

@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::vmm::memory::GuestRam;
 use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -15,6 +14,7 @@ use super::pci::{VirtioPciDevice, BAR};
 use super::{status, VirtioDevice};
 use crate::pci::msix::{MsixTable, MsixVectors, NoRoutes};
 use crate::pci::PciDevice;
+use crate::vmm::memory::GuestRam;
 
 pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;

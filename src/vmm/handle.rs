@@ -3,7 +3,6 @@
 //! threads and joins them; [`VmController`] is a cheap clone that other
 //! threads keep to stop the VM or read counters.
 
-use crate::vmm::memory::GuestRam;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -18,6 +17,7 @@ use crate::devices::i8042::I8042;
 use crate::devices::serial::{SerialDevice, SerialInput};
 use crate::net::{HostNic, NicModel};
 use crate::net::{NetCounters, NicStats};
+use crate::vmm::memory::GuestRam;
 
 /// One NIC's identity and counters at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,7 +11,6 @@ pub mod rss;
 pub mod seccomp;
 pub mod vcpu;
 
-use crate::vmm::memory::GuestRam;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -45,6 +44,7 @@ use crate::pci::msix::{MsixTable, MsixVectors};
 use crate::pci::{root, BarKind, HostBridge, PciAllocator, PciRoot};
 use crate::virtio::pci::{self as virtio_pci, VirtioPciDevice};
 use crate::virtio::VirtioDevice;
+use crate::vmm::memory::GuestRam;
 use irq::{GsiRouter, IntxLines};
 use seccomp::ThreadFilter;
 use vcpu::Vcpu;

@@ -6,7 +6,6 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use crate::vmm::memory::GuestRam;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{load_cmdline, BzImage, Cmdline, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress};
@@ -16,6 +15,7 @@ use super::layout::{
     MMIO_HOLE_START, ZERO_PAGE_START,
 };
 use crate::error::{Error, Result};
+use crate::vmm::memory::GuestRam;
 
 pub const E820_RAM: u32 = 1;
 pub const E820_RESERVED: u32 = 2;

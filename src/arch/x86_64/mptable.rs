@@ -2,11 +2,11 @@
 //! ACPI finds its CPUs, its IOAPIC, and which IOAPIC pin each ISA and PCI
 //! interrupt arrives on.
 
-use crate::vmm::memory::GuestRam;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{APIC_DEFAULT_PHYS_BASE, IOAPIC_ADDR, MPTABLE_START};
 use crate::error::{Error, Result};
+use crate::vmm::memory::GuestRam;
 
 const FLOATING_POINTER_LEN: usize = 16;
 const HEADER_LEN: usize = 44;

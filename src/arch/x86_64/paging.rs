@@ -1,12 +1,12 @@
 //! Identity-mapped page tables and a flat GDT, so the vCPU can start
 //! directly in 64-bit long mode at the kernel's 64-bit entry point.
 
-use crate::vmm::memory::GuestRam;
 use kvm_bindings::kvm_segment;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{GDT_START, IDT_START, PDPT_START, PD_COUNT, PD_START, PML4_START};
 use crate::error::{Error, Result};
+use crate::vmm::memory::GuestRam;
 
 const PTE_PRESENT_RW: u64 = 0x3;
 const PDE_2M_PAGE: u64 = 0x80;

@@ -26,7 +26,6 @@ pub mod rx;
 mod tests;
 pub mod tx;
 
-use crate::vmm::memory::GuestRam;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,6 +39,7 @@ use crate::net::stage::{self, Direction, Frame, HoldAt, Outcome, Stages};
 use crate::net::{NetStats, NicStats};
 use crate::pci::config::PciConfig;
 use crate::pci::PciDevice;
+use crate::vmm::memory::GuestRam;
 use eeprom::Eeprom;
 use phy::Phy;
 use regs::*;

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::vmm::memory::GuestRam;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::regs::*;
@@ -17,6 +16,7 @@ use crate::devices::LevelIrq;
 use crate::net::stage::testing::{DropFirstByte, Trickle};
 use crate::net::stage::Direction;
 use crate::pci::PciDevice;
+use crate::vmm::memory::GuestRam;
 
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0xe1, 0, 1];
 const MEM: u64 = 1 << 20;

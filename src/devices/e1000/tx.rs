@@ -10,13 +10,13 @@
 
 use std::io;
 
-use crate::vmm::memory::GuestRam;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::csum;
 use super::regs::DESC_LEN;
 
 use crate::net::backend::VNET_HDR_LEN;
+use crate::vmm::memory::GuestRam;
 /// The largest frame gathered from descriptors: a 64 KiB TSO payload plus
 /// headers. Larger frames are dropped.
 pub const MAX_FRAME: usize = 65536 + 256;

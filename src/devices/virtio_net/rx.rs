@@ -127,6 +127,9 @@ impl Worker {
                             }
                             pool.chains.push_back((head, len, segs.len()));
                             pool.segs.extend(segs.iter().copied());
+                            for s in segs.iter() {
+                                pool.iov.push(s.iov);
+                            }
                             pool.bytes += u64::from(len);
                         }
                         r => {
@@ -209,6 +212,38 @@ impl Worker {
     /// driver; Ok(false) when a stage dropped it (its buffers stay in the
     /// pool) or held it.
     fn read_frame(&mut self) -> std::io::Result<bool> {
+        let vnet = self.backend.vnet_hdr();
+        // The backend writes the header itself, or we do and it writes after it.
+        let skip = if vnet { 0 } else { HDR_LEN };
+        // Merged buffers: the frame may fill the whole pool; otherwise only
+        // the first chain.
+        let limit = if self.mergeable {
+            usize::MAX
+        } else {
+            let first = self.pool.chains.front().map_or(0, |c| c.1 as usize);
+            first.saturating_sub(skip)
+        };
+        let backend = &self.backend;
+        let read = self.pool.iov.with_window(skip, limit, |iov| {
+            let room: usize = iov.iter().map(|v| v.iov_len).sum();
+            // SAFETY: the iovecs cover chain::collect's bounds-checked
+            // slices of guest RAM (mapped while self.mem lives), popped
+            // from the ring for this read and referenced by nothing else
+            // in rvm.
+            unsafe { backend.readv(iov) }.map(|got| (got, room))
+        });
+        let Some(read) = read else {
+            return Err(std::io::Error::from(ErrorKind::InvalidData));
+        };
+        let (got, room) = read?;
+        // tun returns a frame's whole length even when it copied less: a
+        // length beyond the buffers is a frame cut short. The guest must
+        // not get it as whole; its buffers stay in the pool for the next.
+        if got > room {
+            return Err(std::io::Error::other(format!(
+                "a {got}-byte frame did not fit the {room} bytes of buffers; dropped"
+            )));
+        }
         let segs = self.pool.segs.make_contiguous();
         let nsegs = if self.mergeable {
             segs.len()
@@ -216,25 +251,6 @@ impl Worker {
             self.pool.chains.front().map_or(0, |c| c.2)
         };
         let segs = &segs[..nsegs];
-        let vnet = self.backend.vnet_hdr();
-        // The backend writes the header itself, or we do and it writes after it.
-        let skip = if vnet { 0 } else { HDR_LEN };
-        if !chain::iovecs_skipping(segs, skip, &mut self.iov) {
-            return Err(std::io::Error::from(ErrorKind::InvalidData));
-        }
-        // SAFETY: the iovecs are chain::collect's bounds-checked slices of
-        // guest RAM (mapped while self.mem lives), popped from the ring for
-        // this read and referenced by nothing else in rvm.
-        let got = unsafe { self.backend.readv(&self.iov) }?;
-        // tun returns a frame's whole length even when it copied less: a
-        // length beyond the buffers is a frame cut short. The guest must
-        // not get it as whole; its buffers stay in the pool for the next.
-        let room: usize = self.iov.iter().map(|v| v.iov_len).sum();
-        if got > room {
-            return Err(std::io::Error::other(format!(
-                "a {got}-byte frame did not fit the {room} bytes of buffers; dropped"
-            )));
-        }
         let n = got + skip;
         let frame = Frame::Guest {
             mem: &self.mem,
@@ -304,6 +320,7 @@ impl Worker {
                 break;
             };
             self.pool.segs.drain(..nsegs);
+            self.pool.iov.consume(len as usize);
             self.pool.iov_full = false;
             self.pool.bytes -= u64::from(len);
             let filled = rest.min(u64::from(len));

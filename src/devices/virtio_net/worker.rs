@@ -2,7 +2,6 @@
 //! (net::nic_loop): which event runs which queue's pass, and what the
 //! device waits for between passes.
 
-use crate::vmm::memory::GuestRam;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,8 +17,10 @@ use crate::net::nic_loop::{self, NicEngine, Sources, Token, Wants};
 use crate::net::stage::{HoldAt, Stages};
 use crate::net::NetStats;
 use crate::virtio::chain::{Segment, MAX_IOV};
+use crate::virtio::iov_queue::IovQueue;
 use crate::virtio::queue::UsedRing;
 use crate::virtio::Interrupt;
+use crate::vmm::memory::GuestRam;
 
 /// A pair's queues, as its worker numbers them (also their kicks'
 /// tokens; the transport's numbers are 2k, 2k + 1 and the last).
@@ -54,6 +55,8 @@ pub(super) struct RxPool {
     /// (head index, total length, number of segments) per chain.
     pub chains: VecDeque<(u16, u32, usize)>,
     pub segs: VecDeque<Segment>,
+    /// The same buffers as iovecs for the backend's readv.
+    pub iov: IovQueue,
     pub bytes: u64,
     /// One more chain would pass MAX_IOV segments.
     pub iov_full: bool,
