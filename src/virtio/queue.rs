@@ -121,18 +121,28 @@ impl UsedRing {
         let ring = GuestAddress(q.used_ring());
         let size = q.size();
         let first = Wrapping(q.next_used());
+        // The entries as the ring holds them (struct virtq_used_elem
+        // { le32 id; le32 len; }), written with one copy, or two where
+        // they wrap around the end of the ring: a guest-memory write per
+        // entry was a tenth of a 64 KiB RX frame's cost (16 buffers each).
+        let mut elems = [0u8; 8 * USED_BATCH];
+        for (i, &(head, len)) in self.pending.iter().enumerate() {
+            let elem = (u64::from(len) << 32) | u64::from(head);
+            elems[8 * i..8 * i + 8].copy_from_slice(&elem.to_le_bytes());
+        }
         let mut next = first;
-        for &(head, len) in &self.pending {
-            // struct virtq_used_elem { le32 id; le32 len; }
-            let elem = ((u64::from(len) << 32) | u64::from(head)).to_le();
-            let slot = 4 + 8 * u64::from(next.0 % size);
-            let Some(at) = ring.checked_add(slot) else {
+        let mut rest = &elems[..8 * self.pending.len()];
+        while !rest.is_empty() {
+            let slot = usize::from(next.0 % size);
+            let n = (usize::from(size) - slot).min(rest.len() / 8);
+            let Some(at) = ring.checked_add(4 + 8 * slot as u64) else {
                 break;
             };
-            if mem.write_obj(elem, at).is_err() {
+            if mem.write_slice(&rest[..8 * n], at).is_err() {
                 break;
             }
-            next += Wrapping(1);
+            rest = &rest[8 * n..];
+            next += Wrapping(n as u16);
         }
         self.pending.clear();
         if next == first {
@@ -335,6 +345,32 @@ mod tests {
         assert!(used.is_full() && !used.put(0, 0));
         used.publish(&mut q, &mem);
         assert_eq!(used_idx(&mem, &q), 2 + USED_BATCH as u16);
+    }
+
+    #[test]
+    fn a_batch_that_wraps_around_the_ring_lands_in_order() {
+        let (mem, mut sim, mut q) = queue(4);
+        let mut used = UsedRing::new(&q);
+        for round in 0..3u16 {
+            // Three at a time through four slots: rounds 1 and 2 wrap.
+            let batch: Vec<(u16, u32)> = (0..3)
+                .map(|i| ((round * 3 + i) % 4, u32::from(round * 100 + i)))
+                .collect();
+            for &(head, len) in &batch {
+                assert!(used.put(head, len));
+            }
+            used.publish(&mut q, &mem);
+            assert_eq!(used_idx(&mem, &q), 3 * (round + 1));
+            for &entry in &batch {
+                let (head, len) = entry;
+                assert_eq!(
+                    sim.pop_used(&mem),
+                    Some((u32::from(head), len)),
+                    "round {round}"
+                );
+            }
+            assert_eq!(sim.pop_used(&mem), None);
+        }
     }
 
     #[test]
