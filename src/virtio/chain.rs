@@ -160,20 +160,26 @@ pub fn iovecs_skipping(segs: &[Segment], skip: usize, iov: &mut Vec<libc::iovec>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The iovec of `buf[from..to]`.
+    pub(crate) fn iovec_at(buf: &mut [u8], from: usize, to: usize) -> libc::iovec {
+        libc::iovec {
+            iov_base: buf[from..to].as_mut_ptr().cast(),
+            iov_len: to - from,
+        }
+    }
 
     fn seg(buf: &mut [u8], from: usize, to: usize) -> Segment {
         Segment {
             gpa: from as u64,
-            iov: libc::iovec {
-                iov_base: buf[from..to].as_mut_ptr().cast(),
-                iov_len: to - from,
-            },
+            iov: iovec_at(buf, from, to),
         }
     }
 
-    fn spans(buf: &[u8], iov: &[libc::iovec]) -> Vec<(usize, usize)> {
+    /// Each iovec as (offset in `buf`, length).
+    pub(crate) fn spans(buf: &[u8], iov: &[libc::iovec]) -> Vec<(usize, usize)> {
         iov.iter()
             .map(|v| (v.iov_base as usize - buf.as_ptr() as usize, v.iov_len))
             .collect()

@@ -101,19 +101,7 @@ impl IovQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn at(buf: &mut [u8], from: usize, to: usize) -> libc::iovec {
-        libc::iovec {
-            iov_base: buf[from..to].as_mut_ptr().cast(),
-            iov_len: to - from,
-        }
-    }
-
-    fn spans(buf: &[u8], iov: &[libc::iovec]) -> Vec<(usize, usize)> {
-        iov.iter()
-            .map(|v| (v.iov_base as usize - buf.as_ptr() as usize, v.iov_len))
-            .collect()
-    }
+    use crate::virtio::chain::tests::{iovec_at as at, spans};
 
     fn window(q: &mut IovQueue, buf: &[u8], skip: usize, limit: usize) -> Vec<(usize, usize)> {
         q.with_window(skip, limit, |iov| spans(buf, iov)).unwrap()
