@@ -124,6 +124,11 @@ pub fn write_at(mem: &GuestRam, segs: &[Segment], offset: usize, bytes: &[u8]) -
     rest.is_empty()
 }
 
+/// Whether `base` is where `iov` ends: a buffer starting there joins it.
+pub fn ends_at(iov: &libc::iovec, base: *mut u8) -> bool {
+    iov.iov_base.cast::<u8>().wrapping_add(iov.iov_len) == base
+}
+
 /// Copies the iovecs of `segs` into `iov` with the first `skip` bytes left
 /// out (for a backend without a vnet header). Returns false if the buffer
 /// is not longer than `skip`.
@@ -146,7 +151,7 @@ pub fn iovecs_skipping(segs: &[Segment], skip: usize, iov: &mut Vec<libc::iovec>
         let len = s.iov.iov_len - skip;
         skip = 0;
         if let Some(last) = iov.last_mut() {
-            if last.iov_base.cast::<u8>().wrapping_add(last.iov_len) == base {
+            if ends_at(last, base) {
                 last.iov_len += len;
                 continue;
             }

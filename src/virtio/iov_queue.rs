@@ -7,9 +7,11 @@
 //! some 33 of them; rebuilding their iovecs for each 1514-byte frame was
 //! the largest item of rvm's own RX cost. Buffers that follow each other
 //! in memory share one iovec (Linux carves its merged buffers one after
-//! the other from the same pages), as `chain::iovecs_skipping` does.
+//! the other from the same pages), as in `chain::iovecs_skipping`.
 
 use std::collections::VecDeque;
+
+use super::chain::ends_at;
 
 #[derive(Default)]
 pub struct IovQueue {
@@ -35,7 +37,7 @@ impl IovQueue {
         }
         self.bytes += buf.iov_len;
         if let Some(last) = self.iov.back_mut() {
-            if last.iov_base.cast::<u8>().wrapping_add(last.iov_len) == buf.iov_base.cast() {
+            if ends_at(last, buf.iov_base.cast()) {
                 last.iov_len += buf.iov_len;
                 return;
             }

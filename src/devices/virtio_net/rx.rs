@@ -85,9 +85,9 @@ impl Worker {
     }
 
     /// How many bytes of buffers to hold before reading a frame.
-    fn wanted(&self) -> u64 {
+    fn wanted(&self) -> usize {
         if self.mergeable {
-            self.max_frame as u64
+            self.max_frame
         } else {
             1 // any one chain
         }
@@ -98,7 +98,7 @@ impl Worker {
     fn pool_ready(&self) -> bool {
         let p = &self.pool;
         !p.chains.is_empty()
-            && (p.bytes >= self.wanted()
+            && (p.iov.bytes() >= self.wanted()
                 || p.chains.len() >= MAX_POOL_CHAINS
                 || p.iov_full
                 || p.segs.len() >= usize::from(self.rx.queue.size()))
@@ -111,7 +111,7 @@ impl Worker {
         let want = self.wanted();
         loop {
             let (pool, segs, mem) = (&mut self.pool, &mut self.segs, &self.mem);
-            let full = |p: &RxPool| p.bytes >= want || p.chains.len() >= MAX_POOL_CHAINS;
+            let full = |p: &RxPool| p.iov.bytes() >= want || p.chains.len() >= MAX_POOL_CHAINS;
             // A malformed chain stops the batch and goes back answered.
             let mut refused = None;
             if !full(pool) {
@@ -130,7 +130,6 @@ impl Worker {
                             for s in segs.iter() {
                                 pool.iov.push(s.iov);
                             }
-                            pool.bytes += u64::from(len);
                         }
                         r => {
                             refused = Some((head, r));
@@ -322,7 +321,6 @@ impl Worker {
             self.pool.segs.drain(..nsegs);
             self.pool.iov.consume(len as usize);
             self.pool.iov_full = false;
-            self.pool.bytes -= u64::from(len);
             let filled = rest.min(u64::from(len));
             rest -= filled;
             self.give_back(head, filled as u32);

@@ -55,9 +55,9 @@ pub(super) struct RxPool {
     /// (head index, total length, number of segments) per chain.
     pub chains: VecDeque<(u16, u32, usize)>,
     pub segs: VecDeque<Segment>,
-    /// The same buffers as iovecs for the backend's readv.
+    /// The same buffers as iovecs for the backend's readv (and their
+    /// total length).
     pub iov: IovQueue,
-    pub bytes: u64,
     /// One more chain would pass MAX_IOV segments.
     pub iov_full: bool,
 }
