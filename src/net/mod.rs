@@ -10,6 +10,7 @@ pub mod config;
 pub mod counters;
 pub mod host_nic;
 pub mod nic_loop;
+pub mod rate_limit;
 pub mod script;
 pub mod stage;
 pub mod sys;
