@@ -66,6 +66,15 @@ pub enum Error {
     #[error("NIC {nic}: vhost=on, but the {stage} stage needs the frames in rvm; use vhost=auto (falls back to rvm's data path) or vhost=off")]
     StageNeedsUserspace { nic: String, stage: String },
 
+    #[error("NIC {nic}: {source}")]
+    Stage {
+        nic: String,
+        source: crate::net::stage::StageError,
+    },
+
+    #[error("there is no NIC {0} (NICs are numbered from 0 in configuration order)")]
+    NoSuchNic(usize),
+
     #[error("{0} (--seccomp off runs without the filter)")]
     Seccomp(crate::vmm::seccomp::SeccompError),
 

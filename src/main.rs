@@ -49,6 +49,7 @@ struct RunArgs {
     /// A NIC (repeatable): tap=NAME|fd=N|fds=A:B:...[,bridge=BR][,mac=MAC]
     /// [,model=virtio|e1000][,queues=N|auto][,vhost=on|off|auto][,vnet_hdr=on|off]
     /// [,sndbuf=BYTES][,mtu=N][,script=PATH|no][,downscript=PATH|no]
+    /// [,tx_rate=BITS/S][,tx_burst=BYTES][,tx_pps=N][,rx_rate=..][,rx_burst=..][,rx_pps=..]
     #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
     nets: Vec<NetConfig>,
     /// One NIC on host TAP NAME (created if missing, removed at exit).

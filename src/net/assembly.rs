@@ -97,6 +97,14 @@ fn vhost_for(cfg: &NetConfig, memory: &GuestRam, pairs: usize) -> Result<Vec<Vho
             .map(|_| VhostNet::open(memory, cfg.vnet_hdr))
             .collect::<std::result::Result<Vec<_>, _>>()
     };
+    if cfg.vhost == VhostMode::Auto && !cfg.limits.is_none() {
+        // (validate_all refused vhost=on with limits.)
+        log::info!(
+            "{}: vhost=auto: rate limits hold frames back in rvm, which vhost-net cannot; data path: userspace",
+            cfg.label()
+        );
+        return Ok(Vec::new());
+    }
     Ok(match cfg.vhost {
         VhostMode::Off => Vec::new(),
         VhostMode::On => open_all().map_err(|source| Error::Vhost {

@@ -1,16 +1,19 @@
 //! The NIC options a user writes, QEMU-style:
 //! `tap=NAME,bridge=BR,mac=MAC,model=virtio|e1000,vhost=on|off|auto,
 //! vnet_hdr=on|off,sndbuf=N,mtu=N,script=PATH|no,downscript=PATH|no,fd=N,
-//! fds=A:B:...,queues=N|auto`.
+//! fds=A:B:...,queues=N|auto`, and rate limits:
+//! `tx_rate=16Mbit,tx_burst=256K,tx_pps=N` (and the same for rx).
 
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use super::rate_limit::{self, Bucket, DirectionLimits, RateLimits};
 use super::tap::valid_ifname;
 
 pub const KEYS: &str =
-    "tap, bridge, mac, model, vhost, vnet_hdr, sndbuf, mtu, script, downscript, fd, fds, queues";
+    "tap, bridge, mac, model, vhost, vnet_hdr, sndbuf, mtu, script, downscript, \
+     fd, fds, queues, tx_rate, rx_rate, tx_burst, rx_burst, tx_pps, rx_pps";
 
 /// The most queue pairs a virtio-net NIC may have.
 pub const MAX_QUEUE_PAIRS: u16 = 16;
@@ -81,6 +84,9 @@ pub struct NetConfig {
     pub mtu: Option<u16>,
     pub script: Option<PathBuf>,
     pub downscript: Option<PathBuf>,
+    /// Rate limits per direction (none by default). They hold frames back
+    /// in rvm, so vhost-net cannot carry a limited NIC.
+    pub limits: RateLimits,
 }
 
 impl NetConfig {
@@ -100,6 +106,7 @@ impl NetConfig {
             mtu: None,
             script: None,
             downscript: None,
+            limits: RateLimits::default(),
         }
     }
 
@@ -176,6 +183,14 @@ pub enum NetConfigError {
     DuplicateFd(i32),
     #[error("MAC {0} is given to two NICs")]
     DuplicateMac(MacAddr),
+    #[error("--net {spec}: {key} needs {needs} (a burst of what rate?)")]
+    BurstWithoutRate {
+        spec: String,
+        key: &'static str,
+        needs: &'static str,
+    },
+    #[error("NIC {0}: vhost=on and a rate limit cannot both hold: vhost-net moves frames in the kernel, which cannot hold them back for rvm; use vhost=auto (or off) with limits")]
+    VhostAndLimits(String),
     #[error("bad MAC {0:?}: {1}")]
     BadMac(String, &'static str),
 }
@@ -300,6 +315,9 @@ impl FromStr for NetConfig {
         let mut c = NetConfig::tap("");
         c.tap = None;
         let mut seen: Vec<&str> = Vec::new();
+        // Rate, burst and pps per direction (tx, rx): a bucket needs its
+        // rate and its burst together, so they are built after the loop.
+        let mut rates: [(Option<u64>, Option<u64>, Option<u64>); 2] = Default::default();
         for part in spec.split(',') {
             let Some((key, v)) = part.split_once('=') else {
                 return Err(NetConfigError::NotKeyValue {
@@ -371,6 +389,15 @@ impl FromStr for NetConfig {
                         Queues::Pairs(n as u16)
                     };
                 }
+                "tx_rate" | "rx_rate" | "tx_burst" | "rx_burst" | "tx_pps" | "rx_pps" => {
+                    let r = &mut rates[usize::from(key.starts_with("rx"))];
+                    let why = |e: rate_limit::LimitError| bad(spec, key, v, &e.to_string());
+                    match &key[3..] {
+                        "rate" => r.0 = Some(rate_limit::parse_rate(v).map_err(why)?),
+                        "burst" => r.1 = Some(rate_limit::parse_size(v).map_err(why)?),
+                        _ => r.2 = Some(rate_limit::parse_pps(v).map_err(why)?),
+                    }
+                }
                 _ => {
                     return Err(NetConfigError::UnknownKey {
                         spec: spec.into(),
@@ -379,6 +406,11 @@ impl FromStr for NetConfig {
                 }
             }
         }
+        let [tx, rx] = rates;
+        c.limits = RateLimits {
+            tx: direction_limits(spec, "tx", tx)?,
+            rx: direction_limits(spec, "rx", rx)?,
+        };
         let given = [c.tap.is_some(), c.fd.is_some(), !c.fds.is_empty()];
         match given.iter().filter(|&&g| g).count() {
             0 => return Err(NetConfigError::NoTap(spec.into())),
@@ -409,6 +441,35 @@ impl FromStr for NetConfig {
     }
 }
 
+/// One direction's buckets from its rate (bit/s), burst (bytes) and pps.
+fn direction_limits(
+    spec: &str,
+    dir: &'static str,
+    (rate, burst, pps): (Option<u64>, Option<u64>, Option<u64>),
+) -> Result<DirectionLimits, NetConfigError> {
+    let (rate_key, burst_key, pps_key) = if dir == "tx" {
+        ("tx_rate", "tx_burst", "tx_pps")
+    } else {
+        ("rx_rate", "rx_burst", "rx_pps")
+    };
+    let bad_bucket = |key: &str, e: rate_limit::LimitError| bad(spec, key, "", &e.to_string());
+    let bandwidth = match (rate, burst) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(NetConfigError::BurstWithoutRate {
+                spec: spec.into(),
+                key: burst_key,
+                needs: rate_key,
+            })
+        }
+        (Some(r), b) => Some(Bucket::bandwidth(r, b).map_err(|e| bad_bucket(rate_key, e))?),
+    };
+    let ops = pps
+        .map(|n| Bucket::operations(n).map_err(|e| bad_bucket(pps_key, e)))
+        .transpose()?;
+    Ok(DirectionLimits { bandwidth, ops })
+}
+
 /// Checks NICs against each other and gives each a MAC: duplicates of a
 /// TAP, an fd or an explicit MAC are errors; default MACs never collide.
 /// `queues=auto` becomes one pair per vCPU of `vcpus`.
@@ -416,6 +477,9 @@ pub fn validate_all(nics: &mut [NetConfig], vcpus: u8) -> Result<(), NetConfigEr
     for n in nics.iter_mut() {
         if n.queues == Queues::PerVcpu {
             n.queues = Queues::Pairs(u16::from(vcpus).clamp(1, MAX_QUEUE_PAIRS));
+        }
+        if n.vhost == VhostMode::On && !n.limits.is_none() {
+            return Err(NetConfigError::VhostAndLimits(n.label()));
         }
         if n.model == NicModel::E1000 && n.queues.pairs() > 1 {
             return Err(NetConfigError::E1000OneQueue(n.label()));
@@ -614,5 +678,32 @@ mod tests {
             validate_all(&mut dup, 1),
             Err(NetConfigError::DuplicateFd(3))
         );
+    }
+
+    #[test]
+    fn rate_limits_parse_per_direction_and_bad_ones_are_named() {
+        let c: NetConfig = "tap=t0,tx_rate=16Mbit,tx_burst=256K,rx_rate=1G,rx_pps=2000"
+            .parse()
+            .unwrap();
+        let tx = c.limits.tx.bandwidth.unwrap();
+        assert_eq!(tx.size, 256 << 10);
+        assert!((tx.rate() - 2e6).abs() < 1.0);
+        assert!(c.limits.tx.ops.is_none());
+        assert!((c.limits.rx.bandwidth.unwrap().rate() - 125e6).abs() < 1.0);
+        assert!((c.limits.rx.ops.unwrap().rate() - 2000.0).abs() < 0.01);
+        assert!("tap=t0".parse::<NetConfig>().unwrap().limits.is_none());
+        let e = err("tap=t0,tx_rate=fast");
+        assert!(
+            e.contains("bad tx_rate=\"fast\"") && e.contains("like 16Mbit"),
+            "{e}"
+        );
+        assert!(err("tap=t0,rx_burst=lots").contains("size in bytes"));
+        assert!(err("tap=t0,tx_pps=0").contains("frames per second"));
+        assert!(err("tap=t0,rx_burst=64K").contains("rx_burst needs rx_rate"));
+        let mut on = vec!["tap=t0,vhost=on,rx_pps=10".parse::<NetConfig>().unwrap()];
+        let e = validate_all(&mut on, 1).unwrap_err().to_string();
+        assert!(e.contains("vhost=on and a rate limit"), "{e}");
+        let mut auto = vec!["tap=t0,rx_pps=10".parse::<NetConfig>().unwrap()];
+        validate_all(&mut auto, 1).unwrap();
     }
 }

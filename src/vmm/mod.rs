@@ -36,6 +36,7 @@ use crate::devices::IrqLine;
 use crate::error::{Error, Result};
 use crate::net::assembly;
 use crate::net::backend::NetBackend;
+use crate::net::rate_limit::LimitControl;
 use crate::net::stage::Stages;
 use crate::net::vhost::VhostNet;
 use crate::net::NicStats;
@@ -85,6 +86,8 @@ struct NicHandle {
     stats: Arc<NicStats>,
     device: NicDevice,
     stages: Stages,
+    /// Its rate limits, changed while it runs through the controller.
+    limits: Arc<LimitControl>,
     /// `vhost=on`: the kernel must move this NIC's frames.
     vhost_required: bool,
 }
@@ -264,6 +267,12 @@ impl Vm {
                 vm.name_last_nic(&nic.name);
                 if let Some(n) = vm.nics.last_mut() {
                     n.vhost_required = cfg.vhost == crate::net::VhostMode::On;
+                    // Before the guest's first frame; the NIC is on rvm's
+                    // data path (assemble declined vhost-net for limits).
+                    n.limits.set(cfg.limits).map_err(|source| Error::Stage {
+                        nic: n.name.clone(),
+                        source,
+                    })?;
                 }
                 vm.host_nics.push(host);
             }
@@ -365,6 +374,7 @@ impl Vm {
             model,
             stats,
             device,
+            limits: Arc::new(LimitControl::new(stages.clone())),
             stages,
             vhost_required: false,
         });
