@@ -5,7 +5,9 @@
 //!
 //! `cargo bench --bench net_datapath` (root: it unshares a network
 //! namespace for itself; it needs no KVM). RVM_BENCH_SECS sets the timed
-//! seconds per measurement (default 2).
+//! seconds per measurement (default 2). `-- limit` adds (only when asked)
+//! the accuracy of TX rate limits: 16 Mbit/s, 100 Mbit/s and 1 Gbit/s for
+//! RVM_LIMIT_SECS (default 10) each.
 //!
 //! What is timed, in rounds that alternate raw and device on the same TAP:
 //! - TX: the driver streams N frames through a 256-entry ring as a busy
@@ -36,6 +38,8 @@ use std::time::{Duration, Instant};
 use rvm::devices::virtio_net::features::*;
 use rvm::devices::virtio_net::{NetParams, VirtioNet, HDR_LEN};
 use rvm::net::backend::{offload, NetBackend};
+use rvm::net::rate_limit::{Bucket, DirectionLimits, RateLimiter, RateLimits};
+use rvm::net::stage::Stages;
 use rvm::net::tap::Tap;
 use rvm::virtio::features::{RING_EVENT_IDX, RING_INDIRECT_DESC, VERSION_1};
 use rvm::virtio::sim::{SimDriver, DATA_START, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
@@ -393,6 +397,12 @@ const FEATURES: u64 = VERSION_1
 
 /// The device with the features a Linux guest takes, initialised.
 fn device(tap: &Arc<Tap>) -> (SimDriver, Arc<rvm::net::NicStats>) {
+    let (drv, stats, _) = device_with_stages(tap);
+    (drv, stats)
+}
+
+/// [`device`], with a handle on its stages.
+fn device_with_stages(tap: &Arc<Tap>) -> (SimDriver, Arc<rvm::net::NicStats>, Stages) {
     let params = NetParams {
         mac: [0x52, 0x54, 0, 0xbe, 0x9c, 0x01],
         mtu: 1500,
@@ -400,10 +410,11 @@ fn device(tap: &Arc<Tap>) -> (SimDriver, Arc<rvm::net::NicStats>) {
     };
     let net = VirtioNet::new(params, tap.clone(), None);
     let stats = net.stats();
+    let stages = net.stages();
     let mut drv = SimDriver::new(Box::new(net), 64);
     let s = drv.init(FEATURES, &[QSIZE, QSIZE, 64]);
     assert_ne!(s & rvm::virtio::status::DRIVER_OK, 0, "driver init failed");
-    (drv, stats)
+    (drv, stats, stages)
 }
 
 /// A busy guest's driver loop on queue `q`, whose descriptor table was
@@ -432,6 +443,7 @@ fn stream(
     let cpu0 = worker_cpu();
     let mut spins = 0u64;
     let t = Instant::now();
+    let mut progress = t;
     let mut flushed = drv.queues[q].avail_idx();
     drv.queues[q].flush(&mem);
     drv.kick(q as u16);
@@ -439,6 +451,7 @@ fn stream(
         let mut more = false;
         while let Some((_, len)) = drv.queues[q].pop_used(&mem) {
             reaped += 1;
+            progress = Instant::now();
             bytes += u64::from(len);
             if posted < limit {
                 let head = post(drv, posted);
@@ -460,7 +473,7 @@ fn stream(
         } else {
             spins += 1;
             assert!(
-                !spins.is_multiple_of(4096) || t.elapsed() < Duration::from_secs(10),
+                !spins.is_multiple_of(4096) || progress.elapsed() < Duration::from_secs(10),
                 "the device stalled: {reaped} chains and {bytes} bytes used, {posted} posted"
             );
             std::hint::spin_loop();
@@ -566,6 +579,36 @@ fn measure(tap: &Arc<Tap>, shape: Shape, dir: &str) -> (Figures, Figures) {
     assert_eq!(frames, dev.frames, "frames the device moved");
     assert_eq!(lost, 0, "frames the device dropped or refused");
     (raw, dev)
+}
+
+/// TX under a rate limit of `bits` per second for RVM_LIMIT_SECS (default
+/// 10) of streaming: the rate the TAP got (bits of frames as the guest
+/// sends them, no vnet header) and the throttle episodes.
+fn measure_limit(tap: &Arc<Tap>, shape: Shape, bits: u64) -> (f64, u64) {
+    let secs = std::env::var("RVM_LIMIT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10.0);
+    let (mut drv, stats, stages) = device_with_stages(tap);
+    let limiter = RateLimiter::new(RateLimits {
+        tx: DirectionLimits {
+            bandwidth: Some(Bucket::bandwidth(bits, None).expect("a valid rate")),
+            ops: None,
+        },
+        ..RateLimits::default()
+    });
+    stages.push(limiter.stage()).expect("the stage");
+    drv.mem
+        .write_slice(&packet(shape), GuestAddress(DATA_START))
+        .expect("frame in guest memory");
+    write_tx_ring(&mut drv, shape);
+    let span = Duration::from_secs_f64(secs);
+    let t = Instant::now();
+    stream(&mut drv, TXQ, usize::MAX, |_, _| t.elapsed() >= span);
+    let took = t.elapsed().as_secs_f64();
+    let c = stats.snapshot();
+    assert_eq!(c.tx_dropped + c.malformed, 0, "frames the device dropped");
+    (c.tx_bytes as f64 * 8.0 / took, limiter.throttled().tx)
 }
 
 /// TX of 1514-byte frames on `pairs` queue pairs at once (a worker thread
@@ -763,6 +806,25 @@ fn main() {
             two.ns_per_frame(),
             two.fps() / one.fps()
         );
+    }
+    if picks.iter().any(|p| p == "limit") {
+        // Not by default: 10 s per figure.
+        println!();
+        for (bits, shape) in [
+            (16_000_000, Shape::Mtu),
+            (100_000_000, Shape::Mtu),
+            (1_000_000_000, Shape::Mtu),
+            (1_000_000_000, Shape::Tso),
+        ] {
+            let (got, throttled) = measure_limit(&tap, shape, bits);
+            println!(
+                "TX limited to {:>5} Mbit/s, {:<17}: {:>8.2} Mbit/s ({:.1}% of the limit), throttled {throttled} times",
+                bits / 1_000_000,
+                shape.name(),
+                got / 1e6,
+                100.0 * got / bits as f64
+            );
+        }
     }
     println!(
         "\nframe/s and Gb/s: wall clock, the device fed by a simulated driver on another thread."
