@@ -95,4 +95,6 @@ pub trait VirtioDevice: Send {
     /// touch guest memory (it starts off). The transport kicks every
     /// queue when it comes back on, so that held work resumes.
     fn set_bus_master(&mut self, on: bool);
+    /// The device model itself, for its owner's controls (a NIC's link).
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }

@@ -144,6 +144,11 @@ pub enum TransportError {
 }
 
 impl VirtioPciDevice {
+    /// The device model behind the transport (its owner's controls).
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
     /// Wraps `device`; `bar_addr` is where BAR 0 starts, `vectors` the MSI-X
     /// vectors (one per queue plus one for configuration changes is best).
     pub fn new(

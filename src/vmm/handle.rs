@@ -32,6 +32,8 @@ pub struct NicInfo {
     pub counters: NetCounters,
     /// The same per queue pair (RX queue k and TX queue k), in order.
     pub queues: Vec<NetCounters>,
+    /// Whether the guest sees a link (see [`VmController::set_nic_link`]).
+    pub link_up: bool,
     /// Its rate limits now (none: unlimited).
     pub limits: RateLimits,
     /// How often each direction began to be held back by them.
@@ -45,6 +47,7 @@ struct NicControl {
     model: NicModel,
     stats: Arc<NicStats>,
     limits: Arc<LimitControl>,
+    device: super::NicDevice,
 }
 
 /// What a thread other than the owner may do with a running VM. Clone it
@@ -98,10 +101,23 @@ impl VmController {
                 model: n.model,
                 counters: n.stats.snapshot(),
                 queues: n.stats.per_pair(),
+                link_up: n.device.link_up(),
                 limits: n.limits.limits(),
                 throttled: n.limits.throttled(),
             })
             .collect()
+    }
+
+    /// Plugs NIC `index`'s cable in (`up`) or pulls it out, while the VM
+    /// runs: the guest sees its carrier change (virtio-net's STATUS with a
+    /// config-change interrupt; the e1000's STATUS.LU with LSC), and while
+    /// it is down no frame moves either way: the TAP keeps what the host
+    /// sends, what the guest sends is dropped and counted in
+    /// `tx_dropped` (vhost-net is paused). The e1000 also needs its TAP up.
+    pub fn set_nic_link(&self, index: usize, up: bool) -> crate::Result<()> {
+        let nic = self.nics.get(index).ok_or(crate::Error::NoSuchNic(index))?;
+        nic.device.set_link(up);
+        Ok(())
     }
 
     /// Sets NIC `index`'s rate limits (configuration order) while the VM
@@ -162,6 +178,7 @@ impl RunningVm {
                     model: n.model,
                     stats: n.stats.clone(),
                     limits: n.limits.clone(),
+                    device: n.device.clone(),
                 })
                 .collect(),
         };

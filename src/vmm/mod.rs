@@ -92,6 +92,7 @@ struct NicHandle {
     vhost_required: bool,
 }
 
+#[derive(Clone)]
 enum NicDevice {
     Virtio(Arc<Mutex<VirtioPciDevice>>),
     E1000(Arc<Mutex<E1000>>),
@@ -102,6 +103,32 @@ impl NicDevice {
         match self {
             NicDevice::Virtio(d) => crate::lock_or_recover(d).shutdown(),
             NicDevice::E1000(d) => crate::lock_or_recover(d).shutdown(),
+        }
+    }
+
+    /// Plugs the cable in or pulls it out (see `VirtioNet::set_link`,
+    /// `E1000::set_link`).
+    fn set_link(&self, up: bool) {
+        match self {
+            NicDevice::Virtio(d) => {
+                let mut d = crate::lock_or_recover(d);
+                if let Some(net) = d.device_mut().as_any_mut().downcast_mut::<VirtioNet>() {
+                    net.set_link(up);
+                }
+            }
+            NicDevice::E1000(d) => crate::lock_or_recover(d).set_link(up),
+        }
+    }
+
+    /// The link the guest sees.
+    fn link_up(&self) -> bool {
+        match self {
+            NicDevice::Virtio(d) => crate::lock_or_recover(d)
+                .device_mut()
+                .as_any_mut()
+                .downcast_mut::<VirtioNet>()
+                .is_some_and(|n| n.link_up()),
+            NicDevice::E1000(d) => crate::lock_or_recover(d).link_up(),
         }
     }
 }

@@ -108,10 +108,16 @@ pub struct Core {
     /// A stage holds TX at TDH until a time (the NIC thread wakes then);
     /// (until, the stage that held).
     pub(crate) tx_hold: Option<HoldAt>,
+    /// The link is up when the TAP is and the owner has not taken it
+    /// down; the PHY shows the result.
+    tap_link: bool,
+    owner_link: bool,
 }
 
 /// The TAP behind the NIC's stages, for one TX pass.
 struct StagedTap<'a> {
+    /// Without a link every frame is dropped (counted), as with the cable out.
+    link_up: bool,
     backend: &'a Arc<dyn NetBackend>,
     stages: &'a Stages,
     /// The stage the first frame starts at (where a hold left it).
@@ -121,6 +127,9 @@ struct StagedTap<'a> {
 
 impl TxSink for StagedTap<'_> {
     fn admit(&mut self, frame: &[u8]) -> Admit {
+        if !self.link_up {
+            return Admit::Drop;
+        }
         let from = std::mem::take(&mut self.from);
         match self
             .stages
@@ -173,6 +182,8 @@ impl Core {
             irq_high: false,
             rx: rx::RxState::new(vnet),
             bus_master: false,
+            tap_link: true,
+            owner_link: true,
             tx_blocked: false,
             stages: Stages::new(),
             tx_hold: None,
@@ -408,6 +419,7 @@ impl Core {
             return;
         };
         let mut tap = StagedTap {
+            link_up: self.phy.link_up(),
             backend: &self.backend,
             stages: &self.stages,
             from,
@@ -452,6 +464,19 @@ impl Core {
 
     /// The host side's link changed (the TAP went down or up).
     pub(crate) fn set_link(&mut self, up: bool) {
+        self.tap_link = up;
+        self.apply_link();
+    }
+
+    /// The owner's link (a cable plugged in or pulled out), whatever the
+    /// TAP's state: the link is up when both are.
+    pub(crate) fn set_owner_link(&mut self, up: bool) {
+        self.owner_link = up;
+        self.apply_link();
+    }
+
+    fn apply_link(&mut self) {
+        let up = self.tap_link && self.owner_link;
         if self.phy.link_up() != up {
             self.phy.set_link(up);
             self.cause(ICR_LSC);
@@ -609,6 +634,19 @@ impl E1000 {
 
     pub fn resets(&self) -> Arc<ResetCounts> {
         self.resets.clone()
+    }
+
+    /// Sets the link up or down (a cable plugged in or pulled out):
+    /// STATUS.LU and a link-status-change interrupt; while down nothing is
+    /// received and what the guest sends is dropped (counted). The link
+    /// also needs the TAP up.
+    pub fn set_link(&self, up: bool) {
+        self.core().set_owner_link(up);
+    }
+
+    /// Whether the guest sees a link now.
+    pub fn link_up(&self) -> bool {
+        self.core().phy.link_up()
     }
 
     /// Stops the RX thread (at VM exit, before the TAP goes away).

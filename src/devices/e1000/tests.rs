@@ -896,3 +896,42 @@ fn a_stage_holding_until_now_does_not_spin_the_nic_thread() {
         assert!((1..=6000).contains(&n), "{dir:?}: {n} asks in 300 ms");
     }
 }
+
+/// The owner pulls the cable (`E1000::set_link(false)`): STATUS.LU off
+/// with LSC, nothing received (the frame stays in the TAP), what the
+/// guest sends dropped and counted; the TAP's own state cannot bring the
+/// link back meanwhile; plugged in again, the waiting frame comes in and
+/// TX goes out.
+#[test]
+fn the_owners_link_down_moves_no_frame_either_way() {
+    let mut r = rig();
+    r.w(IMS, ICR_LSC);
+    r.tx_ring(8);
+    r.rx_ring(8);
+    r.dev.set_link(false);
+    assert!(!r.dev.link_up());
+    assert_eq!(r.r(STATUS) & STATUS_LU, 0);
+    assert_ne!(r.r(ICR) & ICR_LSC, 0);
+    // The TAP is up: still no link while the owner says down.
+    r.dev.core().set_link(true);
+    assert_eq!(r.r(STATUS) & STATUS_LU, 0);
+    peer_send(&r.peer, &frame_to(MAC, 100, 1));
+    let f = frame_to([2, 0, 0, 0, 0, 9], 200, 3);
+    r.mem.write_slice(&f, GuestAddress(BUFS + 0x4000)).unwrap();
+    r.tx_desc(0, BUFS + 0x4000, f.len() as u16);
+    r.w(TDT, 1);
+    assert!(r.wait_reg(TDH, 1), "the descriptor is done");
+    assert!(
+        peer_recv_nothing(&r.peer),
+        "a frame went out with the link down"
+    );
+    assert_eq!(r.r(RDH), 0, "a frame came in with the link down");
+    assert_eq!(r.dev.stats().snapshot().tx_dropped, 1);
+    r.dev.set_link(true);
+    assert_ne!(r.r(STATUS) & STATUS_LU, 0);
+    assert_ne!(r.r(ICR) & ICR_LSC, 0);
+    assert!(r.wait_rdh(1), "the frame the TAP kept comes in");
+    r.tx_desc(1, BUFS + 0x4000, f.len() as u16);
+    r.w(TDT, 2);
+    assert_eq!(peer_recv(&r.peer).as_deref(), Some(&f[..]));
+}

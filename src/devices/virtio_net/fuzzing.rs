@@ -81,6 +81,10 @@ impl VirtioDevice for SyncNet {
     fn set_bus_master(&mut self, on: bool) {
         self.net.set_bus_master(on)
     }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
 }
 
 impl Passes {

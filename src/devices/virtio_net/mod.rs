@@ -97,6 +97,17 @@ pub struct VirtioNet {
     /// What every frame passes (the workers' path; vhost-net only when no
     /// stage needs the frames in rvm).
     stages: Stages,
+    /// The link (carrier) the owner set: while down no frame moves either
+    /// way, shared with the workers.
+    link_up: Arc<AtomicBool>,
+    /// What a link change must reach while the driver runs: its config
+    /// interrupt, and each pair's RX kick (to wake the worker).
+    session: Option<LinkSession>,
+}
+
+struct LinkSession {
+    interrupt: Arc<dyn crate::virtio::Interrupt>,
+    wake: Vec<EventFd>,
 }
 
 /// The feature bits vhost-net interprets itself: the guest may only have
@@ -172,7 +183,46 @@ impl VirtioNet {
             vhost,
             bus_master: Arc::new(AtomicBool::new(false)),
             stages: Stages::new(),
+            link_up: Arc::new(AtomicBool::new(true)),
+            session: None,
         }
+    }
+
+    /// Sets the link up or down (a cable plugged in or pulled out): the
+    /// driver gets the new STATUS and a config-change interrupt; while
+    /// down, the workers read nothing from the TAP and drop (and count)
+    /// what the guest sends, and vhost-net is paused, so no frame moves.
+    pub fn set_link(&mut self, up: bool) {
+        if self.link_up.swap(up, Ordering::SeqCst) == up {
+            return;
+        }
+        let Some(s) = &self.session else { return };
+        for (v, backend) in self.vhost.iter_mut().zip(&self.backends) {
+            if !v.running() {
+                continue;
+            }
+            if !up {
+                v.pause();
+            } else if self.bus_master.load(Ordering::SeqCst) {
+                if let Err(e) =
+                    Self::tap_file(backend).and_then(|t| v.resume(&t).map_err(|e| e.to_string()))
+                {
+                    crate::guest_log!(
+                        log::Level::Warn,
+                        "{}: vhost-net did not resume when the link came up: {e}",
+                        self.params.name
+                    );
+                }
+            }
+        }
+        for w in &s.wake {
+            let _ = w.write(1);
+        }
+        s.interrupt.config();
+    }
+
+    pub fn link_up(&self) -> bool {
+        self.link_up.load(Ordering::SeqCst)
     }
 
     /// RX/TX queue pairs.
@@ -269,6 +319,7 @@ impl VirtioNet {
     }
 
     fn stop_workers(&mut self) {
+        self.session = None;
         for v in &mut self.vhost {
             v.stop();
         }
@@ -305,7 +356,8 @@ impl VirtioDevice for VirtioNet {
         // struct virtio_net_config: mac, status, max_virtqueue_pairs, mtu.
         let mut cfg = [0u8; 12];
         cfg[0..6].copy_from_slice(&self.params.mac);
-        cfg[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
+        let status = if self.link_up() { LINK_UP } else { 0 };
+        cfg[6..8].copy_from_slice(&status.to_le_bytes());
         cfg[8..10].copy_from_slice(&(self.pairs() as u16).to_le_bytes());
         cfg[10..12].copy_from_slice(&self.params.mtu.to_le_bytes());
         for (i, b) in data.iter_mut().enumerate() {
@@ -351,11 +403,16 @@ impl VirtioDevice for VirtioNet {
         self.stop_workers();
     }
 
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
     fn set_bus_master(&mut self, on: bool) {
         self.bus_master.store(on, Ordering::SeqCst);
-        // The kernel's data path holds still too, and carries on after.
+        // The kernel's data path holds still too, and carries on after
+        // (unless the link is down: then it waits for the link).
         for (v, backend) in self.vhost.iter_mut().zip(&self.backends) {
-            if !v.running() {
+            if !v.running() || (on && !self.link_up.load(Ordering::SeqCst)) {
                 continue;
             }
             if !on {
@@ -438,6 +495,12 @@ impl VirtioNet {
                     false
                 }
             };
+        if in_kernel && !self.link_up() {
+            // Activated with the link down: the kernel waits for it.
+            for v in &mut self.vhost[..pairs] {
+                v.pause();
+            }
+        }
         let start = |e: std::io::Error| ActivateError::Start(e.to_string());
         let control = if mq {
             Some(Arc::new(MqControl::new(pairs as u16).map_err(start)?))
@@ -459,6 +522,15 @@ impl VirtioNet {
             }
         }
         let mut ctrl = queues.next();
+        let wake = data
+            .iter()
+            .map(|(rx, _)| rx.kick.try_clone())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(start)?;
+        self.session = Some(LinkSession {
+            interrupt: a.interrupt.clone(),
+            wake,
+        });
         let mut workers = Vec::with_capacity(pairs);
         for (k, (rx, tx)) in data.into_iter().enumerate() {
             let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(start)?;
@@ -476,6 +548,7 @@ impl VirtioNet {
                 data_in_kernel: in_kernel,
                 mtu: self.params.mtu,
                 bus_master: self.bus_master.clone(),
+                link_up: self.link_up.clone(),
                 mq: control.clone().map(|c| (k, c)),
             });
             workers.push((w, stop));

@@ -33,8 +33,9 @@ const RETRY_AFTER: Duration = Duration::from_millis(100);
 impl Worker {
     pub(super) fn process_rx(&mut self) {
         // A pair the driver does not use reads nothing (its TAP queue is
-        // detached: the host steers no frames to it).
-        if !self.may_dma() || !self.attached {
+        // detached: the host steers no frames to it); nor does a pair
+        // whose link is down (the TAP keeps the frames, a held one too).
+        if !self.may_dma() || !self.attached || !self.link_up() {
             return;
         }
         let mut used = false;

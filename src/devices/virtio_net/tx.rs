@@ -21,6 +21,9 @@ impl Worker {
         let mut hold = None;
         let mut used = false;
         let strip = !self.backend.vnet_hdr();
+        // Link down: what the guest sends goes nowhere (counted), as on a
+        // NIC with its cable out.
+        let link = self.link_up();
         let (backend, stats, stages, segs, iov) = (
             &self.backend,
             &self.stats,
@@ -31,6 +34,14 @@ impl Worker {
         let mem = &self.mem;
         let parked = drain(mem, &mut self.tx.queue, &mut self.tx.used, |c, ret| {
             let head = c.head_index();
+            if !link {
+                bump(&stats.tx_dropped, 1);
+                if !ret.put(head, 0) {
+                    return Step::Done;
+                }
+                used = true;
+                return Step::Next;
+            }
             segs.clear();
             let frame = chain::collect(c, mem, false, segs).and_then(|len| {
                 if (len as usize) < HDR_LEN {

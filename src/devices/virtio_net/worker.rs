@@ -91,6 +91,9 @@ pub struct Worker {
     /// Bus Master Enable: while off, no queue is touched (the transport
     /// kicks every queue when it comes back on).
     pub(super) bus_master: Arc<AtomicBool>,
+    /// The link the owner set: while down nothing is read from the
+    /// backend and what the guest sends is dropped (counted).
+    pub(super) link_up: Arc<AtomicBool>,
     /// TX is parked: the backend would block, the chain is back in the
     /// ring, and the loop watches the backend for room to go on.
     pub(super) tx_parked: bool,
@@ -129,6 +132,7 @@ pub(super) struct PairSetup {
     /// The MTU the device offered the driver.
     pub mtu: u16,
     pub bus_master: Arc<AtomicBool>,
+    pub link_up: Arc<AtomicBool>,
     /// With VIRTIO_NET_F_MQ: this pair's number and the pairs' shared
     /// state.
     pub mq: Option<(usize, Arc<MqControl>)>,
@@ -156,6 +160,7 @@ impl Worker {
             segs: Vec::with_capacity(MAX_IOV),
             iov: Vec::with_capacity(MAX_IOV),
             bus_master: p.bus_master,
+            link_up: p.link_up,
             tx_parked: false,
             stages: p.stages,
             tx_hold: None,
@@ -211,6 +216,10 @@ impl Worker {
     /// transport kicks every queue when it comes back on.
     pub(super) fn may_dma(&self) -> bool {
         self.bus_master.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn link_up(&self) -> bool {
+        self.link_up.load(Ordering::Relaxed)
     }
 
     /// Runs the data path on the shared NIC loop until the device is
@@ -324,7 +333,8 @@ impl NicEngine for Worker {
                 && !self.backend_failed
                 && !self.rx_paused
                 && self.rx_held.is_none()
-                && self.may_dma(),
+                && self.may_dma()
+                && self.link_up(),
             room: self.tx_parked,
             wake_at,
             detached: !self.attached,
