@@ -260,6 +260,14 @@ fn run(args: RunArgs) -> Result<ExitReason, String> {
             "NIC on {}: rx {} frames {} bytes, {} dropped; tx {} frames {} bytes, {} dropped, {} waits for room; {} malformed chains",
             nic.name, c.rx_frames, c.rx_bytes, c.rx_dropped, c.tx_frames, c.tx_bytes, c.tx_dropped, c.tx_waits, c.malformed
         );
+        if !nic.limits.is_none() {
+            log::info!(
+                "NIC on {}: rate limits held tx back {} times, rx {} times",
+                nic.name,
+                nic.throttled.tx,
+                nic.throttled.rx
+            );
+        }
     }
     if std::env::var_os("RVM_REPORT_RSS").is_some() {
         // For the boot benchmark: rvm's own overhead is peak RSS minus the

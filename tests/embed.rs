@@ -434,6 +434,193 @@ impl Write for Probe {
     }
 }
 
+/// A TX limit changed while the guest streams to the host: 16 Mbit/s
+/// from the start, then 48 Mbit/s through the controller; the rate the
+/// TAP's counters show (the kernel's, on the host's clock) follows within
+/// 10 % in the seconds after, from 1 s after the change. The NIC's info
+/// then shows the new limits and the throttling.
+fn rate_limit_changed_while_running(img: &Images) -> Result<(), String> {
+    use common::netns::rate_between;
+    use rvm::net::rate_limit::{Bucket, DirectionLimits, RateLimits};
+    let ns = Netns::new("apilimit")?;
+    ns.bridge("10.0.0.1/24", 1500)?;
+    let tx = |bits| -> Result<RateLimits, String> {
+        Ok(RateLimits {
+            tx: DirectionLimits {
+                bandwidth: Some(Bucket::bandwidth(bits, None).map_err(|e| e.to_string())?),
+                ops: None,
+            },
+            ..RateLimits::default()
+        })
+    };
+    let mut c = config(&img.minimal, img, "net_stream", "port=5001,secs=120");
+    let mut nic = bridged("rvmapil");
+    nic.limits = tx(16_000_000)?;
+    c.nics.push(nic);
+    let mut listener = ns
+        .command("socat")
+        .args(["-u", "TCP-LISTEN:5001,reuseaddr", "OPEN:/dev/null"])
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut sampler = ns.sample_link("rvmapil")?;
+    let r = ns.run_inside(|| {
+        let _beat = Heartbeat::start("the embedded VM is");
+        let (mut vm, console) = boot_until("limit", &c, "rvm-result: chunk_sha256")?;
+        // Wait for the stream to flow (1 MiB through the TAP).
+        let t = Instant::now();
+        loop {
+            let s = sampler.samples();
+            if s.last().map_or(0, |l| l.rx_bytes) > s.first().map_or(0, |f| f.rx_bytes) + (1 << 20)
+            {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(120) || vm.controller().has_ended() {
+                return Err(format!(
+                    "the guest's stream never flowed\n{}",
+                    console.tail()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_secs(5));
+        let changed = common::netns::now();
+        vm.controller()
+            .set_nic_rate_limits(0, tx(48_000_000)?)
+            .map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_secs(6));
+        let info = vm.nic_counters().remove(0);
+        vm.stop();
+        vm.wait();
+        Ok((changed, info))
+    })?;
+    let _ = listener.kill();
+    let _ = listener.wait();
+    let (changed, info) = r?;
+    let samples = sampler.samples();
+    let window = |t0: f64, t1: f64| {
+        let inside: Vec<_> = samples.iter().filter(|s| s.t >= t0 && s.t <= t1).collect();
+        let (a, b) = (inside.first()?, inside.last()?);
+        (b.t > a.t).then(|| (b.rx_bytes - a.rx_bytes) as f64 * 8.0 / (b.t - a.t))
+    };
+    for (what, got, limit) in [
+        (
+            "before the change",
+            window(changed - 4.0, changed - 0.2),
+            16e6,
+        ),
+        (
+            "from 1 s after it",
+            window(changed + 1.0, changed + 5.5),
+            48e6,
+        ),
+    ] {
+        match got {
+            Some(g) if (g - limit).abs() <= limit * 0.1 => {
+                println!(
+                    "    {what}: {:.1} Mbit/s, limit {:.0}",
+                    g / 1e6,
+                    limit / 1e6
+                )
+            }
+            _ => {
+                return Err(format!(
+                    "{what}: {got:?} bit/s, limit {limit}; all: {:?}; overall {:?}",
+                    samples.iter().step_by(10).collect::<Vec<_>>(),
+                    rate_between(&samples, |s| s.rx_bytes, 0, u64::MAX)
+                ))
+            }
+        }
+    }
+    if info.limits != tx(48_000_000)? || info.throttled.tx == 0 {
+        return Err(format!("the NIC's info after the change: {info:?}"));
+    }
+    ns.no_taps_left()
+}
+
+/// Waits until the console has said `line` `times` times, or `within`.
+fn wait_for_count(console: &Console, line: &str, times: usize, within: Duration) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if console.text().matches(line).count() >= times {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// The owner pulls the NIC's cable and plugs it in again through the
+/// controller: the guest's eth0 sees carrier 0, then 1; while down the
+/// host's pings go unanswered (and on rvm's path no frame reaches the
+/// guest), after it they are answered again.
+fn link_down_and_up(
+    model: rvm::NicModel,
+    vhost: rvm::VhostMode,
+) -> impl Fn(&Images) -> Result<(), String> {
+    move |img| {
+        let ns = Netns::new("apilink")?;
+        ns.bridge("10.0.0.1/24", 1500)?;
+        let mut c = config(&img.minimal, img, "net_carrier", "");
+        let mut nic = bridged("rvmapik");
+        nic.model = model;
+        nic.vhost = vhost;
+        c.nics.push(nic);
+        ns.run_inside(|| {
+            let _beat = Heartbeat::start("the embedded VM is");
+            let (mut vm, console) = boot_until("link", &c, "rvm-result: carrier=1")?;
+            let ctl = vm.controller();
+            let r = (|| {
+                ns.sh("ping -c 2 -W 5 10.0.0.2")?;
+                ctl.set_nic_link(0, false).map_err(|e| e.to_string())?;
+                if !wait_for_count(
+                    &console,
+                    "rvm-result: carrier=0",
+                    1,
+                    Duration::from_secs(20),
+                ) {
+                    return Err(format!("the guest never saw carrier 0\n{}", console.tail()));
+                }
+                let before = ctl.nic_counters().remove(0);
+                if ns.sh("ping -c 3 -W 1 10.0.0.2").is_ok() {
+                    return Err("the guest answered pings with its link down".into());
+                }
+                let after = ctl.nic_counters().remove(0);
+                if before.link_up || after.link_up {
+                    return Err(format!("NicInfo says the link is up: {after:?}"));
+                }
+                if vhost == rvm::VhostMode::Off
+                    && after.counters.rx_frames != before.counters.rx_frames
+                {
+                    return Err(format!(
+                        "frames reached the guest with its link down: {before:?} -> {after:?}"
+                    ));
+                }
+                ctl.set_nic_link(0, true).map_err(|e| e.to_string())?;
+                if !wait_for_count(
+                    &console,
+                    "rvm-result: carrier=1",
+                    2,
+                    Duration::from_secs(20),
+                ) {
+                    return Err(format!(
+                        "the guest never saw carrier 1 again\n{}",
+                        console.tail()
+                    ));
+                }
+                ns.sh("ping -c 3 -W 5 10.0.0.2").map(drop)?;
+                if !ctl.nic_counters()[0].link_up {
+                    return Err("NicInfo says the link is down after it came up".into());
+                }
+                Ok(())
+            })();
+            vm.stop();
+            vm.wait();
+            r
+        })??;
+        ns.no_taps_left()
+    }
+}
+
 fn case(name: &str, f: impl Fn(&Images) -> Result<(), String> + 'static) -> Case<Images> {
     (name.to_string(), Box::new(f))
 }
@@ -455,6 +642,22 @@ fn cases() -> Vec<Case<Images>> {
         case(
             "seccomp_refuses_a_forbidden_call_and_the_vm_runs_on",
             seccomp_refuses_a_forbidden_call_and_the_vm_runs_on,
+        ),
+        case(
+            "api_rate_limit_changed_while_the_guest_streams",
+            rate_limit_changed_while_running,
+        ),
+        case(
+            "api_link_down_and_up_virtio",
+            link_down_and_up(rvm::NicModel::Virtio, rvm::VhostMode::Off),
+        ),
+        case(
+            "api_link_down_and_up_virtio_vhost",
+            link_down_and_up(rvm::NicModel::Virtio, rvm::VhostMode::On),
+        ),
+        case(
+            "api_link_down_and_up_e1000",
+            link_down_and_up(rvm::NicModel::E1000, rvm::VhostMode::Off),
         ),
     ]
 }

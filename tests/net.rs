@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::netns::Netns;
-use common::{images, run_guest_retrying, run_suite, rvm_bin, Case, GuestRun, Images};
+use common::{
+    images, run_guest_retrying, run_suite, rvm_bin, sigterm_and_wait, spawn_until, Case, GuestRun,
+    Images,
+};
 
 const DEADLINE: Duration = Duration::from_secs(300);
 const TCP_MIB: u64 = 32;
@@ -171,77 +174,14 @@ fn ping_bridge(k: Kernel, path: DataPath) -> impl Fn(&Images) -> Result<(), Stri
 }
 
 /// Spawns a guest that idles with its NIC up; returns once it says so.
-/// Bounded by DEADLINE, with a heartbeat, like every guest run: a silent
-/// wait here would look like the nested host hanging.
 fn spawn_idle(
     ns: &Netns,
     img: &Images,
     args: &str,
     net: &str,
 ) -> Result<(Child, std::thread::JoinHandle<String>), String> {
-    use std::io::{BufRead, BufReader};
-    let mut child = rvm(ns, img, Kernel::Minimal, "net_idle", args, net, "256M")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stdout = child.stdout.take().unwrap();
-    let rest = std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
-        for l in lines.by_ref() {
-            let idle = l.contains("rvm-init: idle");
-            if tx.send(l).is_err() || idle {
-                break;
-            }
-        }
-        lines.collect::<Vec<_>>().join("\n")
-    });
-    let start = Instant::now();
-    let mut seen = String::new();
-    let mut beat = Duration::from_secs(60);
-    while start.elapsed() < DEADLINE {
-        match rx.recv_timeout(Duration::from_secs(1)) {
-            Ok(l) if l.contains("rvm-init: idle") => return Ok((child, rest)),
-            Ok(l) => {
-                seen.push_str(&l);
-                seen.push('\n');
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-        if start.elapsed() >= beat {
-            println!(
-                "    (an idle guest is still coming up after {} s)",
-                beat.as_secs()
-            );
-            beat += Duration::from_secs(60);
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    Err(format!("the idle guest never came up:\n{seen}"))
-}
-
-fn sigterm_and_wait(mut child: Child) -> Result<(), String> {
-    // SAFETY: kill(2) on the pid of `ip netns exec`, which exec'd rvm.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let t = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
-            return if s.success() {
-                Ok(())
-            } else {
-                Err(format!("rvm exited with {s} after SIGTERM"))
-            };
-        }
-        if t.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            return Err("rvm still ran 30 s after SIGTERM".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let cmd = rvm(ns, img, Kernel::Minimal, "net_idle", args, net, "256M");
+    spawn_until(cmd, "rvm-init: idle", DEADLINE)
 }
 
 /// Two guests on one bridge: B pings A. Then SIGTERM ends A, which must

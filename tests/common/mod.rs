@@ -889,3 +889,84 @@ pub fn run_suite<I>(
         std::process::exit(101);
     }
 }
+
+/// Spawns `cmd` (an rvm run) and returns once its console prints a line
+/// containing `marker`, with the child and a thread that collects the rest
+/// of its console. Bounded by `deadline`, with a heartbeat, like every
+/// guest run: a silent wait here would look like the nested host hanging.
+pub fn spawn_until(
+    mut cmd: Command,
+    marker: &'static str,
+    deadline: Duration,
+) -> Result<(std::process::Child, std::thread::JoinHandle<String>), String> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let rest = std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+        for l in lines.by_ref() {
+            let seen = l.contains(marker);
+            if tx.send(l).is_err() || seen {
+                break;
+            }
+        }
+        lines.collect::<Vec<_>>().join("\n")
+    });
+    let start = Instant::now();
+    let mut seen = String::new();
+    let mut beat = Duration::from_secs(60);
+    while start.elapsed() < deadline {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(l) if l.contains(marker) => return Ok((child, rest)),
+            Ok(l) => {
+                seen.push_str(&l);
+                seen.push('\n');
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if start.elapsed() >= beat {
+            println!(
+                "    (a guest is still coming up after {} s)",
+                beat.as_secs()
+            );
+            beat += Duration::from_secs(60);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    Err(format!(
+        "the guest never printed {marker:?}:\n{seen}\n{err}"
+    ))
+}
+
+/// Sends SIGTERM to an rvm spawned by [`spawn_until`] (through `ip netns
+/// exec`, which exec'd it) and waits at most 30 s for it to exit with 0.
+pub fn sigterm_and_wait(mut child: std::process::Child) -> Result<(), String> {
+    // SAFETY: kill(2) on the pid of our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
+            return if s.success() {
+                Ok(())
+            } else {
+                Err(format!("rvm exited with {s} after SIGTERM"))
+            };
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            return Err("rvm still ran 30 s after SIGTERM".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -123,3 +123,113 @@ impl Drop for Netns {
         let _ = ip(&["netns", "del", &self.name]);
     }
 }
+
+/// One reading of an interface's counters, on the host's clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LinkSample {
+    /// When, in seconds on the realtime clock ([`now`]).
+    pub t: f64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+}
+
+/// Reads an interface's kernel counters every 200 ms from inside its
+/// namespace (a shell loop: /sys/class/net there shows the namespace's
+/// interfaces) until stopped. For a TAP, `tx` is what its reader (rvm)
+/// took from the host and `rx` what it wrote to the host: the kernel's
+/// count, not rvm's.
+pub struct LinkSampler {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<(u128, [u64; 4])>,
+}
+
+impl Netns {
+    pub fn sample_link(&self, dev: &str) -> Result<LinkSampler, String> {
+        let d = format!("/sys/class/net/{dev}/statistics");
+        let script = format!(
+            "while :; do c=$(cat {d}/rx_bytes {d}/tx_bytes {d}/rx_packets {d}/tx_packets 2>/dev/null) && echo $(date +%s%N) $c; sleep 0.2; done"
+        );
+        let mut child = self
+            .command("sh")
+            .args(["-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start the counter sampler: {e}"))?;
+        let out = child.stdout.take().ok_or("no sampler output")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(LinkSampler {
+            child,
+            lines,
+            seen: Vec::new(),
+        })
+    }
+}
+
+impl LinkSampler {
+    /// Every reading so far.
+    pub fn samples(&mut self) -> Vec<LinkSample> {
+        let v = &mut self.seen;
+        while let Ok(l) = self.lines.try_recv() {
+            let f: Vec<u128> = l
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            if let [ns, a, b, c, d] = f[..] {
+                v.push((ns, [a as u64, b as u64, c as u64, d as u64]));
+            }
+        }
+        v.iter()
+            .map(
+                |&(ns, [rx_bytes, tx_bytes, rx_packets, tx_packets])| LinkSample {
+                    t: ns as f64 / 1e9,
+                    rx_bytes,
+                    tx_bytes,
+                    rx_packets,
+                    tx_packets,
+                },
+            )
+            .collect()
+    }
+}
+
+/// Now on the clock of [`LinkSample::t`] (the sampler's `date +%s%N`).
+pub fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl Drop for LinkSampler {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The rate of `counter` (per second) between the first reading where it
+/// has grown by `from` and the last where it has grown by at most `to`,
+/// both counted from the first reading: a transfer's steady middle, with
+/// its start and end left out. None if there are not two such readings.
+pub fn rate_between(
+    samples: &[LinkSample],
+    counter: fn(&LinkSample) -> u64,
+    from: u64,
+    to: u64,
+) -> Option<f64> {
+    let base = counter(samples.first()?);
+    let grown = |s: &&LinkSample| counter(s) - base;
+    let a = samples.iter().find(|s| grown(s) >= from)?;
+    let b = samples.iter().rev().find(|s| grown(s) <= to)?;
+    (b.t > a.t).then(|| (counter(b) - counter(a)) as f64 / (b.t - a.t))
+}

@@ -42,8 +42,13 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_with_tap(false)
+}
+
+/// A rig whose TAP has a vnet header (`vnet`) or not.
+fn rig_with_tap(vnet: bool) -> Rig {
     let mem = crate::vmm::memory::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
-    let (tap, peer) = fake_tap(false);
+    let (tap, peer) = fake_tap(vnet);
     let irq = Arc::new(AtomicBool::new(false));
     let fake = tap.clone();
     let dev = E1000::new(
@@ -934,4 +939,174 @@ fn the_owners_link_down_moves_no_frame_either_way() {
     r.tx_desc(1, BUFS + 0x4000, f.len() as u16);
     r.w(TDT, 2);
     assert_eq!(peer_recv(&r.peer).as_deref(), Some(&f[..]));
+}
+
+/// A rate limit on the e1000: one frame per 200 ms from the guest, so of
+/// three frames one goes at once and the rest wait at TDH (held, not
+/// dropped), then follow on the NIC thread's timer.
+#[test]
+fn a_rate_limit_holds_tx_at_tdh_and_lets_it_go_on_time() {
+    use crate::net::rate_limit::{Bucket, DirectionLimits, RateLimiter, RateLimits};
+    let mut r = rig();
+    let l = RateLimiter::new(RateLimits {
+        tx: DirectionLimits {
+            bandwidth: None,
+            ops: Some(Bucket::new(1, Duration::from_millis(200), 0).unwrap()),
+        },
+        ..RateLimits::default()
+    });
+    r.dev.stages().push(l.stage()).unwrap();
+    r.tx_ring(8);
+    let f = frame_to([2, 0, 0, 0, 0, 9], 200, 3);
+    r.mem.write_slice(&f, GuestAddress(BUFS)).unwrap();
+    for i in 0..3 {
+        r.tx_desc(i, BUFS, f.len() as u16);
+    }
+    let t = std::time::Instant::now();
+    r.w(TDT, 3);
+    assert!(peer_recv(&r.peer).is_some());
+    assert!(peer_recv_nothing(&r.peer), "the second frame went at once");
+    assert_eq!(r.r(TDH), 1, "held at the second frame");
+    assert!(peer_recv(&r.peer).is_some());
+    assert!(peer_recv(&r.peer).is_some());
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(r.dev.stats().snapshot().tx_dropped, 0);
+}
+
+/// A byte limit on TSO frames (8 KiB of TCP payload each): what reaches
+/// the TAP in a second is the limit's worth (plus the first bucket and,
+/// when rvm segments them, the segments' extra headers), not more; as
+/// one GSO frame each to a TAP with a vnet header, or segmented by rvm.
+#[test]
+fn a_byte_limit_holds_tso_frames_to_the_rate() {
+    for vnet in [false, true] {
+        tso_under_a_byte_limit(vnet);
+    }
+}
+
+fn tso_under_a_byte_limit(vnet: bool) {
+    use crate::net::rate_limit::{Bucket, DirectionLimits, RateLimiter, RateLimits};
+    let mut r = rig_with_tap(vnet);
+    let l = RateLimiter::new(RateLimits {
+        tx: DirectionLimits {
+            bandwidth: Some(Bucket::new(20_000, Duration::from_millis(100), 0).unwrap()),
+            ops: None,
+        },
+        ..RateLimits::default()
+    });
+    r.dev.stages().push(l.stage()).unwrap();
+    let frames = 60u32;
+    // Room to spare: TDT must stay below the ring's size.
+    let n = (2 * frames + 1).next_multiple_of(8);
+    r.tx_ring(n);
+    let payload = 8192u32;
+    let len = 14 + 20 + 20 + payload;
+    let mut f = frame_to([2, 0, 0, 0, 0, 9], len as usize, 1);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    f[14] = 0x45;
+    f[22] = 64; // TTL
+    f[23] = 6; // TCP
+    f[46] = 0x50; // data offset: 20 bytes
+    r.mem.write_slice(&f, GuestAddress(BUFS)).unwrap();
+    let mut ctx = [0u8; 16];
+    ctx[0] = 14; // IPCSS
+    ctx[1] = 24; // IPCSO
+    ctx[2..4].copy_from_slice(&33u16.to_le_bytes()); // IPCSE
+    ctx[4] = 34; // TUCSS
+    ctx[5] = 50; // TUCSO: the TCP checksum
+                 // PAYLEN, context type, TUCMD = DEXT | TSE | IP | TCP.
+    ctx[8..12].copy_from_slice(&(payload | (0x20 | 0x04 | 0x02 | 0x01) << 24).to_le_bytes());
+    ctx[13] = 54; // HDRLEN
+    ctx[14..16].copy_from_slice(&1448u16.to_le_bytes()); // MSS
+    let mut data = [0u8; 16];
+    data[..8].copy_from_slice(&BUFS.to_le_bytes());
+    // Length, data type, DCMD = DEXT | TSE | EOP; POPTS = TXSM.
+    data[8..12].copy_from_slice(&(len | 1 << 20 | (0x20 | 0x04 | 0x01) << 24).to_le_bytes());
+    data[13] = 0x02;
+    for i in 0..u64::from(frames) {
+        for (j, d) in [ctx, data].iter().enumerate() {
+            let at = TX_RING + 16 * (2 * i + j as u64);
+            r.mem.write_slice(d, GuestAddress(at)).unwrap();
+        }
+    }
+    r.w(TDT, 2 * frames);
+    let t = Instant::now();
+    let mut bytes = 0usize;
+    let mut buf = vec![0u8; 70_000];
+    while t.elapsed() < Duration::from_secs(1) {
+        // SAFETY: recv into a live buffer of its length.
+        let n = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&r.peer),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n > 0 {
+            // The vnet header is not the frame's.
+            bytes += n as usize - if vnet { 12 } else { 0 };
+        } else {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    // 200 KB/s: 20 KB at once, 200 KB in the second, one frame of debt,
+    // 6 segments per frame each with 54 bytes of headers.
+    let most = (20_000 + 200_000 + len as usize) * (8192 + 6 * 54) / 8192;
+    assert!(
+        bytes <= most,
+        "vnet {vnet}: {bytes} bytes in a second, at most {most}"
+    );
+    assert!(bytes >= 150_000, "vnet {vnet}: {bytes} bytes in a second");
+}
+
+/// The same for plain 1514-byte frames, from a ring of 200.
+#[test]
+fn a_byte_limit_holds_plain_frames_to_the_rate() {
+    use crate::net::rate_limit::{Bucket, DirectionLimits, RateLimiter, RateLimits};
+    let mut r = rig();
+    let l = RateLimiter::new(RateLimits {
+        tx: DirectionLimits {
+            bandwidth: Some(Bucket::bandwidth(800_000, None).unwrap()),
+            ops: None,
+        },
+        ..RateLimits::default()
+    });
+    r.dev.stages().push(l.stage()).unwrap();
+    r.tx_ring(256);
+    let f = frame_to([2, 0, 0, 0, 0, 9], 1514, 3);
+    r.mem.write_slice(&f, GuestAddress(BUFS)).unwrap();
+    for i in 0..200 {
+        r.tx_desc(i, BUFS, f.len() as u16);
+    }
+    r.w(TDT, 200);
+    let t = Instant::now();
+    let mut bytes = 0usize;
+    while t.elapsed() < Duration::from_secs(1) {
+        let mut buf = [0u8; 2048];
+        // SAFETY: recv into a live buffer of its length.
+        let n = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&r.peer),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n > 0 {
+            bytes += n as usize;
+        } else {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    // 100 KB/s with a 16 KiB bucket, plus one frame.
+    assert!(
+        bytes <= 100_000 + 16_384 + 1514,
+        "{bytes} bytes in a second"
+    );
+    assert!(bytes >= 80_000, "{bytes} bytes in a second");
 }
