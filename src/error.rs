@@ -72,6 +72,12 @@ pub enum Error {
         source: crate::net::stage::StageError,
     },
 
+    #[error("NIC {nic}: {source}")]
+    Capture {
+        nic: String,
+        source: crate::net::capture::CaptureError,
+    },
+
     #[error("there is no NIC {0} (NICs are numbered from 0 in configuration order)")]
     NoSuchNic(usize),
 

@@ -50,6 +50,7 @@ struct RunArgs {
     /// [,model=virtio|e1000][,queues=N|auto][,vhost=on|off|auto][,vnet_hdr=on|off]
     /// [,sndbuf=BYTES][,mtu=N][,script=PATH|no][,downscript=PATH|no]
     /// [,tx_rate=BITS/S][,tx_burst=BYTES][,tx_pps=N][,rx_rate=..][,rx_burst=..][,rx_pps=..]
+    /// [,dump=PCAP_PATH][,dump_len=BYTES]
     #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
     nets: Vec<NetConfig>,
     /// One NIC on host TAP NAME (created if missing, removed at exit).
@@ -260,6 +261,20 @@ fn run(args: RunArgs) -> Result<ExitReason, String> {
             "NIC on {}: rx {} frames {} bytes, {} dropped; tx {} frames {} bytes, {} dropped, {} waits for room; {} malformed chains",
             nic.name, c.rx_frames, c.rx_bytes, c.rx_dropped, c.tx_frames, c.tx_bytes, c.tx_dropped, c.tx_waits, c.malformed
         );
+        if let Some(path) = &nic.capture.path {
+            log::info!(
+                "NIC on {}: captured {} frames to {}, {} lost{}",
+                nic.name,
+                nic.capture.captured,
+                path.display(),
+                nic.capture.lost,
+                nic.capture
+                    .error
+                    .as_ref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            );
+        }
         if !nic.limits.is_none() {
             log::info!(
                 "NIC on {}: rate limits held tx back {} times, rx {} times",

@@ -207,6 +207,10 @@ fn bad_nic_specs_name_the_problem() {
         (&["--net", "tap=waytoolongforatap"], "not an interface name"),
         (&["--net", "tap=t0", "--net", "tap=t0"], "given to two NICs"),
         (&["--net", "tap=t0,tx_rate=fast"], "bad tx_rate=\"fast\""),
+        (
+            &["--net", "tap=t0,dump=/nonexistent/dir/x.pcap"],
+            "the folder /nonexistent/dir does not exist",
+        ),
         (&["--net", "tap=t0,rx_burst=64K"], "rx_burst needs rx_rate"),
         (
             &["--net", "tap=t0,vhost=on,rx_rate=1Gbit"],

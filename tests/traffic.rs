@@ -249,6 +249,123 @@ fn pps_limits_hold_with_small_frames(img: &Images) -> Result<(), String> {
     ns.no_taps_left()
 }
 
+/// What `tcpdump -r` makes of a capture file: echo requests and replies,
+/// and the TCP payload bytes towards each of the given ports.
+fn read_capture(path: &Path, ports: [u16; 2]) -> Result<(usize, usize, [u64; 2]), String> {
+    let o = Command::new("tcpdump")
+        .args(["-r"])
+        .arg(path)
+        .args(["-nn", "-q"])
+        .output()
+        .map_err(|e| format!("cannot run tcpdump: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "tcpdump -r {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    let text = String::from_utf8_lossy(&o.stdout);
+    let requests = text.matches("ICMP echo request").count();
+    let replies = text.matches("ICMP echo reply").count();
+    let mut tcp = [0u64; 2];
+    for l in text.lines() {
+        // "IP 10.0.0.2.40000 > 10.0.0.1.5001: tcp 1448"
+        let Some((head, len)) = l.rsplit_once(": tcp ") else {
+            continue;
+        };
+        let Ok(len) = len.trim().parse::<u64>() else {
+            continue;
+        };
+        for (i, p) in ports.iter().enumerate() {
+            if head.ends_with(&format!(".{p}")) {
+                tcp[i] += len;
+            }
+        }
+    }
+    Ok((requests, replies, tcp))
+}
+
+/// `dump=` on a guest that pings the host 5 times and moves 4 MiB of TCP
+/// each way: tcpdump reads the file, finds the 5 requests and 5 replies,
+/// and at least 4 MiB of TCP payload each way; on rvm's path and with
+/// vhost-net (where the capture comes from the TAP's side).
+fn capture_with_ping_and_tcp(vhost: &'static str) -> impl Fn(&Images) -> Result<(), String> {
+    move |img| {
+        const MIB: u64 = 4;
+        let ns = Netns::new("dump")?;
+        ns.bridge("10.0.0.1/24", 1500)?;
+        let dir = tempdir()?;
+        let (tx, pcap) = (dir.join("host-tx"), dir.join("nic.pcap"));
+        Command::new("head")
+            .args(["-c", &format!("{MIB}M"), "/dev/urandom"])
+            .stdout(std::fs::File::create(&tx).map_err(|e| e.to_string())?)
+            .status()
+            .map_err(|e| e.to_string())?;
+        let mut server = ns
+            .command("socat")
+            .args(["-u", "TCP-LISTEN:5001,reuseaddr", "OPEN:/dev/null"])
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let mut sender = ns
+            .command("socat")
+            .arg("-u")
+            .arg(format!("OPEN:{}", tx.display()))
+            .arg("TCP:10.0.0.2:5002,retry=600,interval=0.5")
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let net = format!(
+            "tap=rvmdump,bridge=br0,vhost={vhost},dump={}",
+            pcap.display()
+        );
+        let r = run_guest_retrying(
+            "dump",
+            || {
+                rvm(
+                    &ns,
+                    img,
+                    "net_tcp",
+                    &format!("ip=10.0.0.2/24,size={MIB},ping=5"),
+                    &net,
+                )
+            },
+            DEADLINE,
+        );
+        let _ = sender.kill();
+        let _ = sender.wait();
+        let _ = server.kill();
+        let _ = server.wait();
+        if r.status.is_none_or(|s| !s.success()) || !r.init_done() {
+            return Err(format!("the guest did not finish:\n{}", r.tail(30)));
+        }
+        expect(&r, "ping_ok", "1")?;
+        let kernel = r.stderr.contains("data path: vhost-net");
+        if kernel != (vhost == "on") {
+            return Err(format!(
+                "vhost={vhost}, but the data path was otherwise:\n{}",
+                r.stderr
+            ));
+        }
+        let (requests, replies, tcp) = read_capture(&pcap, [5001, 5002])?;
+        let want = MIB << 20;
+        println!(
+            "    {requests} echo requests, {replies} replies, TCP payload {} to the host, {} to the guest",
+            tcp[0], tcp[1]
+        );
+        if requests < 5 || replies < 5 || tcp[0] < want || tcp[1] < want {
+            return Err(format!(
+                "the capture has {requests} echo requests, {replies} replies, TCP payload {tcp:?} (wanted 5, 5, {want} each way)\n{}",
+                r.stderr
+            ));
+        }
+        if !r.stderr.contains("lost") || r.stderr.contains("captured 0 frames") {
+            return Err(format!("rvm's exit log has no capture line:\n{}", r.stderr));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        ns.no_taps_left()
+    }
+}
+
 fn case(name: &str, f: impl Fn(&Images) -> Result<(), String> + 'static) -> Case<Images> {
     (name.to_string(), Box::new(f))
 }
@@ -262,6 +379,14 @@ fn cases() -> Vec<Case<Images>> {
         case(
             "virtio_pps_limits_hold_with_small_frames",
             pps_limits_hold_with_small_frames,
+        ),
+        case(
+            "dump_captures_ping_and_tcp_both_ways",
+            capture_with_ping_and_tcp("off"),
+        ),
+        case(
+            "vhost_dump_captures_ping_and_tcp_both_ways",
+            capture_with_ping_and_tcp("on"),
         ),
     ]
 }

@@ -2,7 +2,8 @@
 //! `tap=NAME,bridge=BR,mac=MAC,model=virtio|e1000,vhost=on|off|auto,
 //! vnet_hdr=on|off,sndbuf=N,mtu=N,script=PATH|no,downscript=PATH|no,fd=N,
 //! fds=A:B:...,queues=N|auto`, and rate limits:
-//! `tx_rate=16Mbit,tx_burst=256K,tx_pps=N` (and the same for rx).
+//! `tx_rate=16Mbit,tx_burst=256K,tx_pps=N` (and the same for rx), and a
+//! capture: `dump=PATH,dump_len=N`.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use super::tap::valid_ifname;
 
 pub const KEYS: &str =
     "tap, bridge, mac, model, vhost, vnet_hdr, sndbuf, mtu, script, downscript, \
-     fd, fds, queues, tx_rate, rx_rate, tx_burst, rx_burst, tx_pps, rx_pps";
+     fd, fds, queues, tx_rate, rx_rate, tx_burst, rx_burst, tx_pps, rx_pps, dump, dump_len";
 
 /// The most queue pairs a virtio-net NIC may have.
 pub const MAX_QUEUE_PAIRS: u16 = 16;
@@ -87,6 +88,9 @@ pub struct NetConfig {
     /// Rate limits per direction (none by default). They hold frames back
     /// in rvm, so vhost-net cannot carry a limited NIC.
     pub limits: RateLimits,
+    /// Capture every frame to this pcap file (`dump=`), cut at the snap
+    /// length (`dump_len=`).
+    pub dump: Option<(PathBuf, u32)>,
 }
 
 impl NetConfig {
@@ -107,6 +111,7 @@ impl NetConfig {
             script: None,
             downscript: None,
             limits: RateLimits::default(),
+            dump: None,
         }
     }
 
@@ -183,11 +188,17 @@ pub enum NetConfigError {
     DuplicateFd(i32),
     #[error("MAC {0} is given to two NICs")]
     DuplicateMac(MacAddr),
-    #[error("--net {spec}: {key} needs {needs} (a burst of what rate?)")]
+    #[error("--net {spec}: {key} needs {needs}")]
     BurstWithoutRate {
         spec: String,
         key: &'static str,
         needs: &'static str,
+    },
+    #[error("NIC {nic}: dump={path}: the folder {folder} does not exist (create it, or give a path in one that does)")]
+    DumpFolder {
+        nic: String,
+        path: String,
+        folder: String,
     },
     #[error("NIC {0}: vhost=on and a rate limit cannot both hold: vhost-net moves frames in the kernel, which cannot hold them back for rvm; use vhost=auto (or off) with limits")]
     VhostAndLimits(String),
@@ -318,6 +329,7 @@ impl FromStr for NetConfig {
         // Rate, burst and pps per direction (tx, rx): a bucket needs its
         // rate and its burst together, so they are built after the loop.
         let mut rates: [(Option<u64>, Option<u64>, Option<u64>); 2] = Default::default();
+        let (mut dump, mut dump_len) = (None, None);
         for part in spec.split(',') {
             let Some((key, v)) = part.split_once('=') else {
                 return Err(NetConfigError::NotKeyValue {
@@ -389,6 +401,14 @@ impl FromStr for NetConfig {
                         Queues::Pairs(n as u16)
                     };
                 }
+                "dump" => dump = Some(PathBuf::from(v)),
+                "dump_len" => {
+                    let n = num(i64::from(u32::MAX))?;
+                    if n < 14 {
+                        return Err(bad(spec, key, v, "at least 14 (an Ethernet header)"));
+                    }
+                    dump_len = Some(n as u32);
+                }
                 "tx_rate" | "rx_rate" | "tx_burst" | "rx_burst" | "tx_pps" | "rx_pps" => {
                     let r = &mut rates[usize::from(key.starts_with("rx"))];
                     let why = |e: rate_limit::LimitError| bad(spec, key, v, &e.to_string());
@@ -410,6 +430,17 @@ impl FromStr for NetConfig {
         c.limits = RateLimits {
             tx: direction_limits(spec, "tx", tx)?,
             rx: direction_limits(spec, "rx", rx)?,
+        };
+        c.dump = match (dump, dump_len) {
+            (Some(p), len) => Some((p, len.unwrap_or(super::capture::DEFAULT_SNAP_LEN))),
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(NetConfigError::BurstWithoutRate {
+                    spec: spec.into(),
+                    key: "dump_len",
+                    needs: "dump",
+                })
+            }
         };
         let given = [c.tap.is_some(), c.fd.is_some(), !c.fds.is_empty()];
         match given.iter().filter(|&&g| g).count() {
@@ -480,6 +511,21 @@ pub fn validate_all(nics: &mut [NetConfig], vcpus: u8) -> Result<(), NetConfigEr
         }
         if n.vhost == VhostMode::On && !n.limits.is_none() {
             return Err(NetConfigError::VhostAndLimits(n.label()));
+        }
+        if let Some((path, _)) = &n.dump {
+            // Checked before anything is created; the file itself is
+            // created when the NIC is (Vm::new), errors named then.
+            let folder = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            if !folder.is_dir() {
+                return Err(NetConfigError::DumpFolder {
+                    nic: n.label(),
+                    path: path.display().to_string(),
+                    folder: folder.display().to_string(),
+                });
+            }
         }
         if n.model == NicModel::E1000 && n.queues.pairs() > 1 {
             return Err(NetConfigError::E1000OneQueue(n.label()));
@@ -705,5 +751,25 @@ mod tests {
         assert!(e.contains("vhost=on and a rate limit"), "{e}");
         let mut auto = vec!["tap=t0,rx_pps=10".parse::<NetConfig>().unwrap()];
         validate_all(&mut auto, 1).unwrap();
+    }
+
+    #[test]
+    fn dump_parses_with_its_snap_length() {
+        let c: NetConfig = "tap=t0,dump=/tmp/x.pcap".parse().unwrap();
+        assert_eq!(c.dump, Some((PathBuf::from("/tmp/x.pcap"), 65535)));
+        let c: NetConfig = "tap=t0,dump=/tmp/x.pcap,dump_len=128".parse().unwrap();
+        assert_eq!(c.dump, Some((PathBuf::from("/tmp/x.pcap"), 128)));
+        assert!(err("tap=t0,dump_len=128").contains("dump_len needs dump"));
+        assert!(err("tap=t0,dump=/x,dump_len=4").contains("at least 14"));
+        let mut bad = vec!["tap=t0,dump=/nonexistent/dir/x.pcap"
+            .parse::<NetConfig>()
+            .unwrap()];
+        let e = validate_all(&mut bad, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("the folder /nonexistent/dir does not exist"),
+            "{e}"
+        );
+        let mut here = vec!["tap=t0,dump=x.pcap".parse::<NetConfig>().unwrap()];
+        validate_all(&mut here, 1).unwrap();
     }
 }

@@ -6,6 +6,7 @@
 pub mod assembly;
 pub mod backend;
 pub mod bridge;
+pub mod capture;
 pub mod config;
 pub mod counters;
 pub mod host_nic;

@@ -255,6 +255,11 @@ impl Stages {
         Ok(())
     }
 
+    /// Whether the kernel moves this NIC's frames now (vhost-net).
+    pub fn in_kernel(&self) -> bool {
+        self.inner.in_kernel.load(Ordering::SeqCst)
+    }
+
     /// The frames are rvm's again.
     pub fn leave_kernel(&self) {
         self.inner.in_kernel.store(false, Ordering::SeqCst);

@@ -15,6 +15,7 @@ use super::{memory, rss, stop_vcpus, NicHandle};
 use crate::bus::Bus;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{SerialDevice, SerialInput};
+use crate::net::capture::{CaptureControl, CaptureCounters};
 use crate::net::rate_limit::{LimitControl, RateLimits, Throttled};
 use crate::net::{HostNic, NicModel};
 use crate::net::{NetCounters, NicStats};
@@ -38,6 +39,8 @@ pub struct NicInfo {
     pub limits: RateLimits,
     /// How often each direction began to be held back by them.
     pub throttled: Throttled,
+    /// The packet capture running now, or the last one.
+    pub capture: CaptureCounters,
 }
 
 /// What the controller keeps of a NIC.
@@ -47,6 +50,7 @@ struct NicControl {
     model: NicModel,
     stats: Arc<NicStats>,
     limits: Arc<LimitControl>,
+    capture: Arc<CaptureControl>,
     device: super::NicDevice,
 }
 
@@ -104,6 +108,7 @@ impl VmController {
                 link_up: n.device.link_up(),
                 limits: n.limits.limits(),
                 throttled: n.limits.throttled(),
+                capture: n.capture.counters(),
             })
             .collect()
     }
@@ -117,6 +122,36 @@ impl VmController {
     pub fn set_nic_link(&self, index: usize, up: bool) -> crate::Result<()> {
         let nic = self.nics.get(index).ok_or(crate::Error::NoSuchNic(index))?;
         nic.device.set_link(up);
+        Ok(())
+    }
+
+    /// Starts capturing NIC `index`'s frames, both ways, to the pcap file
+    /// `path` (created or truncated), cut at `snap_len` bytes (65535 as
+    /// QEMU's default): as the guest sees them on rvm's data path, from
+    /// the TAP's side while vhost-net moves them. A capture already
+    /// running on the NIC ends first. A file that fails later never holds
+    /// the guest back: the capture ends with one error line, and
+    /// `NicInfo::capture` counts the frames lost.
+    pub fn start_nic_capture(
+        &self,
+        index: usize,
+        path: &std::path::Path,
+        snap_len: u32,
+    ) -> crate::Result<()> {
+        let nic = self.nics.get(index).ok_or(crate::Error::NoSuchNic(index))?;
+        nic.capture
+            .start(path, snap_len)
+            .map_err(|source| crate::Error::Capture {
+                nic: nic.name.clone(),
+                source,
+            })
+    }
+
+    /// Stops NIC `index`'s capture, if one runs; the file is complete when
+    /// this returns.
+    pub fn stop_nic_capture(&self, index: usize) -> crate::Result<()> {
+        let nic = self.nics.get(index).ok_or(crate::Error::NoSuchNic(index))?;
+        nic.capture.stop();
         Ok(())
     }
 
@@ -178,6 +213,7 @@ impl RunningVm {
                     model: n.model,
                     stats: n.stats.clone(),
                     limits: n.limits.clone(),
+                    capture: n.capture.clone(),
                     device: n.device.clone(),
                 })
                 .collect(),
@@ -277,6 +313,8 @@ impl RunningVm {
         stop_vcpus(std::mem::take(&mut self.threads));
         for nic in &self.nics {
             nic.device.shutdown();
+            // The file complete and closed when the VM ends.
+            nic.capture.stop();
         }
     }
 }

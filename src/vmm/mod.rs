@@ -36,6 +36,7 @@ use crate::devices::IrqLine;
 use crate::error::{Error, Result};
 use crate::net::assembly;
 use crate::net::backend::NetBackend;
+use crate::net::capture::CaptureControl;
 use crate::net::rate_limit::LimitControl;
 use crate::net::stage::Stages;
 use crate::net::vhost::VhostNet;
@@ -88,6 +89,8 @@ struct NicHandle {
     stages: Stages,
     /// Its rate limits, changed while it runs through the controller.
     limits: Arc<LimitControl>,
+    /// Its packet capture, started and stopped through the controller.
+    capture: Arc<CaptureControl>,
     /// `vhost=on`: the kernel must move this NIC's frames.
     vhost_required: bool,
 }
@@ -281,6 +284,9 @@ impl Vm {
             let mut routes = Vec::new();
             for (cfg, host) in nic_configs.iter().zip(host_nics) {
                 let nic = assembly::assemble(cfg, &host, &vm.memory)?;
+                // vhost-net may move this NIC's frames: a capture must
+                // also watch the TAP from the kernel's side.
+                let kernel_path = !nic.vhost.is_empty();
                 match nic.model {
                     NicModel::E1000 => {
                         let backend = nic.backends[0].clone();
@@ -300,6 +306,19 @@ impl Vm {
                         nic: n.name.clone(),
                         source,
                     })?;
+                    n.capture = Arc::new(CaptureControl::new(
+                        n.stages.clone(),
+                        host.tap().ifindex().ok(),
+                        kernel_path,
+                    ));
+                    if let Some((path, snap_len)) = &cfg.dump {
+                        n.capture
+                            .start(path, *snap_len)
+                            .map_err(|source| Error::Capture {
+                                nic: n.name.clone(),
+                                source,
+                            })?;
+                    }
                 }
                 vm.host_nics.push(host);
             }
@@ -402,6 +421,9 @@ impl Vm {
             stats,
             device,
             limits: Arc::new(LimitControl::new(stages.clone())),
+            // A NIC on a backend of the caller's: no TAP to watch from
+            // the kernel's side (Vm::new gives its own NICs that view).
+            capture: Arc::new(CaptureControl::new(stages.clone(), None, false)),
             stages,
             vhost_required: false,
         });
