@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::netns::Netns;
 use common::{
-    images, run_guest_retrying, run_suite, rvm_bin, sigterm_and_wait, spawn_until, Case, GuestRun,
-    Images,
+    end_listener, expect, host_listener, host_sender, images, random_file, run_guest_retrying,
+    run_suite, rvm_bin, sha256, sigterm_and_wait, spawn_until, Case, GuestRun, Images,
 };
 
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -139,16 +139,6 @@ fn finished(run: &GuestRun) -> Result<(), String> {
     }
 }
 
-fn expect(run: &GuestRun, key: &str, want: &str) -> Result<(), String> {
-    match run.result(key) {
-        Some(v) if v == want => Ok(()),
-        got => Err(format!(
-            "guest reported {key}={got:?}, expected {want:?}\n{}",
-            run.tail(30)
-        )),
-    }
-}
-
 fn ping_bridge(k: Kernel, path: DataPath) -> impl Fn(&Images) -> Result<(), String> {
     move |img| {
         let ns = Netns::new("ping")?;
@@ -233,52 +223,6 @@ fn host_only(img: &Images) -> Result<(), String> {
     Ok(())
 }
 
-fn sha256(path: &Path) -> Result<String, String> {
-    let o = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .map_err(|e| e.to_string())?;
-    Ok(String::from_utf8_lossy(&o.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_string())
-}
-
-/// A host listener in `ns` on `port` that writes what it gets to `to`
-/// (socat), started before the guest sends.
-fn host_listener(ns: &Netns, port: u16, to: &Path) -> Result<Child, String> {
-    ns.command("socat")
-        .args(["-u", &format!("TCP-LISTEN:{port},reuseaddr")])
-        .arg(format!("OPEN:{},creat,trunc", to.display()))
-        .spawn()
-        .map_err(|e| e.to_string())
-}
-
-/// A host sender in `ns` of `file` to the guest's `port`, connecting
-/// (retrying) once the guest listens.
-fn host_sender(ns: &Netns, file: &Path, port: u16) -> Result<Child, String> {
-    ns.command("socat")
-        .arg("-u")
-        .arg(format!("OPEN:{}", file.display()))
-        .arg(format!("TCP:10.0.0.2:{port},retry=600,interval=0.5"))
-        .spawn()
-        .map_err(|e| e.to_string())
-}
-
-/// Waits for a listener to end, at most 60 s from `since`, then stops it.
-/// A listener ends when the guest's stream does; a guest that never sent
-/// (it failed, hung or reset) would leave it, and the test, waiting
-/// forever, silent: the nested host's hang detector would then take an
-/// rvm failure for its own hang. So it is bounded.
-fn end_listener(server: &mut Child, since: Instant) {
-    while matches!(server.try_wait(), Ok(None)) && since.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = server.kill();
-    let _ = server.wait();
-}
-
 /// Runs `cmd` in `ns` every 500 ms while a guest runs, until its output
 /// satisfies `enough` or `done` is set; the thread returns the last output.
 fn probe_host(
@@ -323,11 +267,7 @@ fn tcp_on(
         ns.bridge("10.0.0.1/24", 1500)?;
         let dir = tempdir()?;
         let (tx, rx) = (dir.join("host-tx"), dir.join("host-rx"));
-        Command::new("head")
-            .args(["-c", &format!("{TCP_MIB}M"), "/dev/urandom"])
-            .stdout(std::fs::File::create(&tx).map_err(|e| e.to_string())?)
-            .status()
-            .map_err(|e| e.to_string())?;
+        random_file(&tx, TCP_MIB)?;
         // The host listens before the guest sends, and connects (retrying)
         // to the guest's listener to send its own file.
         let mut server = host_listener(&ns, 5001, &rx)?;
@@ -564,11 +504,7 @@ fn mq(path: DataPath) -> impl Fn(&Images) -> Result<(), String> {
         ns.bridge("10.0.0.1/24", 1500)?;
         let dir = tempdir()?;
         let tx = dir.join("host-tx");
-        Command::new("head")
-            .args(["-c", &format!("{MIB}M"), "/dev/urandom"])
-            .stdout(std::fs::File::create(&tx).map_err(|e| e.to_string())?)
-            .status()
-            .map_err(|e| e.to_string())?;
+        random_file(&tx, MIB)?;
         let mut servers = Vec::new();
         for c in 0..2u16 {
             let rx = dir.join(format!("host-rx{c}"));

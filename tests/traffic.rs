@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::netns::{rate_between, LinkSample, Netns};
 use common::{
-    images, run_guest_retrying, run_suite, rvm_bin, sigterm_and_wait, spawn_until, Case, GuestRun,
-    Images,
+    end_listener, expect, host_listener, host_sender, images, random_file, run_guest_retrying,
+    run_suite, rvm_bin, sha256, sigterm_and_wait, spawn_until, Case, Images,
 };
 
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -45,28 +45,6 @@ fn tempdir() -> Result<PathBuf, String> {
     let d = std::env::temp_dir().join(format!("rvm-traffic-{}", std::process::id()));
     std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
     Ok(d)
-}
-
-fn sha256(path: &Path) -> Result<String, String> {
-    let o = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .map_err(|e| e.to_string())?;
-    Ok(String::from_utf8_lossy(&o.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_string())
-}
-
-fn expect(run: &GuestRun, key: &str, want: &str) -> Result<(), String> {
-    match run.result(key) {
-        Some(v) if v == want => Ok(()),
-        got => Err(format!(
-            "guest reported {key}={got:?}, expected {want:?}\n{}",
-            run.tail(30)
-        )),
-    }
 }
 
 /// Err unless `got` is within TOLERANCE of `limit`.
@@ -110,24 +88,9 @@ fn limits_hold_over_tcp(
         ns.bridge("10.0.0.1/24", 1500)?;
         let dir = tempdir()?;
         let (tx, rx) = (dir.join("host-tx"), dir.join("host-rx"));
-        Command::new("head")
-            .args(["-c", &format!("{TCP_MIB}M"), "/dev/urandom"])
-            .stdout(std::fs::File::create(&tx).map_err(|e| e.to_string())?)
-            .status()
-            .map_err(|e| e.to_string())?;
-        let mut server = ns
-            .command("socat")
-            .args(["-u", "TCP-LISTEN:5001,reuseaddr"])
-            .arg(format!("OPEN:{},creat,trunc", rx.display()))
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        let mut sender = ns
-            .command("socat")
-            .arg("-u")
-            .arg(format!("OPEN:{}", tx.display()))
-            .arg("TCP:10.0.0.2:5002,retry=600,interval=0.5")
-            .spawn()
-            .map_err(|e| e.to_string())?;
+        random_file(&tx, TCP_MIB)?;
+        let mut server = host_listener(&ns, 5001, &rx)?;
+        let mut sender = host_sender(&ns, &tx, 5002)?;
         let mut sampler = ns.sample_link("rvmlim")?;
         let net =
             format!("tap=rvmlim,bridge=br0,model={model},vhost=auto,tx_rate={tx_mbit}Mbit,rx_rate={rx_mbit}Mbit");
@@ -145,12 +108,7 @@ fn limits_hold_over_tcp(
             DEADLINE,
         );
         let _ = sender.kill();
-        let t = Instant::now();
-        while matches!(server.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = server.kill();
-        let _ = server.wait();
+        end_listener(&mut server, Instant::now());
         let samples = sampler.samples();
         if r.status.is_none_or(|s| !s.success()) || !r.init_done() {
             return Err(format!("the guest did not finish:\n{}", r.tail(30)));
@@ -297,23 +255,9 @@ fn capture_with_ping_and_tcp(vhost: &'static str) -> impl Fn(&Images) -> Result<
         ns.bridge("10.0.0.1/24", 1500)?;
         let dir = tempdir()?;
         let (tx, pcap) = (dir.join("host-tx"), dir.join("nic.pcap"));
-        Command::new("head")
-            .args(["-c", &format!("{MIB}M"), "/dev/urandom"])
-            .stdout(std::fs::File::create(&tx).map_err(|e| e.to_string())?)
-            .status()
-            .map_err(|e| e.to_string())?;
-        let mut server = ns
-            .command("socat")
-            .args(["-u", "TCP-LISTEN:5001,reuseaddr", "OPEN:/dev/null"])
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        let mut sender = ns
-            .command("socat")
-            .arg("-u")
-            .arg(format!("OPEN:{}", tx.display()))
-            .arg("TCP:10.0.0.2:5002,retry=600,interval=0.5")
-            .spawn()
-            .map_err(|e| e.to_string())?;
+        random_file(&tx, MIB)?;
+        let mut server = host_listener(&ns, 5001, Path::new("/dev/null"))?;
+        let mut sender = host_sender(&ns, &tx, 5002)?;
         let net = format!(
             "tap=rvmdump,bridge=br0,vhost={vhost},dump={}",
             pcap.display()

@@ -970,3 +970,84 @@ pub fn sigterm_and_wait(mut child: std::process::Child) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The sha256 of a file, as `sha256sum` prints it.
+pub fn sha256(path: &Path) -> Result<String, String> {
+    let o = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string())
+}
+
+/// Err unless the guest reported `key=want`.
+pub fn expect(run: &GuestRun, key: &str, want: &str) -> Result<(), String> {
+    match run.result(key) {
+        Some(v) if v == want => Ok(()),
+        got => Err(format!(
+            "guest reported {key}={got:?}, expected {want:?}\n{}",
+            run.tail(30)
+        )),
+    }
+}
+
+/// A file of `mib` MiB of random bytes at `path`, for a transfer to check.
+pub fn random_file(path: &Path, mib: u64) -> Result<(), String> {
+    let out = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let s = Command::new("head")
+        .args(["-c", &format!("{mib}M"), "/dev/urandom"])
+        .stdout(out)
+        .status()
+        .map_err(|e| e.to_string())?;
+    if s.success() {
+        Ok(())
+    } else {
+        Err(format!("head -c {mib}M /dev/urandom failed: {s}"))
+    }
+}
+
+/// A host listener in `ns` on `port` that writes what it gets to `to`
+/// (socat), started before the guest sends.
+pub fn host_listener(
+    ns: &netns::Netns,
+    port: u16,
+    to: &Path,
+) -> Result<std::process::Child, String> {
+    ns.command("socat")
+        .args(["-u", &format!("TCP-LISTEN:{port},reuseaddr")])
+        .arg(format!("OPEN:{},creat,trunc", to.display()))
+        .spawn()
+        .map_err(|e| e.to_string())
+}
+
+/// A host sender in `ns` of `file` to the guest's `port`, connecting
+/// (retrying) once the guest listens.
+pub fn host_sender(
+    ns: &netns::Netns,
+    file: &Path,
+    port: u16,
+) -> Result<std::process::Child, String> {
+    ns.command("socat")
+        .arg("-u")
+        .arg(format!("OPEN:{}", file.display()))
+        .arg(format!("TCP:10.0.0.2:{port},retry=600,interval=0.5"))
+        .spawn()
+        .map_err(|e| e.to_string())
+}
+
+/// Waits for a listener to end, at most 60 s from `since`, then stops it.
+/// A listener ends when the guest's stream does; a guest that never sent
+/// (it failed, hung or reset) would leave it, and the test, waiting
+/// forever, silent: the nested host's hang detector would then take an
+/// rvm failure for its own hang. So it is bounded.
+pub fn end_listener(server: &mut std::process::Child, since: Instant) {
+    while matches!(server.try_wait(), Ok(None)) && since.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}

@@ -595,29 +595,46 @@ fn partial_writes_touch_only_their_bytes() {
     assert_eq!(u32::from_le_bytes(a), RCTL, "IOADDR unchanged");
 }
 
-/// Posts `frames` UDP TSO frames with an MSS of 1 (software segmentation:
-/// 4096 writes each) on a ring with room for them (a multiple of 8
-/// descriptors, as TDLEN is of 128 bytes) and hands them to the device.
-fn post_heavy_tx(r: &mut Rig, frames: u32) -> u32 {
+/// The transport of a TSO frame the tests post.
+#[derive(Clone, Copy)]
+enum L4 {
+    Udp,
+    Tcp,
+}
+
+/// Writes `frames` TSO frames of `payload` bytes (IPv4, UDP or TCP, one
+/// context and one data descriptor each, the frame itself at BUFS) into a
+/// ring with room for them (a multiple of 8 descriptors, as TDLEN is of
+/// 128 bytes, and one to spare: TDT stays below the ring's size), without
+/// handing them over. Returns the tail to write to TDT.
+fn write_tso_frames(r: &mut Rig, frames: u32, l4: L4, payload: u32, mss: u16) -> u32 {
     let n = (2 * frames + 1).next_multiple_of(8);
     r.tx_ring(n);
-    let payload = 4096u32;
-    let len = 14 + 20 + 8 + payload;
+    let (l4_len, proto, tucso, tcp) = match l4 {
+        L4::Udp => (8, 17, 40, 0),
+        L4::Tcp => (20, 6, 50, 0x01),
+    };
+    let hdr_len = 14 + 20 + l4_len;
+    let len = hdr_len + payload;
     let mut f = frame_to([2, 0, 0, 0, 0, 9], len as usize, 1);
     f[12..14].copy_from_slice(&[0x08, 0x00]);
     f[14] = 0x45;
-    f[23] = 17; // UDP
+    f[22] = 64; // TTL
+    f[23] = proto;
+    if let L4::Tcp = l4 {
+        f[46] = 0x50; // data offset: 20 bytes
+    }
     r.mem.write_slice(&f, GuestAddress(BUFS)).unwrap();
     let mut ctx = [0u8; 16];
     ctx[0] = 14; // IPCSS
     ctx[1] = 24; // IPCSO
     ctx[2..4].copy_from_slice(&33u16.to_le_bytes()); // IPCSE
     ctx[4] = 34; // TUCSS
-    ctx[5] = 40; // TUCSO: the UDP checksum
-                 // PAYLEN, context type, TUCMD = DEXT | TSE | IP (TCP clear: UDP).
-    ctx[8..12].copy_from_slice(&(payload | (0x20 | 0x04 | 0x02) << 24).to_le_bytes());
-    ctx[13] = 42; // HDRLEN
-    ctx[14..16].copy_from_slice(&1u16.to_le_bytes()); // MSS
+    ctx[5] = tucso; // the UDP or TCP checksum
+                    // PAYLEN, context type, TUCMD = DEXT | TSE | IP, and TCP or not.
+    ctx[8..12].copy_from_slice(&(payload | (0x20 | 0x04 | 0x02 | tcp) << 24).to_le_bytes());
+    ctx[13] = hdr_len as u8; // HDRLEN
+    ctx[14..16].copy_from_slice(&mss.to_le_bytes()); // MSS
     let mut data = [0u8; 16];
     data[..8].copy_from_slice(&BUFS.to_le_bytes());
     // Length, data type, DCMD = DEXT | TSE | EOP; POPTS = TXSM.
@@ -629,7 +646,13 @@ fn post_heavy_tx(r: &mut Rig, frames: u32) -> u32 {
             r.mem.write_slice(d, GuestAddress(at)).unwrap();
         }
     }
-    let tail = 2 * frames;
+    2 * frames
+}
+
+/// Posts `frames` UDP TSO frames with an MSS of 1 (software segmentation:
+/// 4096 writes each) and hands them to the device.
+fn post_heavy_tx(r: &mut Rig, frames: u32) -> u32 {
+    let tail = write_tso_frames(r, frames, L4::Udp, 4096, 1);
     r.w(TDT, tail);
     // The pass has begun once the first segment is out.
     assert!(peer_recv(&r.peer).is_some(), "TX did not start");
@@ -999,41 +1022,10 @@ fn tso_under_a_byte_limit(vnet: bool) {
         ..RateLimits::default()
     });
     r.dev.stages().push(l.stage()).unwrap();
-    let frames = 60u32;
-    // Room to spare: TDT must stay below the ring's size.
-    let n = (2 * frames + 1).next_multiple_of(8);
-    r.tx_ring(n);
     let payload = 8192u32;
     let len = 14 + 20 + 20 + payload;
-    let mut f = frame_to([2, 0, 0, 0, 0, 9], len as usize, 1);
-    f[12..14].copy_from_slice(&[0x08, 0x00]);
-    f[14] = 0x45;
-    f[22] = 64; // TTL
-    f[23] = 6; // TCP
-    f[46] = 0x50; // data offset: 20 bytes
-    r.mem.write_slice(&f, GuestAddress(BUFS)).unwrap();
-    let mut ctx = [0u8; 16];
-    ctx[0] = 14; // IPCSS
-    ctx[1] = 24; // IPCSO
-    ctx[2..4].copy_from_slice(&33u16.to_le_bytes()); // IPCSE
-    ctx[4] = 34; // TUCSS
-    ctx[5] = 50; // TUCSO: the TCP checksum
-                 // PAYLEN, context type, TUCMD = DEXT | TSE | IP | TCP.
-    ctx[8..12].copy_from_slice(&(payload | (0x20 | 0x04 | 0x02 | 0x01) << 24).to_le_bytes());
-    ctx[13] = 54; // HDRLEN
-    ctx[14..16].copy_from_slice(&1448u16.to_le_bytes()); // MSS
-    let mut data = [0u8; 16];
-    data[..8].copy_from_slice(&BUFS.to_le_bytes());
-    // Length, data type, DCMD = DEXT | TSE | EOP; POPTS = TXSM.
-    data[8..12].copy_from_slice(&(len | 1 << 20 | (0x20 | 0x04 | 0x01) << 24).to_le_bytes());
-    data[13] = 0x02;
-    for i in 0..u64::from(frames) {
-        for (j, d) in [ctx, data].iter().enumerate() {
-            let at = TX_RING + 16 * (2 * i + j as u64);
-            r.mem.write_slice(d, GuestAddress(at)).unwrap();
-        }
-    }
-    r.w(TDT, 2 * frames);
+    let tail = write_tso_frames(&mut r, 60, L4::Tcp, payload, 1448);
+    r.w(TDT, tail);
     let t = Instant::now();
     let mut bytes = 0usize;
     let mut buf = vec![0u8; 70_000];
