@@ -1000,6 +1000,30 @@ fn a_rate_limit_holds_tx_at_tdh_and_lets_it_go_on_time() {
     assert_eq!(r.dev.stats().snapshot().tx_dropped, 0);
 }
 
+/// The bytes of the frames that reach the TAP's peer in the next second,
+/// less `header` bytes of each.
+fn bytes_in_a_second(r: &Rig, header: usize) -> usize {
+    let t = Instant::now();
+    let mut bytes = 0;
+    let mut buf = vec![0u8; 70_000];
+    while t.elapsed() < Duration::from_secs(1) {
+        // SAFETY: recv into a live buffer of its length.
+        let n = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&r.peer),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        match usize::try_from(n) {
+            Ok(n) if n > 0 => bytes += n.saturating_sub(header),
+            _ => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    bytes
+}
+
 /// A byte limit on TSO frames (8 KiB of TCP payload each): what reaches
 /// the TAP in a second is the limit's worth (plus the first bucket and,
 /// when rvm segments them, the segments' extra headers), not more; as
@@ -1026,26 +1050,8 @@ fn tso_under_a_byte_limit(vnet: bool) {
     let len = 14 + 20 + 20 + payload;
     let tail = write_tso_frames(&mut r, 60, L4::Tcp, payload, 1448);
     r.w(TDT, tail);
-    let t = Instant::now();
-    let mut bytes = 0usize;
-    let mut buf = vec![0u8; 70_000];
-    while t.elapsed() < Duration::from_secs(1) {
-        // SAFETY: recv into a live buffer of its length.
-        let n = unsafe {
-            libc::recv(
-                std::os::fd::AsRawFd::as_raw_fd(&r.peer),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n > 0 {
-            // The vnet header is not the frame's.
-            bytes += n as usize - if vnet { 12 } else { 0 };
-        } else {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
+    // The vnet header is not the frame's.
+    let bytes = bytes_in_a_second(&r, if vnet { 12 } else { 0 });
     // 200 KB/s: 20 KB at once, 200 KB in the second, one frame of debt,
     // 6 segments per frame each with 54 bytes of headers.
     let most = (20_000 + 200_000 + len as usize) * (8192 + 6 * 54) / 8192;
@@ -1076,25 +1082,7 @@ fn a_byte_limit_holds_plain_frames_to_the_rate() {
         r.tx_desc(i, BUFS, f.len() as u16);
     }
     r.w(TDT, 200);
-    let t = Instant::now();
-    let mut bytes = 0usize;
-    while t.elapsed() < Duration::from_secs(1) {
-        let mut buf = [0u8; 2048];
-        // SAFETY: recv into a live buffer of its length.
-        let n = unsafe {
-            libc::recv(
-                std::os::fd::AsRawFd::as_raw_fd(&r.peer),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n > 0 {
-            bytes += n as usize;
-        } else {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
+    let bytes = bytes_in_a_second(&r, 0);
     // 100 KB/s with a 16 KiB bucket, plus one frame.
     assert!(
         bytes <= 100_000 + 16_384 + 1514,
