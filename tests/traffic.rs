@@ -76,7 +76,8 @@ fn near(what: &str, got: Option<f64>, limit: f64, samples: &[LinkSample]) -> Res
 /// why. (The e1000's limits are lower: in the nested host its guest
 /// takes an interrupt and register exits per frame and moves about 16
 /// Mbit/s at most; a frame at a time, as a limit spaces them, it took
-/// 9.8 Mbit/s against a 12 Mbit/s limit, the guest's CPU the bottleneck.)
+/// 9.8 Mbit/s against a 12 Mbit/s RX limit and 6.9 to 7.6 against 8, the
+/// guest's CPU the bottleneck: RX gets 4.)
 fn limits_hold_over_tcp(
     model: &'static str,
     tx_mbit: u32,
@@ -322,7 +323,7 @@ fn cases() -> Vec<Case<Images>> {
         ),
         case(
             "e1000_rate_limits_hold_over_tcp_both_ways",
-            limits_hold_over_tcp("e1000", 8, 8),
+            limits_hold_over_tcp("e1000", 8, 4),
         ),
         case(
             "virtio_pps_limits_hold_with_small_frames",
