@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::netns::Netns;
 use common::{
     end_listener, expect, host_listener, host_sender, images, random_file, run_guest_retrying,
-    run_suite, rvm_bin, sha256, sigterm_and_wait, spawn_until, Case, GuestRun, Images,
+    run_suite, rvm_bin, sha256, spawn_until, Case, GuestRun, Images, Spawned,
 };
 
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -164,12 +164,7 @@ fn ping_bridge(k: Kernel, path: DataPath) -> impl Fn(&Images) -> Result<(), Stri
 }
 
 /// Spawns a guest that idles with its NIC up; returns once it says so.
-fn spawn_idle(
-    ns: &Netns,
-    img: &Images,
-    args: &str,
-    net: &str,
-) -> Result<(Child, std::thread::JoinHandle<String>), String> {
+fn spawn_idle(ns: &Netns, img: &Images, args: &str, net: &str) -> Result<Spawned, String> {
     let cmd = rvm(ns, img, Kernel::Minimal, "net_idle", args, net, "256M");
     spawn_until(cmd, "rvm-init: idle", DEADLINE)
 }
@@ -179,7 +174,7 @@ fn spawn_idle(
 fn guest_to_guest(img: &Images) -> Result<(), String> {
     let ns = Netns::new("g2g")?;
     ns.bridge("10.0.0.1/24", 1500)?;
-    let (a, _out) = spawn_idle(&ns, img, "ip=10.0.0.2/24", "tap=rvmtapa,bridge=br0")?;
+    let a = spawn_idle(&ns, img, "ip=10.0.0.2/24", "tap=rvmtapa,bridge=br0")?;
     let r = run(
         "g2g",
         &ns,
@@ -190,7 +185,7 @@ fn guest_to_guest(img: &Images) -> Result<(), String> {
         "tap=rvmtapb,bridge=br0",
     );
     let pinged = finished(&r).and_then(|_| expect(&r, "ping_ok", "1"));
-    let stopped = sigterm_and_wait(a);
+    let stopped = a.stop();
     pinged?;
     stopped?;
     ns.no_taps_left()
@@ -724,12 +719,12 @@ fn bad_host_options(img: &Images) -> Result<(), String> {
         "script /bin/false rvmbad failed",
     )?;
     // A TAP another process holds is busy.
-    let (holder, _out) = {
+    let holder = {
         ns.bridge("10.0.0.1/24", 1500)?;
         spawn_idle(&ns, img, "", "tap=rvmbusy,bridge=br0")?
     };
     let busy = fail_keep(&ns, img, "tap=rvmbusy", "in use by another process");
-    sigterm_and_wait(holder)?;
+    holder.stop()?;
     busy?;
     ns.no_taps_left()
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::netns::{rate_between, LinkSample, Netns};
 use common::{
     end_listener, expect, host_listener, host_sender, images, random_file, run_guest_retrying,
-    run_suite, rvm_bin, sha256, sigterm_and_wait, spawn_until, Case, Images,
+    run_suite, rvm_bin, sha256, spawn_until, Case, Images,
 };
 
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -151,7 +151,7 @@ fn pps_limits_hold_with_small_frames(img: &Images) -> Result<(), String> {
     ns.bridge("10.0.0.1/24", 1500)?;
     let net = "tap=rvmpps,bridge=br0,vhost=off,tx_pps=500,rx_pps=1000";
     let mut sampler = ns.sample_link("rvmpps")?;
-    let (child, _console) = spawn_until(
+    let guest = spawn_until(
         rvm(&ns, img, "net_iperf_server", "ip=10.0.0.2/24", net),
         "rvm-init: idle",
         DEADLINE,
@@ -180,7 +180,7 @@ fn pps_limits_hold_with_small_frames(img: &Images) -> Result<(), String> {
     let to_guest = flood(false);
     let from_guest = to_guest.as_ref().ok().map(|_| flood(true));
     let samples = sampler.samples();
-    sigterm_and_wait(child)?;
+    guest.stop()?;
     let (a0, a1) = to_guest?;
     let (b0, b1) = from_guest.unwrap_or(Err("not run".into()))?;
     // The flood's middle: from 2 s after the client started (the control

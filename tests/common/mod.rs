@@ -890,15 +890,60 @@ pub fn run_suite<I>(
     }
 }
 
+/// A guest started by [`spawn_until`], running on while the test works
+/// with it.
+pub struct Spawned {
+    pub child: std::process::Child,
+    /// Collects the console after the marker, until rvm exits.
+    console: std::thread::JoinHandle<String>,
+}
+
+impl Spawned {
+    /// Ends the guest with SIGTERM ([`sigterm_and_wait`]). If rvm ended
+    /// by itself first, that is an error, and when it is the nested host's
+    /// reset flake (rvm exited 0 after a triple fault, the guest's kernel
+    /// silent) the case is marked for a rerun and the error says so: a
+    /// test that talks to a running guest sees the flake only as traffic
+    /// that stops.
+    pub fn stop(mut self) -> Result<(), String> {
+        let Some(status) = self.child.try_wait().map_err(|e| e.to_string())? else {
+            return sigterm_and_wait(self.child);
+        };
+        let mut stderr = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        let run = GuestRun {
+            status: Some(status),
+            killed: None,
+            console: self.console.join().unwrap_or_default(),
+            stderr,
+            marker_at: None,
+            elapsed: Duration::ZERO,
+        };
+        if is_nested_reset_flake(&run) {
+            note_case_flake();
+            return Err(format!(
+                "the guest reset suddenly during the test (the nested host's reset flake)\n{}",
+                run.tail(10)
+            ));
+        }
+        Err(format!(
+            "rvm ended by itself during the test ({status})\n{}",
+            run.tail(30)
+        ))
+    }
+}
+
 /// Spawns `cmd` (an rvm run) and returns once its console prints a line
-/// containing `marker`, with the child and a thread that collects the rest
-/// of its console. Bounded by `deadline`, with a heartbeat, like every
-/// guest run: a silent wait here would look like the nested host hanging.
+/// containing `marker`, with the running guest. Bounded by `deadline`,
+/// with a heartbeat, like every guest run: a silent wait here would look
+/// like the nested host hanging.
 pub fn spawn_until(
     mut cmd: Command,
     marker: &'static str,
     deadline: Duration,
-) -> Result<(std::process::Child, std::thread::JoinHandle<String>), String> {
+) -> Result<Spawned, String> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -922,7 +967,12 @@ pub fn spawn_until(
     let mut beat = Duration::from_secs(60);
     while start.elapsed() < deadline {
         match rx.recv_timeout(Duration::from_secs(1)) {
-            Ok(l) if l.contains(marker) => return Ok((child, rest)),
+            Ok(l) if l.contains(marker) => {
+                return Ok(Spawned {
+                    child,
+                    console: rest,
+                })
+            }
             Ok(l) => {
                 seen.push_str(&l);
                 seen.push('\n');
