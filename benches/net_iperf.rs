@@ -16,6 +16,12 @@
 //! `vnet_hdr_off`, `e1000`, `mq`, `vhost_mq`); running a few at a time
 //! loses less to a nested-host panic, which starts the run over.
 //!
+//! The `user` setup is networking without a TAP: rvm `--net user` (which
+//! starts passt itself) against QEMU `-netdev stream` connected to a passt
+//! the benchmark starts, in a namespace whose only network is a dummy
+//! interface; the guest takes its address by DHCP and the host reaches its
+//! iperf3 servers through passt's port forwarding (127.0.0.1:5201).
+//!
 //! The multiqueue setups (`mq`, `vhost_mq`) give the guest 2 vCPUs and the
 //! NIC 2 queue pairs (QEMU: `-netdev tap,queues=2` on a multi_queue TAP,
 //! `-device virtio-net-pci,mq=on,vectors=6`); the guest runs one iperf3
@@ -63,15 +69,18 @@ struct Setup {
     model: &'static str,
     /// Queue pairs; also the guest's vCPUs and the parallel flows.
     queues: u32,
+    /// User-mode networking through passt instead of a TAP.
+    user: bool,
 }
 
-const SETUPS: [Setup; 6] = [
+const SETUPS: [Setup; 7] = [
     Setup {
         name: "offloads",
         vnet_hdr: true,
         vhost: false,
         model: "virtio",
         queues: 1,
+        user: false,
     },
     Setup {
         name: "vhost",
@@ -79,6 +88,7 @@ const SETUPS: [Setup; 6] = [
         vhost: true,
         model: "virtio",
         queues: 1,
+        user: false,
     },
     Setup {
         name: "vnet_hdr_off",
@@ -86,6 +96,7 @@ const SETUPS: [Setup; 6] = [
         vhost: false,
         model: "virtio",
         queues: 1,
+        user: false,
     },
     Setup {
         name: "e1000",
@@ -93,6 +104,7 @@ const SETUPS: [Setup; 6] = [
         vhost: false,
         model: "e1000",
         queues: 1,
+        user: false,
     },
     Setup {
         name: "mq",
@@ -100,6 +112,7 @@ const SETUPS: [Setup; 6] = [
         vhost: false,
         model: "virtio",
         queues: 2,
+        user: false,
     },
     Setup {
         name: "vhost_mq",
@@ -107,14 +120,73 @@ const SETUPS: [Setup; 6] = [
         vhost: true,
         model: "virtio",
         queues: 2,
+        user: false,
+    },
+    Setup {
+        name: "user",
+        vnet_hdr: false,
+        vhost: false,
+        model: "virtio",
+        queues: 1,
+        user: true,
     },
 ];
 
-fn cmdline(reboot: &str) -> String {
-    format!("console=ttyS0 reboot={reboot} panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd quiet rvm.scenario=net_iperf_server")
+/// The namespace's network for the `user` setup, as in tests/usernet.rs.
+const USER_NET: &str = "ip link add d0 type dummy && ip addr add 10.1.0.2/24 dev d0 && ip link set d0 up && ip route add default via 10.1.0.1";
+/// passt's forwarding of the guest's iperf3 ports.
+const USER_FWD: [(&str, &str); 2] = [
+    ("tcp::5201-:5201", "5201:5201"),
+    ("tcp::5202-:5202", "5202:5202"),
+];
+
+fn cmdline(reboot: &str, setup: &Setup) -> String {
+    let dhcp = if setup.user { " rvm.args=dhcp" } else { "" };
+    format!("console=ttyS0 reboot={reboot} panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd quiet rvm.scenario=net_iperf_server{dhcp}")
 }
 
-fn vmm_command(vmm: Vmm, ns: &Netns, kernel: &Path, img: &Images, setup: &Setup) -> Command {
+/// Where the host's iperf3 client finds the guest's servers.
+fn guest_addr(setup: &Setup) -> &'static str {
+    if setup.user {
+        "127.0.0.1"
+    } else {
+        GUEST
+    }
+}
+
+/// The passt QEMU's `-netdev stream` connects to (rvm starts its own):
+/// listening on `sock` once this returns.
+fn start_passt(ns: &Netns, sock: &Path) -> Result<Child, String> {
+    let _ = std::fs::remove_file(sock);
+    let mut c = ns.command("passt");
+    c.args(["--foreground", "--quiet", "--one-off", "--socket"])
+        .arg(sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (_, p) in USER_FWD {
+        c.args(["-t", p]);
+    }
+    let mut child = c.spawn().map_err(|e| format!("cannot start passt: {e}"))?;
+    let t = Instant::now();
+    while !sock.exists() {
+        if t.elapsed() > Duration::from_secs(10) || matches!(child.try_wait(), Ok(Some(_))) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("passt did not listen on {}", sock.display()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
+}
+
+fn vmm_command(
+    vmm: Vmm,
+    ns: &Netns,
+    kernel: &Path,
+    img: &Images,
+    setup: &Setup,
+    passt_sock: &Path,
+) -> Command {
     let onoff = if setup.vnet_hdr { "on" } else { "off" };
     let vhost = if setup.vhost { "on" } else { "off" };
     let cpus = setup.queues.to_string();
@@ -129,12 +201,20 @@ fn vmm_command(vmm: Vmm, ns: &Netns, kernel: &Path, img: &Images, setup: &Setup)
                 .arg("--initrd")
                 .arg(&img.initramfs)
                 .arg("--cmdline")
-                .arg(cmdline("k"))
-                .arg("--net")
-                .arg(format!(
+                .arg(cmdline("k", setup))
+                .arg("--net");
+            if setup.user {
+                let fwd: Vec<String> = USER_FWD
+                    .iter()
+                    .map(|(f, _)| format!(",hostfwd={f}"))
+                    .collect();
+                c.arg(format!("user,model={}{}", setup.model, fwd.concat()));
+            } else {
+                c.arg(format!(
                     "tap=rvmtap0,bridge=br0,vnet_hdr={onoff},vhost={vhost},model={},queues={}",
                     setup.model, setup.queues
                 ));
+            }
             c
         }
         Vmm::Qemu => {
@@ -147,13 +227,20 @@ fn vmm_command(vmm: Vmm, ns: &Netns, kernel: &Path, img: &Images, setup: &Setup)
                 .arg("-initrd")
                 .arg(&img.initramfs)
                 .arg("-append")
-                .arg(cmdline("k"))
-                .arg("-netdev")
-                .arg(format!(
+                .arg(cmdline("k", setup))
+                .arg("-netdev");
+            if setup.user {
+                c.arg(format!(
+                    "stream,id=n0,server=off,addr.type=unix,addr.path={}",
+                    passt_sock.display()
+                ));
+            } else {
+                c.arg(format!(
                     "tap,id=n0,ifname=qtap0,script=no,downscript=no,vhost={vhost},vnet_hdr={onoff},queues={}",
                     setup.queues
-                ))
-                .args(["-device", &qemu_model(setup)]);
+                ));
+            }
+            c.args(["-device", &qemu_model(setup)]);
             c
         }
     }
@@ -165,6 +252,16 @@ fn qemu_model(setup: &Setup) -> String {
         (_, 1) => "virtio-net-pci,netdev=n0".into(),
         // A vector per queue, one for the control queue, one for config.
         (_, n) => format!("virtio-net-pci,netdev=n0,mq=on,vectors={}", 2 * n + 2),
+    }
+}
+
+/// passt for QEMU, killed and reaped when dropped.
+struct PasstChild(Child);
+
+impl Drop for PasstChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -268,10 +365,10 @@ fn json_number(json: &str, section: &str, key: &str) -> Option<f64> {
 
 /// `flows` iperf3 clients at once from the host, one per guest server
 /// (ports 5201, 5202, ...); their summed Mbit/s on the host's clock.
-fn iperf(ns: &Netns, secs: u64, reverse: bool, flows: u32) -> Result<f64, String> {
+fn iperf(ns: &Netns, addr: &str, secs: u64, reverse: bool, flows: u32) -> Result<f64, String> {
     std::thread::scope(|s| {
         let clients: Vec<_> = (0..flows)
-            .map(|i| s.spawn(move || iperf_one(ns, secs, reverse, 5201 + i as u16)))
+            .map(|i| s.spawn(move || iperf_one(ns, addr, secs, reverse, 5201 + i as u16)))
             .collect();
         clients
             .into_iter()
@@ -284,11 +381,11 @@ fn iperf(ns: &Netns, secs: u64, reverse: bool, flows: u32) -> Result<f64, String
 }
 
 /// One iperf3 client run from the host; Mbit/s on the host's clock.
-fn iperf_one(ns: &Netns, secs: u64, reverse: bool, port: u16) -> Result<f64, String> {
+fn iperf_one(ns: &Netns, addr: &str, secs: u64, reverse: bool, port: u16) -> Result<f64, String> {
     // A stalled transfer ends as a failure instead of blocking for ever.
     let mut c = ns.command("timeout");
     c.args(["-k", "5", &(secs + 60).to_string(), "iperf3"])
-        .args(["-c", GUEST, "-J", "-t", &secs.to_string()])
+        .args(["-c", addr, "-J", "-t", &secs.to_string()])
         .args(["-p", &port.to_string()])
         .args(["--connect-timeout", "10000"]);
     if reverse {
@@ -343,8 +440,19 @@ fn measure(
     let mut attempt = 0;
     loop {
         let ns = Netns::new("iperf")?;
-        ns.bridge("10.0.0.1/24", 1500)?;
-        if vmm == Vmm::Qemu {
+        let passt_sock =
+            std::env::temp_dir().join(format!("iperf-passt-{}.sock", std::process::id()));
+        // QEMU's passt, stopped after the guest (dropped after it).
+        let mut _passt = None;
+        if setup.user {
+            ns.sh(USER_NET)?;
+            if vmm == Vmm::Qemu {
+                _passt = Some(PasstChild(start_passt(&ns, &passt_sock)?));
+            }
+        } else {
+            ns.bridge("10.0.0.1/24", 1500)?;
+        }
+        if vmm == Vmm::Qemu && !setup.user {
             let mq = if setup.queues > 1 { " multi_queue" } else { "" };
             ns.sh(&format!(
                 "ip tuntap add qtap0 mode tap{mq} && ip link set qtap0 master br0 up"
@@ -360,15 +468,17 @@ fn measure(
                 lines[lines.len().saturating_sub(40)..].join("\n")
             )
         };
-        match boot(vmm_command(vmm, &ns, kernel, img, setup), &log) {
+        match boot(vmm_command(vmm, &ns, kernel, img, setup, &passt_sock), &log) {
             Boot::Up(guest, console) => {
                 let tso = console
                     .iter()
                     .find_map(|l| l.strip_prefix("rvm-result: tso="))
                     .unwrap_or("?")
                     .to_string();
-                let measured = iperf(&ns, secs, false, setup.queues)
-                    .and_then(|to| iperf(&ns, secs, true, setup.queues).map(|from| (to, from)));
+                let addr = guest_addr(setup);
+                let measured = iperf(&ns, addr, secs, false, setup.queues).and_then(|to| {
+                    iperf(&ns, addr, secs, true, setup.queues).map(|from| (to, from))
+                });
                 let (to_guest, from_guest) = match measured {
                     Ok(m) => m,
                     Err(e) => {

@@ -202,7 +202,10 @@ fn bad_nic_specs_name_the_problem() {
         (&["--net", "tap=t0,colour=red"], "unknown key \"colour\""),
         (&["--net", "tap=t0,mac=zz:11"], "bad MAC"),
         (&["--net", "tap=t0,mac=01:00:00:00:00:01"], "multicast"),
-        (&["--net", "bridge=br0"], "give tap=NAME or fd=N"),
+        (
+            &["--net", "bridge=br0"],
+            "give tap=NAME, fd=N, user, stream=PATH or dgram=PATH",
+        ),
         (&["--net", "tap=t0,fd=3"], "exclusive"),
         (&["--net", "tap=waytoolongforatap"], "not an interface name"),
         (&["--net", "tap=t0", "--net", "tap=t0"], "given to two NICs"),
@@ -221,6 +224,16 @@ fn bad_nic_specs_name_the_problem() {
             "vhost=on needs model=virtio",
         ),
         (&["--bridge", "br0"], "--tap"),
+        (&["--net", "user,bridge=br0"], "bridge is for a TAP"),
+        (&["--net", "user,vhost=on"], "vhost=on needs a TAP"),
+        (
+            &["--net", "user,hostfwd=tcp::2222-10.0.2.15:22"],
+            "a guest address (10.0.2.15) cannot be chosen",
+        ),
+        (
+            &["--net", "stream=/nonexistent/passt.sock"],
+            "cannot connect to the user-mode network at /nonexistent/passt.sock",
+        ),
     ];
     for (args, want) in cases {
         let mut all = vec!["run", "--kernel", k];
@@ -228,6 +241,21 @@ fn bad_nic_specs_name_the_problem() {
         let out = rvm(&all);
         assert_error(&out, want);
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--net user` without passt says how to get it, and leaves nothing.
+#[test]
+fn user_networking_without_passt_says_how_to_install_it() {
+    let dir = tmpdir("nopasst");
+    let k = fake_bzimage(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_rvm"))
+        .args(["run", "--kernel", k.to_str().unwrap(), "--net", "user"])
+        .env("RVM_PASST", dir.join("no-such-passt"))
+        .output()
+        .expect("run rvm");
+    assert_error(&out, "passt is not installed");
+    assert_error(&out, "apt install passt");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -46,30 +46,24 @@ pub fn check_vhost_policy(cfg: &NetConfig) -> Result<()> {
 /// The parts of the NIC `cfg` describes, on its host side `host`.
 /// `validate_all` has run, so the MAC is set.
 pub fn assemble(cfg: &NetConfig, host: &HostNic, memory: &GuestRam) -> Result<NicParts> {
-    let tap = host.tap();
     let mac = cfg.mac.map(|m| m.0).unwrap_or(DEFAULT_MAC);
-    let pairs = host.taps().len();
+    let backends = host.backends();
     let (mtu, vhost) = match cfg.model {
         // The e1000 has no MTU field and no vhost path.
         NicModel::E1000 => (1500, Vec::new()),
         NicModel::Virtio => (
             cfg.mtu
-                .unwrap_or_else(|| tap.mtu().map(|m| m.min(65535) as u16).unwrap_or(1500)),
-            vhost_for(cfg, memory, pairs)?,
+                .unwrap_or_else(|| host.mtu().map(|m| m.min(65535) as u16).unwrap_or(1500)),
+            vhost_for(cfg, host, memory, backends.len())?,
         ),
     };
-    let backends = host
-        .taps()
-        .iter()
-        .map(|t| t.clone() as Arc<dyn NetBackend>)
-        .collect();
     Ok(NicParts {
         model: cfg.model,
         backends,
         mac,
         mtu,
         vhost,
-        name: tap.name().to_string(),
+        name: host.name(),
         tap_name: cfg.tap.clone(),
     })
 }
@@ -91,7 +85,20 @@ pub fn check_stages_against_vhost(nic: &str, vhost_required: bool, stages: &Stag
 const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
 
 /// One vhost-net device per queue pair, or none.
-fn vhost_for(cfg: &NetConfig, memory: &GuestRam, pairs: usize) -> Result<Vec<VhostNet>> {
+fn vhost_for(
+    cfg: &NetConfig,
+    host: &HostNic,
+    memory: &GuestRam,
+    pairs: usize,
+) -> Result<Vec<VhostNet>> {
+    if host.tap().is_none() {
+        // (validate_all refused vhost=on without a TAP.)
+        log::info!(
+            "{}: a user-mode network has no TAP for vhost-net; data path: userspace",
+            cfg.label()
+        );
+        return Ok(Vec::new());
+    }
     let open_all = || {
         (0..pairs)
             .map(|_| VhostNet::open(memory, cfg.vnet_hdr))

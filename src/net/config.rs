@@ -3,18 +3,21 @@
 //! vnet_hdr=on|off,sndbuf=N,mtu=N,script=PATH|no,downscript=PATH|no,fd=N,
 //! fds=A:B:...,queues=N|auto`, and rate limits:
 //! `tx_rate=16Mbit,tx_burst=256K,tx_pps=N` (and the same for rx), and a
-//! capture: `dump=PATH,dump_len=N`.
+//! capture: `dump=PATH,dump_len=N`. Without a TAP: `user[,hostfwd=...]`
+//! (passt), `stream=PATH` or `dgram=PATH` (a user-mode stack's socket).
 
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use super::passt::HostFwd;
 use super::rate_limit::{self, Bucket, DirectionLimits, RateLimits};
 use super::tap::valid_ifname;
 
 pub const KEYS: &str =
     "tap, bridge, mac, model, vhost, vnet_hdr, sndbuf, mtu, script, downscript, \
-     fd, fds, queues, tx_rate, rx_rate, tx_burst, rx_burst, tx_pps, rx_pps, dump, dump_len";
+     fd, fds, queues, tx_rate, rx_rate, tx_burst, rx_burst, tx_pps, rx_pps, dump, dump_len, \
+     hostfwd (with user), stream, dgram";
 
 /// The most queue pairs a virtio-net NIC may have.
 pub const MAX_QUEUE_PAIRS: u16 = 16;
@@ -55,6 +58,19 @@ impl Queues {
     }
 }
 
+/// A NIC's wire when it is not a TAP: a user-mode network stack, reached
+/// over a UNIX socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// passt, started by rvm for this NIC (`user`), with host ports
+    /// forwarded to the guest.
+    Passt { hostfwd: Vec<HostFwd> },
+    /// A stack someone else runs, on a stream socket in QEMU's framing.
+    Stream(PathBuf),
+    /// The same on a datagram (or seqpacket) socket: a frame per message.
+    Dgram(PathBuf),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum VhostMode {
     On,
@@ -66,7 +82,9 @@ pub enum VhostMode {
 /// One NIC, as the user described it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
-    /// The TAP's name; None only with `fd`.
+    /// Not a TAP but a user-mode network (then tap, fd and fds are none).
+    pub peer: Option<Peer>,
+    /// The TAP's name; None only with `fd`, `fds` or a `peer`.
     pub tap: Option<String>,
     /// An already-open TAP fd (sandbox platforms, unprivileged use).
     pub fd: Option<i32>,
@@ -97,6 +115,7 @@ impl NetConfig {
     /// A virtio NIC on TAP `name`, with rvm's defaults.
     pub fn tap(name: &str) -> Self {
         NetConfig {
+            peer: None,
             tap: Some(name.into()),
             fd: None,
             fds: Vec::new(),
@@ -144,8 +163,33 @@ impl NetConfig {
         }
     }
 
+    /// A virtio NIC on user-mode networking through passt, which rvm
+    /// starts (`--net user`): no TAP, no privilege.
+    pub fn user(hostfwd: Vec<HostFwd>) -> Self {
+        NetConfig {
+            peer: Some(Peer::Passt { hostfwd }),
+            tap: None,
+            ..NetConfig::tap("")
+        }
+    }
+
+    /// A virtio NIC on a user-mode stack's socket at `path`.
+    pub fn socket(peer: Peer) -> Self {
+        NetConfig {
+            peer: Some(peer),
+            tap: None,
+            ..NetConfig::tap("")
+        }
+    }
+
     /// What names this NIC in messages and seeds its default MAC.
     pub fn label(&self) -> String {
+        match &self.peer {
+            Some(Peer::Passt { .. }) => return "user".into(),
+            Some(Peer::Stream(p)) => return format!("stream:{}", p.display()),
+            Some(Peer::Dgram(p)) => return format!("dgram:{}", p.display()),
+            None => {}
+        }
         match (&self.tap, self.fd, self.fds.first()) {
             (Some(t), _, _) => t.clone(),
             (None, Some(fd), _) => format!("fd{fd}"),
@@ -170,8 +214,22 @@ pub enum NetConfigError {
         value: String,
         why: String,
     },
-    #[error("--net {0}: give tap=NAME or fd=N")]
+    #[error("--net {0}: give tap=NAME, fd=N, user, stream=PATH or dgram=PATH")]
     NoTap(String),
+    #[error("--net {spec}: {key} is for a TAP, and this NIC has none ({peer})")]
+    TapKeyWithPeer {
+        spec: String,
+        key: String,
+        peer: &'static str,
+    },
+    #[error(
+        "--net {0}: a NIC has one wire: give one of tap=, fd=, fds=, user, stream= and dgram="
+    )]
+    TwoWires(String),
+    #[error("--net {0}: hostfwd= forwards through passt: it needs user")]
+    HostFwdWithoutUser(String),
+    #[error("NIC {0}: vhost=on needs a TAP (vhost-net moves a TAP's frames in the kernel); use vhost=auto or off with a user-mode network")]
+    VhostWithoutTap(String),
     #[error("--net {0}: tap=, fd= and fds= are exclusive (an fd already names its TAP)")]
     TapAndFd(String),
     #[error("--net {spec}: queues={queues} needs one TAP fd per queue pair (fds=A:B:...), and {fds} given")]
@@ -330,13 +388,30 @@ impl FromStr for NetConfig {
         // rate and its burst together, so they are built after the loop.
         let mut rates: [(Option<u64>, Option<u64>, Option<u64>); 2] = Default::default();
         let (mut dump, mut dump_len) = (None, None);
-        for part in spec.split(',') {
+        // QEMU's backend word may lead: `user,...` (passt) or `tap,...`.
+        let (user, rest) = match spec.split_once(',').unwrap_or((spec, "")) {
+            ("user", rest) => (true, rest),
+            ("tap", rest) => (false, rest),
+            _ => (false, spec),
+        };
+        let mut hostfwd = Vec::new();
+        let mut wires = usize::from(user);
+        for part in rest
+            .split(',')
+            .filter(|p| !(p.is_empty() && rest.is_empty()))
+        {
             let Some((key, v)) = part.split_once('=') else {
                 return Err(NetConfigError::NotKeyValue {
                     spec: spec.into(),
                     part: part.into(),
                 });
             };
+            if key == "hostfwd" {
+                // The one key given as often as there are ports.
+                let f = v.parse().map_err(|e: String| bad(spec, key, v, &e))?;
+                hostfwd.push(f);
+                continue;
+            }
             if seen.contains(&key) {
                 return Err(NetConfigError::Repeated {
                     spec: spec.into(),
@@ -355,6 +430,15 @@ impl FromStr for NetConfig {
             };
             match key {
                 "tap" | "ifname" => c.tap = Some(ifname(spec, key, v)?),
+                "stream" | "dgram" => {
+                    wires += 1;
+                    let path = PathBuf::from(v);
+                    c.peer = Some(if key == "stream" {
+                        Peer::Stream(path)
+                    } else {
+                        Peer::Dgram(path)
+                    });
+                }
                 "bridge" | "br" => c.bridge = Some(ifname(spec, key, v)?),
                 "mac" => c.mac = Some(v.parse()?),
                 "model" => c.model = v.parse().map_err(|e: String| bad(spec, key, v, &e))?,
@@ -442,8 +526,47 @@ impl FromStr for NetConfig {
                 })
             }
         };
+        if user {
+            c.peer = Some(Peer::Passt {
+                hostfwd: std::mem::take(&mut hostfwd),
+            });
+        }
+        if !hostfwd.is_empty() {
+            return Err(NetConfigError::HostFwdWithoutUser(spec.into()));
+        }
         let given = [c.tap.is_some(), c.fd.is_some(), !c.fds.is_empty()];
-        match given.iter().filter(|&&g| g).count() {
+        let taps = given.iter().filter(|&&g| g).count();
+        if wires > 1 || (wires == 1 && taps > 0) {
+            return Err(NetConfigError::TwoWires(spec.into()));
+        }
+        if let Some(peer) = &c.peer {
+            let what = match peer {
+                Peer::Passt { .. } => "user",
+                Peer::Stream(_) => "stream=",
+                Peer::Dgram(_) => "dgram=",
+            };
+            // What only a TAP has.
+            for key in [
+                "bridge",
+                "br",
+                "script",
+                "downscript",
+                "vnet_hdr",
+                "sndbuf",
+                "queues",
+            ] {
+                if seen.contains(&key) {
+                    return Err(NetConfigError::TapKeyWithPeer {
+                        spec: spec.into(),
+                        key: key.into(),
+                        peer: what,
+                    });
+                }
+            }
+            c.vnet_hdr = false;
+            return Ok(c);
+        }
+        match taps {
             0 => return Err(NetConfigError::NoTap(spec.into())),
             1 => {}
             _ => return Err(NetConfigError::TapAndFd(spec.into())),
@@ -512,6 +635,18 @@ pub fn validate_all(nics: &mut [NetConfig], vcpus: u8) -> Result<(), NetConfigEr
         if n.vhost == VhostMode::On && !n.limits.is_none() {
             return Err(NetConfigError::VhostAndLimits(n.label()));
         }
+        if n.peer.is_some() {
+            if n.vhost == VhostMode::On {
+                return Err(NetConfigError::VhostWithoutTap(n.label()));
+            }
+            if n.queues.pairs() > 1 {
+                return Err(NetConfigError::TapKeyWithPeer {
+                    spec: n.label(),
+                    key: "queues".into(),
+                    peer: "a user-mode network",
+                });
+            }
+        }
         if let Some((path, _)) = &n.dump {
             // Checked before anything is created; the file itself is
             // created when the NIC is (Vm::new), errors named then.
@@ -576,6 +711,56 @@ mod tests {
     }
 
     #[test]
+    fn user_mode_networks_parse_in_qemus_words() {
+        let c: NetConfig = "user,hostfwd=tcp::2222-:22,hostfwd=udp:127.0.0.1:5353-:53,model=e1000"
+            .parse()
+            .unwrap();
+        let Some(Peer::Passt { hostfwd }) = &c.peer else {
+            panic!("not passt: {c:?}")
+        };
+        assert_eq!(hostfwd.len(), 2);
+        assert_eq!(hostfwd[1].to_string(), "udp:127.0.0.1:5353-:53");
+        assert_eq!(c.model, NicModel::E1000);
+        assert!(!c.vnet_hdr && c.tap.is_none());
+        assert_eq!(c.label(), "user");
+        let c: NetConfig = "user".parse().unwrap();
+        assert_eq!(c.peer, Some(Peer::Passt { hostfwd: vec![] }));
+        let c: NetConfig = "stream=/run/passt.sock,mac=52:54:00:00:00:09"
+            .parse()
+            .unwrap();
+        assert_eq!(c.peer, Some(Peer::Stream("/run/passt.sock".into())));
+        let c: NetConfig = "dgram=/tmp/vm.sock".parse().unwrap();
+        assert_eq!(c.peer, Some(Peer::Dgram("/tmp/vm.sock".into())));
+        // QEMU's leading `tap` word.
+        let c: NetConfig = "tap,ifname=t0".parse().unwrap();
+        assert_eq!(c.tap.as_deref(), Some("t0"));
+    }
+
+    #[test]
+    fn user_mode_mistakes_name_the_problem() {
+        for (spec, want) in [
+            ("user,bridge=br0", "bridge is for a TAP"),
+            ("stream=/x,queues=2", "queues is for a TAP"),
+            ("user,tap=t0", "a NIC has one wire"),
+            ("stream=/x,dgram=/y", "a NIC has one wire"),
+            ("tap=t0,hostfwd=tcp::1-:2", "needs user"),
+            ("user,hostfwd=tcp::2222", "expected tcp:"),
+            ("user,hostfwd=tcp::2222-10.0.2.15:22", "cannot be chosen"),
+            ("bogus", "is not key=value"),
+        ] {
+            let e = err(spec);
+            assert!(e.contains(want), "{spec}: {e}");
+        }
+        let mut nics = vec!["user,vhost=on".parse::<NetConfig>().unwrap()];
+        let e = validate_all(&mut nics, 1).unwrap_err().to_string();
+        assert!(e.contains("vhost=on needs a TAP"), "{e}");
+        // Two user-mode NICs get two MACs.
+        let mut nics = vec![NetConfig::user(vec![]), NetConfig::user(vec![])];
+        validate_all(&mut nics, 1).unwrap();
+        assert_ne!(nics[0].mac, nics[1].mac);
+    }
+
+    #[test]
     fn full_spec_parses() {
         let c: NetConfig = "tap=t0,bridge=br0,mac=52:54:00:12:34:56,model=e1000,vhost=off,vnet_hdr=off,sndbuf=1048576,mtu=9000,script=/bin/up,downscript=no"
             .parse()
@@ -607,7 +792,7 @@ mod tests {
         assert!(err("tap=t0,mac=01:54:00:12:34:56").contains("multicast"));
         assert!(err("tap=t0,mac=00:00:00:00:00:00").contains("all zeros"));
         assert!(err("tap=t0,mac=zz:54:00:12:34:56").contains("hexadecimal"));
-        assert!(err("bridge=br0").contains("give tap=NAME or fd=N"));
+        assert!(err("bridge=br0").contains("give tap=NAME, fd=N, user, stream=PATH or dgram=PATH"));
         assert!(err("tap=t0,fd=3").contains("exclusive"));
         assert!(err("tap=t0,vnet_hdr=maybe").contains("use on or off"));
         assert!(err("tap=t0,model=rtl8139").contains("use virtio or e1000"));

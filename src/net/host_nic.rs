@@ -1,14 +1,18 @@
 //! Everything rvm sets up on the host for one NIC, owned in one place so
 //! that it is undone in one place: a TAP (created or attached), its bridge
-//! membership and its ifup/ifdown scripts.
+//! membership and its ifup/ifdown scripts; or, for a NIC without a TAP,
+//! the socket to a user-mode network and the passt rvm started for it.
 
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::backend::NetBackend;
 use super::bridge::{self, BridgeError, BridgePort};
-use super::config::NetConfig;
+use super::config::{NetConfig, Peer};
+use super::passt::{Passt, PasstError, PASST_MTU};
 use super::script::{self, ScriptError};
+use super::socket::{Framing, SocketBackend};
 use super::tap::{self, Tap, TapError};
 
 #[derive(Debug, thiserror::Error)]
@@ -19,14 +23,98 @@ pub enum HostNicError {
     Bridge(#[from] BridgeError),
     #[error(transparent)]
     Script(#[from] ScriptError),
+    #[error(transparent)]
+    Passt(#[from] PasstError),
+    #[error("cannot connect to the user-mode network at {path}: {source} (is its stack, such as `passt -s {path}` or gvproxy, running?)")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 pub struct HostNic {
     // Field order is drop order: the bridge port goes before the TAP.
     downscript: Option<PathBuf>,
     port: Option<BridgePort>,
-    /// One fd per queue pair, all of one TAP.
+    /// One fd per queue pair, all of one TAP; none for a user-mode NIC.
     taps: Vec<Arc<Tap>>,
+    /// The wire of a NIC without a TAP.
+    user: Option<UserNet>,
+}
+
+/// A NIC's socket to a user-mode network, and passt when rvm runs it.
+struct UserNet {
+    socket: Arc<SocketBackend>,
+    /// What the exit log calls the NIC's host side.
+    name: String,
+    /// The MTU the stack takes (passt's), if known.
+    mtu: Option<u16>,
+    /// Held to be reaped when the NIC goes (after the socket closed).
+    _passt: Option<Passt>,
+}
+
+impl Drop for UserNet {
+    /// The device may still hold the socket: shut it down, so that passt
+    /// sees its client go now and ends (its own drop reaps it).
+    fn drop(&mut self) {
+        // The rest of a frame the socket took part of, if it takes it now.
+        let _ = self.socket.flush();
+        self.socket.shutdown();
+    }
+}
+
+impl UserNet {
+    fn setup(peer: &Peer) -> Result<UserNet, HostNicError> {
+        let connect_err = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| HostNicError::Connect { path, source }
+        };
+        let (fd, framing, name, mtu, passt): (OwnedFd, _, _, _, _) = match peer {
+            Peer::Passt { hostfwd } => {
+                let (passt, fd) = Passt::start(hostfwd)?;
+                let name = format!("passt (pid {})", passt.pid());
+                (fd, Framing::Stream, name, Some(PASST_MTU), Some(passt))
+            }
+            Peer::Stream(path) => {
+                let s = std::os::unix::net::UnixStream::connect(path).map_err(connect_err(path))?;
+                let name = format!("stream {}", path.display());
+                (s.into(), Framing::Stream, name, None, None)
+            }
+            Peer::Dgram(path) => {
+                let s = dgram_socket(path).map_err(connect_err(path))?;
+                let name = format!("dgram {}", path.display());
+                (s.into(), Framing::Dgram, name, None, None)
+            }
+        };
+        let socket = SocketBackend::new(fd, framing).map_err(|source| HostNicError::Connect {
+            path: name.clone(),
+            source,
+        })?;
+        Ok(UserNet {
+            socket: Arc::new(socket),
+            name,
+            mtu,
+            _passt: passt,
+        })
+    }
+}
+
+/// A datagram socket connected to `path`, with an address of its own (an
+/// abstract one, unique to this process and NIC) for the peer to answer
+/// to: an unbound UNIX datagram socket cannot be answered.
+fn dgram_socket(path: &Path) -> std::io::Result<std::os::unix::net::UnixDatagram> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let name = format!(
+        "rvm-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    let s = std::os::unix::net::UnixDatagram::bind_addr(&addr)?;
+    s.connect(path)?;
+    Ok(s)
 }
 
 /// What setup changed on a TAP rvm did not create, to put back when a
@@ -57,6 +145,14 @@ impl HostNic {
     /// Opens the TAP, sets its buffers and MTU, enslaves it, brings it
     /// up and runs the ifup script. On any failure what was done is undone.
     pub fn setup(cfg: &NetConfig) -> Result<HostNic, HostNicError> {
+        if let Some(peer) = &cfg.peer {
+            return Ok(HostNic {
+                downscript: None,
+                port: None,
+                taps: Vec::new(),
+                user: Some(UserNet::setup(peer)?),
+            });
+        }
         let pairs = usize::from(cfg.queues.pairs());
         let taps = match (&cfg.tap, cfg.fd, cfg.fds.is_empty()) {
             (_, Some(fd), _) => vec![Tap::from_fd(tap::take_fd(fd)?, cfg.vnet_hdr)?],
@@ -70,6 +166,7 @@ impl HostNic {
                 downscript: cfg.downscript.clone(),
                 port,
                 taps: taps.into_iter().map(Arc::new).collect(),
+                user: None,
             }),
             Err(e) => {
                 // The bridge port is gone already; the TAP closes after this.
@@ -79,14 +176,45 @@ impl HostNic {
         }
     }
 
-    /// The TAP (its first queue).
-    pub fn tap(&self) -> &Arc<Tap> {
-        &self.taps[0]
+    /// The TAP (its first queue); None for a user-mode NIC.
+    pub fn tap(&self) -> Option<&Arc<Tap>> {
+        self.taps.first()
     }
 
-    /// The TAP's queues, one per queue pair.
-    pub fn taps(&self) -> &[Arc<Tap>] {
-        &self.taps
+    /// The NIC's wire, one per queue pair.
+    pub fn backends(&self) -> Vec<Arc<dyn NetBackend>> {
+        match &self.user {
+            Some(u) => vec![u.socket.clone() as Arc<dyn NetBackend>],
+            None => self
+                .taps
+                .iter()
+                .map(|t| t.clone() as Arc<dyn NetBackend>)
+                .collect(),
+        }
+    }
+
+    /// What the host side is called in logs: the TAP's name, or the
+    /// user-mode network.
+    pub fn name(&self) -> String {
+        match (&self.user, self.taps.first()) {
+            (Some(u), _) => u.name.clone(),
+            (None, Some(t)) => t.name().to_string(),
+            (None, None) => String::new(),
+        }
+    }
+
+    /// The MTU of the wire, where it has one to tell.
+    pub fn mtu(&self) -> Option<u32> {
+        match (&self.user, self.taps.first()) {
+            (Some(u), _) => u.mtu.map(u32::from),
+            (None, Some(t)) => t.mtu().ok(),
+            (None, None) => None,
+        }
+    }
+
+    /// The TAP's interface index (a kernel-side capture needs it).
+    pub fn ifindex(&self) -> Option<i32> {
+        self.taps.first().and_then(|t| t.ifindex().ok())
     }
 
     pub fn bridge(&self) -> Option<&str> {
@@ -168,7 +296,7 @@ fn configure(
 impl Drop for HostNic {
     fn drop(&mut self) {
         if let Some(down) = &self.downscript {
-            if let Err(e) = script::run(down, self.tap().name(), "downscript") {
+            if let Err(e) = script::run(down, &self.name(), "downscript") {
                 log::warn!("{e}");
             }
         }
@@ -201,8 +329,8 @@ mod tests {
                 ..NetConfig::tap("rvmnic0")
             })
             .unwrap();
-            assert!(nic.tap().created());
-            assert!(nic.tap().vnet_hdr());
+            assert!(nic.tap().unwrap().created());
+            assert!(nic.tap().unwrap().vnet_hdr());
             assert_eq!(nic.bridge(), Some("rvmbr0"));
             assert_eq!(mtu_of("rvmnic0"), 1400);
             assert!(is_up("rvmnic0"));
@@ -237,7 +365,7 @@ mod tests {
                 ..NetConfig::tap("rvmnic1")
             })
             .unwrap();
-            assert!(!nic.tap().created());
+            assert!(!nic.tap().unwrap().created());
             assert!(in_bridge("rvmnic1", "rvmbr1"));
             drop(nic);
             assert!(exists("rvmnic1"));
@@ -270,7 +398,7 @@ mod tests {
                 ..NetConfig::tap("rvmnic8")
             })
             .unwrap();
-            assert_eq!(nic.tap().hwaddr().unwrap(), [0xfe, 0, 0, 0, 0, 5]);
+            assert_eq!(nic.tap().unwrap().hwaddr().unwrap(), [0xfe, 0, 0, 0, 0, 5]);
             assert_eq!(crate::net::sys::hwaddr("rvmbr8").unwrap(), before);
             assert_eq!(nic.port.as_ref().and_then(|p| p.moved()), None);
             // Without a MAC the kernel's address keeps its last five bytes.
@@ -279,7 +407,7 @@ mod tests {
                 ..NetConfig::tap("rvmnic9")
             })
             .unwrap();
-            assert_eq!(bare.tap().hwaddr().unwrap()[0], 0xfe);
+            assert_eq!(bare.tap().unwrap().hwaddr().unwrap()[0], 0xfe);
             assert_eq!(crate::net::sys::hwaddr("rvmbr8").unwrap(), before);
         });
     }
@@ -301,7 +429,7 @@ mod tests {
                 )
             });
             let nic = nic.unwrap();
-            let own = nic.tap().hwaddr().unwrap();
+            let own = nic.tap().unwrap().hwaddr().unwrap();
             assert_eq!(
                 nic.port.as_ref().and_then(|p| p.moved()),
                 Some((before, own))
@@ -432,9 +560,9 @@ mod tests {
             let seen = dir.read("fds");
             assert!(seen.contains("/dev/null"), "{seen}");
             assert!(!seen.contains("/dev/net/tun"), "{seen}");
-            assert_eq!(nic.tap().name(), "rvmnic5");
-            assert_eq!(nic.tap().as_raw_fd(), fd);
-            assert!(!nic.tap().created());
+            assert_eq!(nic.tap().unwrap().name(), "rvmnic5");
+            assert_eq!(nic.tap().unwrap().as_raw_fd(), fd);
+            assert!(!nic.tap().unwrap().created());
             assert!(is_up("rvmnic5"));
             drop(nic);
             // The fd was the TAP's only holder and the TAP is not
@@ -454,8 +582,8 @@ mod tests {
                 ..NetConfig::tap("rvmmq10")
             })
             .unwrap();
-            assert_eq!(nic.taps().len(), 3);
-            assert!(nic.taps().iter().all(|t| t.multi_queue()));
+            assert_eq!(nic.taps.len(), 3);
+            assert!(nic.taps.iter().all(|t| t.multi_queue()));
             assert!(tun_details("rvmmq10").contains("multi_queue"));
             assert!(in_bridge("rvmmq10", "rvmbr10"));
             drop(nic);
@@ -477,8 +605,8 @@ mod tests {
                 ..NetConfig::tap("")
             })
             .unwrap();
-            assert_eq!(nic.taps().len(), 2);
-            assert_eq!(nic.taps()[1].as_raw_fd(), fds[1]);
+            assert_eq!(nic.taps.len(), 2);
+            assert_eq!(nic.taps[1].as_raw_fd(), fds[1]);
             drop(nic);
             assert!(gone_soon("rvmmq11"));
 

@@ -308,7 +308,7 @@ impl Vm {
                     })?;
                     n.capture = Arc::new(CaptureControl::new(
                         n.stages.clone(),
-                        host.tap().ifindex().ok(),
+                        host.ifindex(),
                         kernel_path,
                     ));
                     if let Some((path, snap_len)) = &cfg.dump {

@@ -59,7 +59,8 @@ pub struct ThreadFilter(Arc<BpfProgram>);
 /// - KVM_RUN and device emulation: ioctl (KVM, TAP offloads, vhost-net
 ///   set-up at DRIVER_OK; see the rule in `new`), read/write on eventfds,
 ///   the console and TAPs;
-/// - the NIC data path: readv/writev, epoll;
+/// - the NIC data path: readv/writev, epoll; send/recv and their msg
+///   forms on a user-mode network's socket;
 /// - starting a NIC worker at DRIVER_OK (from a vCPU thread): eventfds,
 ///   an epoll instance, a timerfd (a stage's hold), a thread (clone3,
 ///   mmap, mprotect, rseq, ...);
@@ -71,6 +72,10 @@ const ALLOWED: &[i64] = &[
     libc::SYS_write,
     libc::SYS_readv,
     libc::SYS_writev,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
     libc::SYS_close,
     libc::SYS_fcntl,
     libc::SYS_dup,

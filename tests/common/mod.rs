@@ -1081,10 +1081,19 @@ pub fn host_sender(
     file: &Path,
     port: u16,
 ) -> Result<std::process::Child, String> {
+    host_sender_to(ns, file, &format!("10.0.0.2:{port}"))
+}
+
+/// [`host_sender`] to `addr` (HOST:PORT).
+pub fn host_sender_to(
+    ns: &netns::Netns,
+    file: &Path,
+    addr: &str,
+) -> Result<std::process::Child, String> {
     ns.command("socat")
         .arg("-u")
         .arg(format!("OPEN:{}", file.display()))
-        .arg(format!("TCP:10.0.0.2:{port},retry=600,interval=0.5"))
+        .arg(format!("TCP:{addr},retry=600,interval=0.5"))
         .spawn()
         .map_err(|e| e.to_string())
 }

@@ -105,7 +105,7 @@ impl Engine {
         self.tap_failed = true;
         crate::guest_log!(
             log::Level::Warn,
-            "e1000: its TAP failed (deleted?); the link is down and frames from the guest are dropped (counted)"
+            "e1000: its backend failed (TAP deleted, or the user-mode network gone); the link is down and frames from the guest are dropped (counted)"
         );
         self.lock().set_link(false);
     }

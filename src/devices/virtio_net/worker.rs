@@ -299,7 +299,7 @@ impl NicEngine for Worker {
                 self.backend_failed = true;
                 crate::guest_log!(
                     log::Level::Warn,
-                    "virtio-net: its TAP failed (deleted?); frames from the guest are dropped (counted)"
+                    "virtio-net: its backend failed (TAP deleted, or the user-mode network gone); frames from the guest are dropped (counted)"
                 );
                 // Parked TX would wait for room forever: it goes on, and
                 // its frames are dropped as the writes fail.

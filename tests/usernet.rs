@@ -1,0 +1,286 @@
+//! Networking without root on real guests: rvm run as an ordinary user (a
+//! uid with no account, no capability, /dev/kvm its only privilege) with
+//! `--net user`, which starts passt. Each case makes a network namespace
+//! holding only a dummy interface with an address and a default route (so
+//! passt has a "host network" to copy), and checks: DHCP gives the guest
+//! an address; the guest reaches a TCP server on the namespace's loopback
+//! through passt's gateway mapping and the host reaches a guest service
+//! through `hostfwd=`, 32 MiB each way sha256-verified, on both NIC
+//! models; no passt outlives rvm (normal exit, SIGTERM, SIGKILL); no
+//! interface is created. Like the other guest suites it runs directly on a
+//! host with VT-x/AMD-V and inside the nested host otherwise; it never
+//! skips.
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::netns::Netns;
+use common::{
+    expect, images, random_file, run_guest_retrying, run_suite, rvm_bin, sha256, spawn_until, Case,
+    Images,
+};
+
+const DEADLINE: Duration = Duration::from_secs(300);
+/// The test user: no account, no group but its own.
+const UID: u32 = 4242;
+/// The transfer each way, MiB.
+const MIB: u64 = 32;
+/// The namespace's "host network": the address passt gives the guest
+/// (its own) and the gateway, which passt maps to the host's loopback.
+const HOST_ADDR: &str = "10.1.0.2";
+const GATEWAY: &str = "10.1.0.1";
+
+/// A namespace with one dummy interface as its network.
+fn rootless_ns(tag: &str) -> Result<Netns, String> {
+    let ns = Netns::new(tag)?;
+    ns.sh(&format!(
+        "ip link add d0 type dummy && ip addr add {HOST_ADDR}/24 dev d0 && ip link set d0 up && ip route add default via {GATEWAY}"
+    ))?;
+    Ok(ns)
+}
+
+/// The namespace's interfaces, to show that rvm made none.
+fn links(ns: &Netns) -> Result<Vec<String>, String> {
+    Ok(ns
+        .sh("ip -o link show")?
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().to_string())
+        .collect())
+}
+
+/// `rvm run` as UID in `ns`, no capabilities kept.
+fn rvm_as_user(ns: &Netns, img: &Images, scenario: &str, args: &str, net: &str) -> Command {
+    let id = UID.to_string();
+    let mut c = ns.command("setpriv");
+    c.args(["--reuid", &id, "--regid", &id, "--clear-groups"])
+        .args(["--inh-caps=-all", "--bounding-set=-all", "--"])
+        .arg(rvm_bin())
+        .env("RVM_LOG", "info")
+        .arg("run")
+        .arg("--kernel")
+        .arg(&img.minimal)
+        .arg("--initrd")
+        .arg(&img.initramfs)
+        .args(["--cpus", "2", "--mem", "256M", "--net", net])
+        .arg("--cmdline")
+        .arg(format!(
+            "{} rvm.scenario={scenario} rvm.args={args}",
+            common::base_cmdline()
+        ));
+    c
+}
+
+/// The user must be able to open /dev/kvm, as udev lets every user on
+/// most distributions (the nested host does the same).
+fn kvm_open_to_users() -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata("/dev/kvm")
+        .map_err(|e| format!("/dev/kvm: {e}"))?
+        .permissions()
+        .mode();
+    if mode & 0o006 != 0o006 {
+        return Err(format!(
+            "/dev/kvm has mode {:o}: an ordinary user cannot open it, so rootless networking cannot be tested here (give it 0666, as systemd's udev rules do)",
+            mode & 0o777
+        ));
+    }
+    Ok(())
+}
+
+/// passt processes of the test user that have not ended (a zombie has).
+fn live_passts() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let field = |k: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+            };
+            field("Name:").as_deref() == Some("passt")
+                && field("Uid:") == Some(UID.to_string())
+                && field("State:").as_deref() != Some("Z")
+        })
+        .collect()
+}
+
+/// Err if a passt of the test user is still there `within` from now.
+fn no_passt_left(within: Duration) -> Result<(), String> {
+    let t = Instant::now();
+    loop {
+        let left = live_passts();
+        if left.is_empty() {
+            return Ok(());
+        }
+        if t.elapsed() > within {
+            return Err(format!("passt still runs after rvm ended: pids {left:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// 32 MiB from the guest to a server on the namespace's loopback, which
+/// the guest reaches at the gateway's address, then 32 MiB from the host
+/// to the guest's port 5002 through `hostfwd=tcp::5002-:5002`.
+fn tcp_both_ways(model: &'static str) -> impl Fn(&Images) -> Result<(), String> {
+    move |img| {
+        kvm_open_to_users()?;
+        let ns = rootless_ns("user")?;
+        let before = links(&ns)?;
+        let dir = std::env::temp_dir().join(format!("rvm-usernet-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let (tx, rx) = (dir.join("host-tx"), dir.join("host-rx"));
+        random_file(&tx, MIB)?;
+        // Only on loopback: nothing but passt's gateway mapping leads here.
+        let mut server = ns
+            .command("socat")
+            .args(["-u", "TCP-LISTEN:5001,bind=127.0.0.1,reuseaddr"])
+            .arg(format!("OPEN:{},creat,trunc", rx.display()))
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        // The guest sends first, then listens: the host's sender starts
+        // once the server has the guest's stream, and tries again until
+        // the guest listens (passt accepts at once, and drops the
+        // connection while the guest refuses it).
+        let done = Arc::new(AtomicBool::new(false));
+        let sender = {
+            let (done, tx) = (done.clone(), tx.clone());
+            let mut to_guest = ns.command("socat");
+            to_guest
+                .arg("-u")
+                .arg(format!("OPEN:{}", tx.display()))
+                .arg("TCP:127.0.0.1:5002");
+            std::thread::spawn(move || {
+                while matches!(server.try_wait(), Ok(None)) && !done.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                let _ = server.kill();
+                let _ = server.wait();
+                let mut tries = 0;
+                while !done.load(Ordering::SeqCst) {
+                    tries += 1;
+                    let ok = to_guest
+                        .stderr(std::process::Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success());
+                    if ok {
+                        return tries;
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                tries
+            })
+        };
+        let net = format!("user,model={model},hostfwd=tcp::5002-:5002");
+        let r = run_guest_retrying(
+            "usernet",
+            || {
+                rvm_as_user(
+                    &ns,
+                    img,
+                    "net_tcp",
+                    &format!("dhcp,peer={GATEWAY},size={MIB},serial"),
+                    &net,
+                )
+            },
+            DEADLINE,
+        );
+        done.store(true, Ordering::SeqCst);
+        let tries = sender.join().map_err(|_| "the sender thread panicked")?;
+        if r.status.is_none_or(|s| !s.success()) || !r.init_done() {
+            return Err(format!(
+                "the guest did not finish:\n{}\n{}",
+                r.tail(30),
+                r.stderr
+            ));
+        }
+        expect(&r, "dhcp_ip", HOST_ADDR)?;
+        expect(&r, "gateway", GATEWAY)?;
+        // passt's MTU reached the guest through the NIC's MTU field and
+        // DHCP; an e1000 keeps the Ethernet one.
+        expect(&r, "mtu", if model == "virtio" { "65520" } else { "1500" })?;
+        expect(&r, "tx_sha256", &sha256(&rx)?)?;
+        expect(&r, "rx_sha256", &sha256(&tx)?)?;
+        println!("    DHCP, gateway mapping and hostfwd on {model}: {MIB} MiB each way (host sender connected on try {tries})");
+        let _ = std::fs::remove_dir_all(&dir);
+        no_passt_left(Duration::from_secs(3))?;
+        let after = links(&ns)?;
+        if after != before {
+            return Err(format!("interfaces before rvm {before:?}, after {after:?}"));
+        }
+        Ok(())
+    }
+}
+
+/// rvm ended by a signal leaves no passt: on SIGTERM rvm reaps it; on
+/// SIGKILL passt ends by itself once its socket closes.
+fn passt_never_outlives_rvm(img: &Images) -> Result<(), String> {
+    kvm_open_to_users()?;
+    for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGKILL, "SIGKILL")] {
+        let ns = rootless_ns("sig")?;
+        let before = links(&ns)?;
+        let mut guest = spawn_until(
+            rvm_as_user(&ns, img, "net_idle", "dhcp", "user,hostfwd=tcp::5003-:5003"),
+            "rvm-init: idle",
+            DEADLINE,
+        )?;
+        let passts = live_passts();
+        if passts.len() != 1 {
+            let _ = guest.child.kill();
+            return Err(format!(
+                "expected one passt while the guest runs, found {passts:?}"
+            ));
+        }
+        // SAFETY: kill(2) on the pid of our own child process.
+        unsafe { libc::kill(guest.child.id() as i32, signal) };
+        let status = guest.child.wait().map_err(|e| e.to_string())?;
+        if signal == libc::SIGTERM && !status.success() {
+            return Err(format!("rvm exited with {status} after SIGTERM"));
+        }
+        no_passt_left(Duration::from_secs(5)).map_err(|e| format!("{name}: {e}"))?;
+        let after = links(&ns)?;
+        if after != before {
+            return Err(format!(
+                "{name}: interfaces before rvm {before:?}, after {after:?}"
+            ));
+        }
+        println!("    {name}: rvm gone, its passt (pid {}) gone", passts[0]);
+    }
+    Ok(())
+}
+
+fn case(name: &str, f: impl Fn(&Images) -> Result<(), String> + 'static) -> Case<Images> {
+    (name.to_string(), Box::new(f))
+}
+
+fn cases() -> Vec<Case<Images>> {
+    vec![
+        case(
+            "virtio_user_dhcp_gateway_and_hostfwd_32mib_each_way",
+            tcp_both_ways("virtio"),
+        ),
+        case(
+            "e1000_user_dhcp_gateway_and_hostfwd_32mib_each_way",
+            tcp_both_ways("e1000"),
+        ),
+        case("passt_never_outlives_rvm", passt_never_outlives_rvm),
+    ]
+}
+
+fn main() {
+    run_suite(
+        "rootless networking tests",
+        cases(),
+        &["--mem", "4096", "--idle-timeout", "180"],
+        images,
+    );
+}
