@@ -21,6 +21,8 @@
 //! the benchmark starts, in a namespace whose only network is a dummy
 //! interface; the guest takes its address by DHCP and the host reaches its
 //! iperf3 servers through passt's port forwarding (127.0.0.1:5201).
+//! `user_mtu1500` is the same with the NIC's MTU at 1500 (QEMU:
+//! `host_mtu=1500`), where the guest segments every frame itself.
 //!
 //! The multiqueue setups (`mq`, `vhost_mq`) give the guest 2 vCPUs and the
 //! NIC 2 queue pairs (QEMU: `-netdev tap,queues=2` on a multi_queue TAP,
@@ -71,9 +73,11 @@ struct Setup {
     queues: u32,
     /// User-mode networking through passt instead of a TAP.
     user: bool,
+    /// The MTU the NIC offers (VIRTIO_NET_F_MTU), when not the default.
+    mtu: Option<u16>,
 }
 
-const SETUPS: [Setup; 7] = [
+const SETUPS: [Setup; 8] = [
     Setup {
         name: "offloads",
         vnet_hdr: true,
@@ -81,6 +85,7 @@ const SETUPS: [Setup; 7] = [
         model: "virtio",
         queues: 1,
         user: false,
+        mtu: None,
     },
     Setup {
         name: "vhost",
@@ -89,6 +94,7 @@ const SETUPS: [Setup; 7] = [
         model: "virtio",
         queues: 1,
         user: false,
+        mtu: None,
     },
     Setup {
         name: "vnet_hdr_off",
@@ -97,6 +103,7 @@ const SETUPS: [Setup; 7] = [
         model: "virtio",
         queues: 1,
         user: false,
+        mtu: None,
     },
     Setup {
         name: "e1000",
@@ -105,6 +112,7 @@ const SETUPS: [Setup; 7] = [
         model: "e1000",
         queues: 1,
         user: false,
+        mtu: None,
     },
     Setup {
         name: "mq",
@@ -113,6 +121,7 @@ const SETUPS: [Setup; 7] = [
         model: "virtio",
         queues: 2,
         user: false,
+        mtu: None,
     },
     Setup {
         name: "vhost_mq",
@@ -121,6 +130,7 @@ const SETUPS: [Setup; 7] = [
         model: "virtio",
         queues: 2,
         user: false,
+        mtu: None,
     },
     Setup {
         name: "user",
@@ -129,6 +139,19 @@ const SETUPS: [Setup; 7] = [
         model: "virtio",
         queues: 1,
         user: true,
+        mtu: None,
+    },
+    // The same with a 1500-byte MTU: no offload crosses a socket, so the
+    // guest then segments and checksums every 1500-byte frame itself
+    // (against 64 KiB frames at passt's MTU).
+    Setup {
+        name: "user_mtu1500",
+        vnet_hdr: false,
+        vhost: false,
+        model: "virtio",
+        queues: 1,
+        user: true,
+        mtu: Some(1500),
     },
 ];
 
@@ -208,7 +231,8 @@ fn vmm_command(
                     .iter()
                     .map(|(f, _)| format!(",hostfwd={f}"))
                     .collect();
-                c.arg(format!("user,model={}{}", setup.model, fwd.concat()));
+                let mtu = setup.mtu.map(|m| format!(",mtu={m}")).unwrap_or_default();
+                c.arg(format!("user,model={}{}{mtu}", setup.model, fwd.concat()));
             } else {
                 c.arg(format!(
                     "tap=rvmtap0,bridge=br0,vnet_hdr={onoff},vhost={vhost},model={},queues={}",
@@ -247,6 +271,9 @@ fn vmm_command(
 }
 
 fn qemu_model(setup: &Setup) -> String {
+    if let Some(m) = setup.mtu {
+        return format!("virtio-net-pci,netdev=n0,host_mtu={m}");
+    }
     match (setup.model, setup.queues) {
         ("e1000", _) => "e1000,netdev=n0".into(),
         (_, 1) => "virtio-net-pci,netdev=n0".into(),

@@ -106,7 +106,8 @@ fn live_passts() -> Vec<u32> {
                     .find_map(|l| l.strip_prefix(k))
                     .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
             };
-            field("Name:").as_deref() == Some("passt")
+            // Debian's passt runs on as passt.avx2 where the CPU has AVX2.
+            field("Name:").is_some_and(|n| n == "passt" || n.starts_with("passt."))
                 && field("Uid:") == Some(UID.to_string())
                 && field("State:").as_deref() != Some("Z")
         })
@@ -262,18 +263,36 @@ fn case(name: &str, f: impl Fn(&Images) -> Result<(), String> + 'static) -> Case
     (name.to_string(), Box::new(f))
 }
 
+/// The passt Debian 12 ships: it segfaults (in libc, at address 0x2c828)
+/// on the first TCP connection an e1000 guest opens, under QEMU's e1000
+/// (`-netdev stream`) as under rvm's, with or without `--mtu 1500`
+/// (reproduced in the nested host on 2026-12-01); a virtio guest is fine.
+const PASST_E1000_SEGFAULTS: &str = "0.0~git20230309.7c7625d-1";
+
+fn passt_version() -> String {
+    Command::new("dpkg-query")
+        .args(["-W", "-f", "${Version}", "passt"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
 fn cases() -> Vec<Case<Images>> {
-    vec![
-        case(
-            "virtio_user_dhcp_gateway_and_hostfwd_32mib_each_way",
-            tcp_both_ways("virtio"),
-        ),
-        case(
-            "e1000_user_dhcp_gateway_and_hostfwd_32mib_each_way",
-            tcp_both_ways("e1000"),
-        ),
-        case("passt_never_outlives_rvm", passt_never_outlives_rvm),
-    ]
+    let mut cases = vec![case(
+        "virtio_user_dhcp_gateway_and_hostfwd_32mib_each_way",
+        tcp_both_ways("virtio"),
+    )];
+    let e1000 = "e1000_user_dhcp_gateway_and_hostfwd_32mib_each_way";
+    if passt_version() == PASST_E1000_SEGFAULTS {
+        // Said on every run, not skipped in silence.
+        println!(
+            "NOT RUN {e1000}: this host's passt ({PASST_E1000_SEGFAULTS}) segfaults on an e1000 guest's first TCP connection, under QEMU as under rvm; a newer passt runs it"
+        );
+    } else {
+        cases.push(case(e1000, tcp_both_ways("e1000")));
+    }
+    cases.push(case("passt_never_outlives_rvm", passt_never_outlives_rvm));
+    cases
 }
 
 fn main() {
