@@ -26,18 +26,7 @@ const TOLERANCE: f64 = 0.10;
 /// `rvm run` of the minimal kernel in `ns` with one NIC `net` on br0.
 fn rvm(ns: &Netns, img: &Images, scenario: &str, args: &str, net: &str) -> Command {
     let mut c = ns.command(rvm_bin());
-    c.env("RVM_LOG", "info")
-        .arg("run")
-        .arg("--kernel")
-        .arg(&img.minimal)
-        .arg("--initrd")
-        .arg(&img.initramfs)
-        .args(["--cpus", "2", "--mem", "256M", "--net", net])
-        .arg("--cmdline")
-        .arg(format!(
-            "{} rvm.scenario={scenario} rvm.args={args}",
-            common::base_cmdline()
-        ));
+    common::minimal_guest(&mut c, img, scenario, args, net);
     c
 }
 

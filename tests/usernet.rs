@@ -59,19 +59,8 @@ fn rvm_as_user(ns: &Netns, img: &Images, scenario: &str, args: &str, net: &str) 
     let mut c = ns.command("setpriv");
     c.args(["--reuid", &id, "--regid", &id, "--clear-groups"])
         .args(["--inh-caps=-all", "--bounding-set=-all", "--"])
-        .arg(rvm_bin())
-        .env("RVM_LOG", "info")
-        .arg("run")
-        .arg("--kernel")
-        .arg(&img.minimal)
-        .arg("--initrd")
-        .arg(&img.initramfs)
-        .args(["--cpus", "2", "--mem", "256M", "--net", net])
-        .arg("--cmdline")
-        .arg(format!(
-            "{} rvm.scenario={scenario} rvm.args={args}",
-            common::base_cmdline()
-        ));
+        .arg(rvm_bin());
+    common::minimal_guest(&mut c, img, scenario, args, net);
     c
 }
 
@@ -132,11 +121,18 @@ fn no_passt_left(within: Duration) -> Result<(), String> {
 /// 32 MiB from the guest to a server on the namespace's loopback, which
 /// the guest reaches at the gateway's address, then 32 MiB from the host
 /// to the guest's port 5002 through `hostfwd=tcp::5002-:5002`.
-fn tcp_both_ways(model: &'static str) -> impl Fn(&Images) -> Result<(), String> {
+fn tcp_both_ways(model: &'static str, wire: Wire) -> impl Fn(&Images) -> Result<(), String> {
     move |img| {
         kvm_open_to_users()?;
         let ns = rootless_ns("user")?;
         let before = links(&ns)?;
+        // The stack someone else runs: passt as the test user, listening on
+        // a socket rvm connects to (`--net stream=PATH`).
+        let sock = std::env::temp_dir().join(format!("rvm-usernet-{}.sock", std::process::id()));
+        let _theirs = match wire {
+            Wire::Passt => None,
+            Wire::Stream => Some(OwnPasst::start(&ns, &sock)?),
+        };
         let dir = std::env::temp_dir().join(format!("rvm-usernet-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let (tx, rx) = (dir.join("host-tx"), dir.join("host-rx"));
@@ -181,7 +177,11 @@ fn tcp_both_ways(model: &'static str) -> impl Fn(&Images) -> Result<(), String> 
                 tries
             })
         };
-        let net = format!("user,model={model},hostfwd=tcp::5002-:5002");
+        let net = match wire {
+            Wire::Passt => format!("user,model={model},hostfwd=tcp::5002-:5002"),
+            // rvm cannot know the peer's MTU: say it (passt's).
+            Wire::Stream => format!("stream={},model={model},mtu=65520", sock.display()),
+        };
         let r = run_guest_retrying(
             "usernet",
             || {
@@ -211,14 +211,69 @@ fn tcp_both_ways(model: &'static str) -> impl Fn(&Images) -> Result<(), String> 
         expect(&r, "mtu", if model == "virtio" { "65520" } else { "1500" })?;
         expect(&r, "tx_sha256", &sha256(&rx)?)?;
         expect(&r, "rx_sha256", &sha256(&tx)?)?;
-        println!("    DHCP, gateway mapping and hostfwd on {model}: {MIB} MiB each way (host sender connected on try {tries})");
+        println!("    {wire:?} on {model}: DHCP, gateway mapping and forwarding, {MIB} MiB each way (host sender connected on try {tries})");
         let _ = std::fs::remove_dir_all(&dir);
-        no_passt_left(Duration::from_secs(3))?;
+        if wire == Wire::Passt {
+            no_passt_left(Duration::from_secs(3))?;
+        }
         let after = links(&ns)?;
         if after != before {
             return Err(format!("interfaces before rvm {before:?}, after {after:?}"));
         }
         Ok(())
+    }
+}
+
+/// Which wire a case's NIC has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wire {
+    /// `--net user`: rvm starts passt.
+    Passt,
+    /// `--net stream=PATH`: passt is the test's, on a UNIX socket.
+    Stream,
+}
+
+/// A passt the test runs as the test user, listening on a socket for one
+/// client and forwarding port 5002 to the guest; killed when dropped.
+struct OwnPasst(std::process::Child);
+
+impl OwnPasst {
+    fn start(ns: &Netns, sock: &std::path::Path) -> Result<OwnPasst, String> {
+        let _ = std::fs::remove_file(sock);
+        let id = UID.to_string();
+        let child = ns
+            .command("setpriv")
+            .args(["--reuid", &id, "--regid", &id, "--clear-groups", "--"])
+            .args([
+                "passt",
+                "--foreground",
+                "--quiet",
+                "--one-off",
+                "-t",
+                "5002:5002",
+            ])
+            .arg("--socket")
+            .arg(sock)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start passt: {e}"))?;
+        let mut passt = OwnPasst(child);
+        let t = Instant::now();
+        while !sock.exists() {
+            if t.elapsed() > Duration::from_secs(10) || matches!(passt.0.try_wait(), Ok(Some(_))) {
+                return Err(format!("passt did not listen on {}", sock.display()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(passt)
+    }
+}
+
+impl Drop for OwnPasst {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -278,10 +333,16 @@ fn passt_version() -> String {
 }
 
 fn cases() -> Vec<Case<Images>> {
-    let mut cases = vec![case(
-        "virtio_user_dhcp_gateway_and_hostfwd_32mib_each_way",
-        tcp_both_ways("virtio"),
-    )];
+    let mut cases = vec![
+        case(
+            "virtio_user_dhcp_gateway_and_hostfwd_32mib_each_way",
+            tcp_both_ways("virtio", Wire::Passt),
+        ),
+        case(
+            "virtio_stream_to_a_passt_of_ones_own_32mib_each_way",
+            tcp_both_ways("virtio", Wire::Stream),
+        ),
+    ];
     let e1000 = "e1000_user_dhcp_gateway_and_hostfwd_32mib_each_way";
     if passt_version() == PASST_E1000_SEGFAULTS {
         // Said on every run, not skipped in silence.
@@ -289,7 +350,7 @@ fn cases() -> Vec<Case<Images>> {
             "NOT RUN {e1000}: this host's passt ({PASST_E1000_SEGFAULTS}) segfaults on an e1000 guest's first TCP connection, under QEMU as under rvm; a newer passt runs it"
         );
     } else {
-        cases.push(case(e1000, tcp_both_ways("e1000")));
+        cases.push(case(e1000, tcp_both_ways("e1000", Wire::Passt)));
     }
     cases.push(case("passt_never_outlives_rvm", passt_never_outlives_rvm));
     cases

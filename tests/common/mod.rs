@@ -314,6 +314,31 @@ impl GuestRun {
 /// `earlyprintk` not even those: a kernel that stops before its console
 /// registers (the decompressor finding its payload corrupt: "XZ-compressed
 /// data is corrupt -- System halted", issue 19) would halt in silence.
+/// Appends `run` of the minimal kernel with 2 vCPUs, 256 MiB, one NIC
+/// `net` and /init's `scenario` with `args` (RVM_LOG=info, so the exit
+/// log's NIC counters reach failure reports) to `c`, whose program is rvm
+/// or a wrapper that runs it.
+pub fn minimal_guest<'c>(
+    c: &'c mut Command,
+    img: &Images,
+    scenario: &str,
+    args: &str,
+    net: &str,
+) -> &'c mut Command {
+    c.env("RVM_LOG", "info")
+        .arg("run")
+        .arg("--kernel")
+        .arg(&img.minimal)
+        .arg("--initrd")
+        .arg(&img.initramfs)
+        .args(["--cpus", "2", "--mem", "256M", "--net", net])
+        .arg("--cmdline")
+        .arg(format!(
+            "{} rvm.scenario={scenario} rvm.args={args}",
+            base_cmdline()
+        ))
+}
+
 pub fn base_cmdline() -> String {
     format!(
         "{} quiet earlyprintk=serial,ttyS0,115200",
