@@ -181,7 +181,7 @@ fn guest_addr(setup: &Setup) -> &'static str {
 /// listening on `sock` once this returns.
 fn start_passt(ns: &Netns, sock: &Path) -> Result<Child, String> {
     let _ = std::fs::remove_file(sock);
-    let mut c = ns.command("passt");
+    let mut c = ns.command(common::passt_program());
     c.args(["--foreground", "--quiet", "--one-off", "--socket"])
         .arg(sock)
         .stdout(Stdio::null())

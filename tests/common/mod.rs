@@ -253,6 +253,12 @@ pub fn images() -> Result<Images, String> {
     Ok(i)
 }
 
+/// The passt rvm runs (RVM_PASST, as rvm reads it, or passt from PATH):
+/// tests and benchmarks that start a passt of their own start the same.
+pub fn passt_program() -> std::ffi::OsString {
+    std::env::var_os("RVM_PASST").unwrap_or_else(|| "passt".into())
+}
+
 /// The rvm binary under test.
 pub fn rvm_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("RVM_BIN") {
