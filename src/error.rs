@@ -67,6 +67,12 @@ pub enum Error {
     StageNeedsUserspace { nic: String, stage: String },
 
     #[error("NIC {nic}: {source}")]
+    Egress {
+        nic: String,
+        source: crate::net::egress::NftError,
+    },
+
+    #[error("NIC {nic}: {source}")]
     Stage {
         nic: String,
         source: crate::net::stage::StageError,

@@ -234,6 +234,20 @@ fn bad_nic_specs_name_the_problem() {
             &["--net", "stream=/nonexistent/passt.sock"],
             "cannot connect to the user-mode network at /nonexistent/passt.sock",
         ),
+        (
+            &[
+                "--net",
+                "tap=t0,egress=deny,allow=10.0.0.1:5001/tcp,deny=10.0.0.0/33",
+            ],
+            "bad deny=\"10.0.0.0/33\": prefix length 33 is more than an IPv4 address has (32)",
+        ),
+        (
+            &["--net", "tap=t0,egress=sandbox,allow=10.0.0.1/8"],
+            "has host bits set after /8: the network is 10.0.0.0/8",
+        ),
+        (&["--net", "tap=t0,egress=closed"], "bad egress=\"closed\""),
+        (&["--net", "tap=t0,deny=10.0.0.0/8"], "needs egress="),
+        (&["--net", "user,egress=sandbox"], "give this NIC a TAP"),
     ];
     for (args, want) in cases {
         let mut all = vec!["run", "--kernel", k];

@@ -551,6 +551,126 @@ fn rate_limit_changed_while_running(img: &Images) -> Result<(), String> {
     ns.no_taps_left()
 }
 
+/// The owner changes a NIC's egress policy while the guest probes port
+/// 5002 of the host every half second: refused (RST) under the first
+/// policy, connected from the next try after the change on, with the rule
+/// counts in `NicInfo::egress` showing each policy's verdicts; lifting
+/// the policy takes its tables away.
+fn egress_changed_while_running(img: &Images) -> Result<(), String> {
+    use rvm::net::egress::{Action, EgressDefault, EgressPolicy};
+    let ns = Netns::new("apiegress")?;
+    ns.bridge("10.0.0.1/24", 1500)?;
+    let policy = |ports: &[u16]| -> Result<EgressPolicy, String> {
+        let mut p = EgressPolicy::new(EgressDefault::Deny);
+        for port in ports {
+            p = p
+                .rule(Action::Allow, &format!("10.0.0.1:{port}/tcp"))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(p)
+    };
+    let mut c = config(
+        &img.minimal,
+        img,
+        "net_probe",
+        "probe=10.0.0.1:5002,rounds=60,pause=0.5",
+    );
+    let mut nic = bridged("rvmapie");
+    nic.egress = Some(policy(&[5001])?);
+    c.nics.push(nic);
+    let mut listener = ns
+        .command("socat")
+        .args(["TCP-LISTEN:5002,fork,reuseaddr", "SYSTEM:echo hi"])
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let tables = || -> Result<usize, String> {
+        Ok(ns.sh("nft list tables")?.matches("rvm_egress_").count())
+    };
+    let tries = |console: &Console| -> Vec<String> {
+        console
+            .text()
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("rvm-result: try_"))
+            .map(|l| l.rsplit('=').next().unwrap_or("").to_string())
+            .collect()
+    };
+    let r = ns.run_inside(|| {
+        let _beat = Heartbeat::start("the embedded VM is");
+        let (mut vm, console) = boot_until("egress", &c, "rvm-init: probing")?;
+        let ctl = vm.controller();
+        let out = (|| {
+            if !wait_for_count(&console, "5002=refused", 2, Duration::from_secs(60)) {
+                return Err(format!("no try was refused\n{}", console.tail()));
+            }
+            let before = ctl
+                .nic_counters()
+                .remove(0)
+                .egress
+                .ok_or("no egress info")?;
+            let n_tables = tables()?;
+            let at = tries(&console).len();
+            let t = Instant::now();
+            ctl.set_nic_egress(0, Some(policy(&[5001, 5002])?))
+                .map_err(|e| e.to_string())?;
+            let set_took = t.elapsed();
+            if !wait_for_count(&console, "5002=ok", 2, Duration::from_secs(30)) {
+                return Err(format!(
+                    "no try connected after the change\n{}",
+                    console.tail()
+                ));
+            }
+            let first_ok = t.elapsed();
+            let all = tries(&console);
+            // The try in flight at the change may have met either policy;
+            // every one started after it meets the new one.
+            if let Some(bad) = all.iter().skip(at + 1).position(|v| v != "ok") {
+                return Err(format!(
+                    "try {} after the change was {:?}: {all:?}",
+                    at + 2 + bad,
+                    all[at + 1 + bad]
+                ));
+            }
+            let after = ctl
+                .nic_counters()
+                .remove(0)
+                .egress
+                .ok_or("no egress info")?;
+            ctl.set_nic_egress(0, None).map_err(|e| e.to_string())?;
+            let lifted = tables()?;
+            Ok((before, after, n_tables, lifted, set_took, first_ok, at))
+        })();
+        vm.stop();
+        vm.wait();
+        out
+    })?;
+    let _ = listener.kill();
+    let _ = listener.wait();
+    let (before, after, n_tables, lifted, set_took, first_ok, at) = r?;
+    let count = |info: &rvm::net::egress::EgressInfo, rule: &str| {
+        info.counts
+            .iter()
+            .find(|c| c.rule == rule)
+            .map(|c| c.packets)
+            .unwrap_or(0)
+    };
+    if n_tables != 2 || lifted != 0 {
+        return Err(format!(
+            "tables while set: {n_tables} (expected 2), after lifting: {lifted}"
+        ));
+    }
+    if count(&before, "egress=deny") == 0 || before.policy.rules.len() != 1 {
+        return Err(format!("counts under the first policy: {before:?}"));
+    }
+    if count(&after, "allow=10.0.0.1/32:5002/tcp") == 0 || after.policy.rules.len() != 2 {
+        return Err(format!("counts under the second policy: {after:?}"));
+    }
+    println!(
+        "    refused {at} tries, set took {set_took:?}, the first try connected {first_ok:?} after; counts before {:?}, after {:?}",
+        before.counts, after.counts
+    );
+    ns.no_taps_left()
+}
+
 /// Waits until the console has said `line` `times` times, or `within`.
 fn wait_for_count(console: &Console, line: &str, times: usize, within: Duration) -> bool {
     let t = Instant::now();
@@ -660,6 +780,10 @@ fn cases() -> Vec<Case<Images>> {
         case(
             "api_rate_limit_changed_while_the_guest_streams",
             rate_limit_changed_while_running,
+        ),
+        case(
+            "api_egress_policy_changed_while_the_guest_probes",
+            egress_changed_while_running,
         ),
         case(
             "api_link_down_and_up_virtio",

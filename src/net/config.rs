@@ -10,6 +10,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use super::egress::{Action, EgressPolicy, EgressRule};
 use super::passt::HostFwd;
 use super::rate_limit::{self, Bucket, DirectionLimits, RateLimits};
 use super::tap::valid_ifname;
@@ -17,7 +18,7 @@ use super::tap::valid_ifname;
 pub const KEYS: &str =
     "tap, bridge, mac, model, vhost, vnet_hdr, sndbuf, mtu, script, downscript, \
      fd, fds, queues, tx_rate, rx_rate, tx_burst, rx_burst, tx_pps, rx_pps, dump, dump_len, \
-     hostfwd (with user), stream, dgram";
+     hostfwd (with user), stream, dgram, egress, allow, deny";
 
 /// The most queue pairs a virtio-net NIC may have.
 pub const MAX_QUEUE_PAIRS: u16 = 16;
@@ -109,6 +110,9 @@ pub struct NetConfig {
     /// Capture every frame to this pcap file (`dump=`), cut at the snap
     /// length (`dump_len=`).
     pub dump: Option<(PathBuf, u32)>,
+    /// What the guest may reach (`egress=`, `allow=`, `deny=`), enforced
+    /// in the host kernel; none: everything.
+    pub egress: Option<EgressPolicy>,
 }
 
 impl NetConfig {
@@ -131,6 +135,7 @@ impl NetConfig {
             downscript: None,
             limits: RateLimits::default(),
             dump: None,
+            egress: None,
         }
     }
 
@@ -260,6 +265,8 @@ pub enum NetConfigError {
     },
     #[error("NIC {0}: vhost=on and a rate limit cannot both hold: vhost-net moves frames in the kernel, which cannot hold them back for rvm; use vhost=auto (or off) with limits")]
     VhostAndLimits(String),
+    #[error("NIC {0}: egress= is enforced by the host kernel on the NIC's TAP, and a user-mode network has none (rvm's own policy stage for it is not built yet); give this NIC a TAP for a policy")]
+    EgressWithoutTap(String),
     #[error("bad MAC {0:?}: {1}")]
     BadMac(String, &'static str),
 }
@@ -395,6 +402,8 @@ impl FromStr for NetConfig {
             _ => (false, spec),
         };
         let mut hostfwd = Vec::new();
+        // allow= and deny=, in the order given: the first match wins.
+        let mut egress_rules = Vec::new();
         let mut wires = usize::from(user);
         for part in rest
             .split(',')
@@ -407,9 +416,19 @@ impl FromStr for NetConfig {
                 });
             };
             if key == "hostfwd" {
-                // The one key given as often as there are ports.
+                // Keys given as often as there are ports or rules.
                 let f = v.parse().map_err(|e: String| bad(spec, key, v, &e))?;
                 hostfwd.push(f);
+                continue;
+            }
+            if key == "allow" || key == "deny" {
+                let action = if key == "allow" {
+                    Action::Allow
+                } else {
+                    Action::Deny
+                };
+                let r = EgressRule::parse(action, v).map_err(|e| bad(spec, key, v, &e.why))?;
+                egress_rules.push(r);
                 continue;
             }
             if seen.contains(&key) {
@@ -486,6 +505,10 @@ impl FromStr for NetConfig {
                     };
                 }
                 "dump" => dump = Some(PathBuf::from(v)),
+                "egress" => {
+                    let default = v.parse().map_err(|e: String| bad(spec, key, v, &e))?;
+                    c.egress = Some(EgressPolicy::new(default));
+                }
                 "dump_len" => {
                     let n = num(i64::from(u32::MAX))?;
                     if n < 14 {
@@ -526,6 +549,17 @@ impl FromStr for NetConfig {
                 })
             }
         };
+        match (&mut c.egress, egress_rules.is_empty()) {
+            (Some(p), _) => p.rules = egress_rules,
+            (None, true) => {}
+            (None, false) => {
+                return Err(NetConfigError::BurstWithoutRate {
+                    spec: spec.into(),
+                    key: "allow=/deny=",
+                    needs: "egress=allow|deny|sandbox (what the rest meets)",
+                })
+            }
+        }
         if user {
             c.peer = Some(Peer::Passt {
                 hostfwd: std::mem::take(&mut hostfwd),
@@ -636,6 +670,9 @@ pub fn validate_all(nics: &mut [NetConfig], vcpus: u8) -> Result<(), NetConfigEr
             return Err(NetConfigError::VhostAndLimits(n.label()));
         }
         if n.peer.is_some() {
+            if n.egress.is_some() {
+                return Err(NetConfigError::EgressWithoutTap(n.label()));
+            }
             if n.vhost == VhostMode::On {
                 return Err(NetConfigError::VhostWithoutTap(n.label()));
             }
@@ -734,6 +771,59 @@ mod tests {
         // QEMU's leading `tap` word.
         let c: NetConfig = "tap,ifname=t0".parse().unwrap();
         assert_eq!(c.tap.as_deref(), Some("t0"));
+    }
+
+    #[test]
+    fn egress_rules_keep_their_order_and_bad_ones_name_the_bad_part() {
+        use crate::net::egress::{Action, EgressDefault};
+        let c: NetConfig =
+            "tap=t0,egress=deny,allow=10.0.0.1:5001/tcp,deny=10.0.0.0/8,allow=0.0.0.0/0:53/udp"
+                .parse()
+                .unwrap();
+        let p = c.egress.unwrap();
+        assert_eq!(p.default, EgressDefault::Deny);
+        let rules: Vec<String> = p
+            .rules
+            .iter()
+            .map(|r| format!("{}={r}", r.action))
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                "allow=10.0.0.1/32:5001/tcp",
+                "deny=10.0.0.0/8",
+                "allow=0.0.0.0/0:53/udp"
+            ]
+        );
+        assert_eq!(p.rules[1].action, Action::Deny);
+        let c: NetConfig = "tap=t0,egress=sandbox".parse().unwrap();
+        assert_eq!(c.egress.unwrap().default, EgressDefault::Sandbox);
+        assert_eq!("tap=t0".parse::<NetConfig>().unwrap().egress, None);
+        for (spec, want) in [
+            (
+                "tap=t0,egress=sandbox,deny=10.0.0.0/33",
+                "bad deny=\"10.0.0.0/33\": prefix length 33 is more than an IPv4 address has (32)",
+            ),
+            (
+                "tap=t0,egress=deny,allow=10.0.0.1:http/tcp",
+                "bad allow=\"10.0.0.1:http/tcp\": port \"http\" is not a number",
+            ),
+            (
+                "tap=t0,egress=open",
+                "bad egress=\"open\": expected allow, deny or sandbox",
+            ),
+            (
+                "tap=t0,allow=10.0.0.1",
+                "allow=/deny= needs egress=allow|deny|sandbox",
+            ),
+            ("tap=t0,egress=deny,egress=allow", "egress is given twice"),
+        ] {
+            let e = err(spec);
+            assert!(e.contains(want), "{spec}: {e}");
+        }
+        let mut nics = vec!["user,egress=sandbox".parse::<NetConfig>().unwrap()];
+        let e = validate_all(&mut nics, 1).unwrap_err().to_string();
+        assert!(e.contains("give this NIC a TAP"), "{e}");
     }
 
     #[test]

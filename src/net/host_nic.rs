@@ -10,6 +10,7 @@ use std::sync::Arc;
 use super::backend::NetBackend;
 use super::bridge::{self, BridgeError, BridgePort};
 use super::config::{NetConfig, Peer};
+use super::egress::{EgressControl, KernelEgress, NftError};
 use super::passt::{Passt, PasstError, PASST_MTU};
 use super::script::{self, ScriptError};
 use super::socket::{Framing, SocketBackend};
@@ -25,6 +26,8 @@ pub enum HostNicError {
     Script(#[from] ScriptError),
     #[error(transparent)]
     Passt(#[from] PasstError),
+    #[error(transparent)]
+    Egress(#[from] NftError),
     #[error("cannot connect to the user-mode network at {path}: {source} (is its stack, such as `passt -s {path}` or gvproxy, running?)")]
     Connect {
         path: String,
@@ -34,6 +37,8 @@ pub enum HostNicError {
 
 pub struct HostNic {
     // Field order is drop order: the bridge port goes before the TAP.
+    /// The egress policy in the kernel, taken away first.
+    egress: Arc<EgressControl>,
     downscript: Option<PathBuf>,
     port: Option<BridgePort>,
     /// One fd per queue pair, all of one TAP; none for a user-mode NIC.
@@ -147,6 +152,7 @@ impl HostNic {
     pub fn setup(cfg: &NetConfig) -> Result<HostNic, HostNicError> {
         if let Some(peer) = &cfg.peer {
             return Ok(HostNic {
+                egress: Arc::new(EgressControl::new(None, None)),
                 downscript: None,
                 port: None,
                 taps: Vec::new(),
@@ -162,7 +168,8 @@ impl HostNic {
         };
         let mut undo = Undo::default();
         match configure(&taps, cfg, &mut undo) {
-            Ok(port) => Ok(HostNic {
+            Ok((port, egress)) => Ok(HostNic {
+                egress: Arc::new(EgressControl::new(Some(taps[0].name().into()), egress)),
                 downscript: cfg.downscript.clone(),
                 port,
                 taps: taps.into_iter().map(Arc::new).collect(),
@@ -217,6 +224,11 @@ impl HostNic {
         self.taps.first().and_then(|t| t.ifindex().ok())
     }
 
+    /// The NIC's egress policy (what changes it while the VM runs).
+    pub fn egress(&self) -> Arc<EgressControl> {
+        self.egress.clone()
+    }
+
     pub fn bridge(&self) -> Option<&str> {
         self.port.as_ref().map(|p| p.bridge())
     }
@@ -247,13 +259,13 @@ fn from_fds(fds: &[i32], vnet_hdr: bool) -> Result<Vec<Tap>, HostNicError> {
 }
 
 /// The steps after opening the TAP (`taps`: its queues). An early return
-/// drops the bridge port, taking the TAP off the bridge; `undo` collects
-/// the rest.
+/// drops the bridge port, taking the TAP off the bridge, and the egress
+/// policy; `undo` collects the rest.
 fn configure(
     taps: &[Tap],
     cfg: &NetConfig,
     undo: &mut Undo,
-) -> Result<Option<BridgePort>, HostNicError> {
+) -> Result<(Option<BridgePort>, Option<KernelEgress>), HostNicError> {
     let tap = &taps[0];
     if let Some(bytes) = cfg.sndbuf {
         // The send buffer is each queue's own.
@@ -283,6 +295,11 @@ fn configure(
         Some(br) => Some(bridge::enslave(br, tap)?),
         None => None,
     };
+    // In place before the TAP is up, so before the guest's first frame.
+    let egress = match &cfg.egress {
+        Some(p) => Some(KernelEgress::install(tap.name(), p.clone())?),
+        None => None,
+    };
     if !tap.created() && !tap.is_up()? {
         undo.take_down = true;
     }
@@ -290,11 +307,13 @@ fn configure(
     if let Some(up) = &cfg.script {
         script::run(up, tap.name(), "script")?;
     }
-    Ok(port)
+    Ok((port, egress))
 }
 
 impl Drop for HostNic {
     fn drop(&mut self) {
+        // A controller the embedder keeps must not keep the policy alive.
+        self.egress.close();
         if let Some(down) = &self.downscript {
             if let Err(e) = script::run(down, &self.name(), "downscript") {
                 log::warn!("{e}");

@@ -16,6 +16,7 @@ use crate::bus::Bus;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{SerialDevice, SerialInput};
 use crate::net::capture::{CaptureControl, CaptureCounters};
+use crate::net::egress::{EgressControl, EgressInfo, EgressPolicy};
 use crate::net::rate_limit::{LimitControl, RateLimits, Throttled};
 use crate::net::{HostNic, NicModel};
 use crate::net::{NetCounters, NicStats};
@@ -41,6 +42,8 @@ pub struct NicInfo {
     pub throttled: Throttled,
     /// The packet capture running now, or the last one.
     pub capture: CaptureCounters,
+    /// Its egress policy and what each rule has matched; None: none.
+    pub egress: Option<EgressInfo>,
 }
 
 /// What the controller keeps of a NIC.
@@ -51,6 +54,7 @@ struct NicControl {
     stats: Arc<NicStats>,
     limits: Arc<LimitControl>,
     capture: Arc<CaptureControl>,
+    egress: Arc<EgressControl>,
     device: super::NicDevice,
 }
 
@@ -109,6 +113,7 @@ impl VmController {
                 limits: n.limits.limits(),
                 throttled: n.limits.throttled(),
                 capture: n.capture.counters(),
+                egress: n.egress.info(),
             })
             .collect()
     }
@@ -153,6 +158,21 @@ impl VmController {
         let nic = self.nics.get(index).ok_or(crate::Error::NoSuchNic(index))?;
         nic.capture.stop();
         Ok(())
+    }
+
+    /// Sets, replaces or (None) lifts NIC `index`'s egress policy while the
+    /// VM runs, in the host kernel (nftables) in one transaction: new
+    /// connections meet the new rules at once, flows already allowed go
+    /// on, and the rule counts start again. Needs what `egress=` needs at
+    /// start: a TAP and CAP_NET_ADMIN over it.
+    pub fn set_nic_egress(&self, index: usize, policy: Option<EgressPolicy>) -> crate::Result<()> {
+        let nic = self.nics.get(index).ok_or(crate::Error::NoSuchNic(index))?;
+        nic.egress
+            .set(policy)
+            .map_err(|source| crate::Error::Egress {
+                nic: nic.name.clone(),
+                source,
+            })
     }
 
     /// Sets NIC `index`'s rate limits (configuration order) while the VM
@@ -214,6 +234,7 @@ impl RunningVm {
                     stats: n.stats.clone(),
                     limits: n.limits.clone(),
                     capture: n.capture.clone(),
+                    egress: n.egress.clone(),
                     device: n.device.clone(),
                 })
                 .collect(),

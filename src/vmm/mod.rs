@@ -37,6 +37,7 @@ use crate::error::{Error, Result};
 use crate::net::assembly;
 use crate::net::backend::NetBackend;
 use crate::net::capture::CaptureControl;
+use crate::net::egress::EgressControl;
 use crate::net::rate_limit::LimitControl;
 use crate::net::stage::Stages;
 use crate::net::vhost::VhostNet;
@@ -91,6 +92,8 @@ struct NicHandle {
     limits: Arc<LimitControl>,
     /// Its packet capture, started and stopped through the controller.
     capture: Arc<CaptureControl>,
+    /// Its egress policy (in the host kernel), changed the same way.
+    egress: Arc<EgressControl>,
     /// `vhost=on`: the kernel must move this NIC's frames.
     vhost_required: bool,
 }
@@ -306,6 +309,7 @@ impl Vm {
                         nic: n.name.clone(),
                         source,
                     })?;
+                    n.egress = host.egress();
                     n.capture = Arc::new(CaptureControl::new(
                         n.stages.clone(),
                         host.ifindex(),
@@ -424,6 +428,9 @@ impl Vm {
             // A NIC on a backend of the caller's: no TAP to watch from
             // the kernel's side (Vm::new gives its own NICs that view).
             capture: Arc::new(CaptureControl::new(stages.clone(), None, false)),
+            // No TAP of rvm's to put a policy on (Vm::new gives its own
+            // NICs theirs).
+            egress: Arc::new(EgressControl::new(None, None)),
             stages,
             vhost_required: false,
         });

@@ -1,0 +1,415 @@
+//! Egress policy on real guests: what a guest may reach, enforced in the
+//! host kernel (nftables) below the guest, on rvm's data path and with
+//! vhost-net alike. Each case makes two namespaces: the host side (where
+//! rvm runs, with the TAP bridged on br0 at 10.0.0.1 or routed with
+//! 10.0.0.1 on the TAP itself) and the outside (192.0.2.2), routed
+//! through the host side. Listeners on both log every connection they
+//! accept, so each verdict is checked at both ends: the guest's attempt
+//! (connected, refused at once by a RST, or nothing) and whether the
+//! listener saw it. Like the other guest suites it runs directly on a host
+//! with VT-x/AMD-V and inside the nested host otherwise; it never skips.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::netns::Netns;
+use common::{expect, images, run_guest_retrying, run_suite, rvm_bin, Case, GuestRun, Images};
+
+const DEADLINE: Duration = Duration::from_secs(300);
+const OUTSIDE: &str = "192.0.2.2";
+/// The host side's address towards the outside: an address of the host
+/// rvm runs on, which the sandbox default refuses.
+const HOST_OUTER: &str = "192.0.2.1";
+
+/// How the TAP reaches the host side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wiring {
+    /// On bridge br0 (10.0.0.1/24): the bridge family's table judges.
+    Bridged,
+    /// 10.0.0.1/24 on the TAP itself, routed: the inet family's table.
+    Routed,
+}
+
+/// The host side and the outside, and their listeners.
+struct World {
+    host: Netns,
+    out: Netns,
+    dir: PathBuf,
+    listeners: Vec<Listener>,
+}
+
+impl World {
+    fn new(tag: &str, wiring: Wiring) -> Result<World, String> {
+        let host = Netns::new(tag)?;
+        let out = Netns::new(&format!("{tag}o"))?;
+        let dir = std::env::temp_dir().join(format!("rvm-egress-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        if wiring == Wiring::Bridged {
+            host.bridge("10.0.0.1/24", 1500)?;
+        } else {
+            // rvm runs it with the TAP's name once the TAP exists.
+            let up = dir.join("ifup");
+            std::fs::write(
+                &up,
+                "#!/bin/sh\nip addr add 10.0.0.1/24 dev \"$1\" && ip link set \"$1\" up\n",
+            )
+            .map_err(|e| e.to_string())?;
+            host.sh(&format!("chmod 0755 {}", up.display()))?;
+        }
+        let link = Command::new("ip")
+            .args(["link", "add", "vo", "netns", &host.name, "type", "veth"])
+            .args(["peer", "name", "eo", "netns", &out.name])
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !link.success() {
+            return Err("cannot make the veth pair to the outside".into());
+        }
+        host.sh(&format!(
+            "ip addr add {HOST_OUTER}/24 dev vo && ip link set vo up && sysctl -qw net.ipv4.ip_forward=1"
+        ))?;
+        out.sh(&format!(
+            "ip addr add {OUTSIDE}/24 dev eo && ip link set eo up && ip route add 10.0.0.0/24 via {HOST_OUTER}"
+        ))?;
+        let mut w = World {
+            host,
+            out,
+            dir,
+            listeners: Vec::new(),
+        };
+        for port in [5001, 5002] {
+            w.listen(true, port)?;
+        }
+        for port in [5001, 5002, 25] {
+            w.listen(false, port)?;
+        }
+        Ok(w)
+    }
+
+    fn listen(&mut self, host: bool, port: u16) -> Result<(), String> {
+        let (ns, name) = if host {
+            (&self.host, format!("host:{port}"))
+        } else {
+            (&self.out, format!("outside:{port}"))
+        };
+        let log = self.dir.join(format!("{}.log", name.replace(':', "-")));
+        let child = ns
+            .command("socat")
+            .args(["-d", "-d", "-lf"])
+            .arg(&log)
+            .arg(format!("TCP-LISTEN:{port},fork,reuseaddr"))
+            .arg("SYSTEM:echo hi")
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("socat: {e}"))?;
+        self.listeners.push(Listener { name, log, child });
+        Ok(())
+    }
+
+    /// The connections each listener accepted, as `where:port=N`.
+    fn accepted(&self) -> Vec<String> {
+        self.listeners
+            .iter()
+            .map(|l| format!("{}={}", l.name, l.accepted()))
+            .collect()
+    }
+
+    /// The nftables tables rvm has in the host side's kernel.
+    fn rvm_tables(&self) -> Result<Vec<String>, String> {
+        Ok(self
+            .host
+            .sh("nft list tables")?
+            .lines()
+            .filter(|l| l.contains("rvm_egress_"))
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// `rvm run` as the host side's, probing `probe` (see the guest's
+    /// net_probe) over NIC `net`.
+    fn rvm(&self, img: &Images, args: &str, net: &str) -> Command {
+        let mut c = self.host.command(rvm_bin());
+        common::minimal_guest(&mut c, img, "net_probe", args, net);
+        c
+    }
+
+    fn ifup(&self) -> String {
+        format!("script={}", self.dir.join("ifup").display())
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for l in &mut self.listeners {
+            let _ = l.child.kill();
+            let _ = l.child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP listener that answers "hi" and logs each connection it accepts.
+struct Listener {
+    name: String,
+    log: PathBuf,
+    child: Child,
+}
+
+impl Listener {
+    fn accepted(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches("accepting connection from")
+            .count()
+    }
+}
+
+/// Tries, from the outside, to open a connection to the guest's port 6000
+/// (its net_probe serve=6000 answers "guest") until `done`; whether one
+/// got the answer.
+fn inbound_from_outside(out: &Netns, done: Arc<AtomicBool>) -> std::thread::JoinHandle<bool> {
+    let mut c = out.command("socat");
+    c.args(["-T", "3", "-", "TCP:10.0.0.2:6000,connect-timeout=3"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null());
+    std::thread::spawn(move || {
+        while !done.load(Ordering::SeqCst) {
+            if c.output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("guest"))
+            {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        false
+    })
+}
+
+fn finished(r: &GuestRun) -> Result<(), String> {
+    if r.status.is_none_or(|s| !s.success()) || !r.init_done() {
+        return Err(format!("the guest did not finish:\n{}", r.tail(40)));
+    }
+    Ok(())
+}
+
+/// Every `(target, verdict)` of round `round`, checked against the
+/// guest's console.
+fn expect_tries(r: &GuestRun, round: u32, want: &[(&str, &str)]) -> Result<(), String> {
+    for (target, verdict) in want {
+        let key = format!("try_{round}_{}", target.replace(['.', ':'], "_"));
+        expect(r, &key, verdict).map_err(|e| format!("{target}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// `egress=deny` with one allow, vhost-net on a bridged TAP: only the
+/// allowed port connects; the other port, the outside, port 25 and ICMP
+/// are refused at once (RST, ICMP error), and no listener but the allowed
+/// one saw a connection; the outside still reaches the guest's own
+/// service (flows the other side starts pass). No table is left after.
+fn deny_with_one_allow_vhost(img: &Images) -> Result<(), String> {
+    let w = World::new("egdeny", Wiring::Bridged)?;
+    let probe = format!(
+        "10.0.0.1:5001+10.0.0.1:5002+{OUTSIDE}:5001+{OUTSIDE}:25+ping:10.0.0.1+ping:{OUTSIDE}"
+    );
+    let done = Arc::new(AtomicBool::new(false));
+    let inbound = inbound_from_outside(&w.out, done.clone());
+    let r = run_guest_retrying(
+        "egress",
+        || {
+            w.rvm(
+                img,
+                &format!("probe={probe},serve=6000,linger=6"),
+                "tap=rvmeg0,bridge=br0,vhost=on,egress=deny,allow=10.0.0.1/32:5001/tcp",
+            )
+        },
+        DEADLINE,
+    );
+    done.store(true, Ordering::SeqCst);
+    let inbound = inbound.join().map_err(|_| "the inbound thread panicked")?;
+    finished(&r)?;
+    if !r.stderr.contains("data path: vhost-net") {
+        return Err(format!("vhost-net did not carry the NIC:\n{}", r.stderr));
+    }
+    expect_tries(
+        &r,
+        1,
+        &[
+            ("10.0.0.1:5001", "ok"),
+            ("10.0.0.1:5002", "refused"),
+            (&format!("{OUTSIDE}:5001"), "refused"),
+            (&format!("{OUTSIDE}:25"), "refused"),
+            ("ping:10.0.0.1", "fail"),
+            (&format!("ping:{OUTSIDE}"), "fail"),
+        ],
+    )?;
+    let accepted = w.accepted();
+    let want = [
+        "host:5001=1",
+        "host:5002=0",
+        "outside:5001=0",
+        "outside:5002=0",
+        "outside:25=0",
+    ];
+    if accepted != want {
+        return Err(format!(
+            "listeners accepted {accepted:?}, expected {want:?}"
+        ));
+    }
+    if !inbound {
+        return Err("the outside could not reach the guest's service on port 6000".into());
+    }
+    let left = w.rvm_tables()?;
+    if !left.is_empty() {
+        return Err(format!("nftables tables left after rvm: {left:?}"));
+    }
+    println!("    deny + allow 10.0.0.1:5001/tcp with vhost-net: 1 allowed, 3 refused by RST, 2 pings refused; listeners {accepted:?}; inbound from the outside passed");
+    w.host.no_taps_left()
+}
+
+/// The sandbox preset on a routed TAP, on rvm's data path: the host's
+/// addresses and private ranges refused, an explicit allow wins over them,
+/// the outside reachable except TCP port 25.
+fn sandbox_routed(img: &Images) -> Result<(), String> {
+    let w = World::new("egsbx", Wiring::Routed)?;
+    let probe = format!(
+        "10.0.0.1:5001+10.0.0.1:5002+{HOST_OUTER}:5002+{OUTSIDE}:5001+{OUTSIDE}:25+ping:{OUTSIDE}+ping:10.0.0.1"
+    );
+    let r = run_guest_retrying(
+        "egress",
+        || {
+            w.rvm(
+                img,
+                &format!("probe={probe}"),
+                &format!(
+                    "tap=rvmeg1,vhost=off,{},egress=sandbox,allow=10.0.0.1/32:5001/tcp",
+                    w.ifup()
+                ),
+            )
+        },
+        DEADLINE,
+    );
+    finished(&r)?;
+    expect_tries(
+        &r,
+        1,
+        &[
+            ("10.0.0.1:5001", "ok"),
+            ("10.0.0.1:5002", "refused"),
+            (&format!("{HOST_OUTER}:5002"), "refused"),
+            (&format!("{OUTSIDE}:5001"), "ok"),
+            (&format!("{OUTSIDE}:25"), "refused"),
+            (&format!("ping:{OUTSIDE}"), "ok"),
+            ("ping:10.0.0.1", "fail"),
+        ],
+    )?;
+    let accepted = w.accepted();
+    let want = [
+        "host:5001=1",
+        "host:5002=0",
+        "outside:5001=1",
+        "outside:5002=0",
+        "outside:25=0",
+    ];
+    if accepted != want {
+        return Err(format!(
+            "listeners accepted {accepted:?}, expected {want:?}"
+        ));
+    }
+    let left = w.rvm_tables()?;
+    if !left.is_empty() {
+        return Err(format!("nftables tables left after rvm: {left:?}"));
+    }
+    println!("    sandbox on a routed TAP: explicit allow won, host and private refused, outside reached but for port 25; listeners {accepted:?}");
+    w.host.no_taps_left()
+}
+
+/// SIGTERM leaves no table; SIGKILL leaves one (nothing could take it
+/// away), which the next rvm on the same TAP reclaims: its policy holds
+/// and its exit leaves nothing.
+fn nothing_left_after_sigterm_and_sigkill(img: &Images) -> Result<(), String> {
+    let w = World::new("egkill", Wiring::Bridged)?;
+    let net = "tap=rvmeg2,bridge=br0,egress=deny,allow=10.0.0.1/32:5001/tcp";
+    for signal in [libc::SIGTERM, libc::SIGKILL] {
+        let c = w.rvm(img, "probe=10.0.0.1:5001,linger=600", net);
+        let guest = common::spawn_until(c, "rvm-init: probing", DEADLINE)?;
+        let tables = w.rvm_tables()?;
+        if tables.len() != 2 {
+            return Err(format!(
+                "while the guest runs: tables {tables:?}, expected two"
+            ));
+        }
+        let mut child = guest.child;
+        // SAFETY: kill(2) on our own child (ip netns exec exec'd rvm).
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let t = Instant::now();
+        while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+            if t.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                return Err(format!("rvm did not end within 30 s of signal {signal}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let left = w.rvm_tables()?;
+        match signal {
+            libc::SIGTERM if !left.is_empty() => {
+                return Err(format!("tables left after SIGTERM: {left:?}"))
+            }
+            libc::SIGKILL if left.len() != 2 => {
+                return Err(format!(
+                    "after SIGKILL: tables {left:?}, expected the two stale ones"
+                ))
+            }
+            _ => {}
+        }
+    }
+    // The next rvm on that TAP: the stale tables are replaced.
+    let r = run_guest_retrying(
+        "egress",
+        || w.rvm(img, "probe=10.0.0.1:5001+10.0.0.1:5002", net),
+        DEADLINE,
+    );
+    finished(&r)?;
+    expect_tries(
+        &r,
+        1,
+        &[("10.0.0.1:5001", "ok"), ("10.0.0.1:5002", "refused")],
+    )?;
+    let left = w.rvm_tables()?;
+    if !left.is_empty() {
+        return Err(format!("tables left after the next run: {left:?}"));
+    }
+    println!("    SIGTERM: no table left; SIGKILL: two stale tables, reclaimed by the next rvm, whose policy held");
+    w.host.no_taps_left()
+}
+
+fn case(name: &str, f: impl Fn(&Images) -> Result<(), String> + 'static) -> Case<Images> {
+    (name.to_string(), Box::new(f))
+}
+
+fn cases() -> Vec<Case<Images>> {
+    vec![
+        case(
+            "deny_with_one_allow_vhost_net_bridged",
+            deny_with_one_allow_vhost,
+        ),
+        case("sandbox_preset_routed_userspace", sandbox_routed),
+        case(
+            "nothing_left_after_sigterm_and_sigkill_then_reclaimed",
+            nothing_left_after_sigterm_and_sigkill,
+        ),
+    ]
+}
+
+fn main() {
+    run_suite(
+        "egress policy tests",
+        cases(),
+        &["--mem", "4096", "--idle-timeout", "180"],
+        images,
+    );
+}
