@@ -12,12 +12,12 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::netns::Netns;
+use common::netns::{Listener, Netns};
 use common::{expect, images, run_guest_retrying, run_suite, rvm_bin, Case, GuestRun, Images};
 
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -96,26 +96,14 @@ impl World {
         } else {
             (&self.out, format!("outside:{port}"))
         };
-        let log = self.dir.join(format!("{}.log", name.replace(':', "-")));
-        let child = ns
-            .command("socat")
-            .args(["-d", "-d", "-lf"])
-            .arg(&log)
-            .arg(format!("TCP-LISTEN:{port},fork,reuseaddr"))
-            .arg("SYSTEM:echo hi")
-            .stdin(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("socat: {e}"))?;
-        self.listeners.push(Listener { name, log, child });
+        let l = Listener::start(ns, &name, None, port, &self.dir)?;
+        self.listeners.push(l);
         Ok(())
     }
 
     /// The connections each listener accepted, as `where:port=N`.
     fn accepted(&self) -> Vec<String> {
-        self.listeners
-            .iter()
-            .map(|l| format!("{}={}", l.name, l.accepted()))
-            .collect()
+        common::netns::accepted(&self.listeners)
     }
 
     /// The nftables tables rvm has in the host side's kernel.
@@ -144,27 +132,8 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        for l in &mut self.listeners {
-            let _ = l.child.kill();
-            let _ = l.child.wait();
-        }
+        self.listeners.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A TCP listener that answers "hi" and logs each connection it accepts.
-struct Listener {
-    name: String,
-    log: PathBuf,
-    child: Child,
-}
-
-impl Listener {
-    fn accepted(&self) -> usize {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .matches("accepting connection from")
-            .count()
     }
 }
 

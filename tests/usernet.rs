@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::netns::Netns;
+use common::netns::{Listener, Netns};
 use common::{
     expect, images, random_file, run_guest_retrying, run_suite, rvm_bin, sha256, spawn_until, Case,
     Images,
@@ -298,6 +298,93 @@ fn dgram_guests_ping_through_a_relay(img: &Images) -> Result<(), String> {
     Ok(())
 }
 
+/// The sandbox preset with an explicit allow on `--net user`, where no
+/// kernel interface exists to filter: rvm's own policy stage judges what
+/// the guest starts. The namespace gets an "outside" at 198.51.100.2
+/// (a non-private address, through a veth) besides its loopback, which
+/// the guest reaches at the gateway. The explicit allow to the gateway's
+/// port 5003 wins over the private range; the gateway's other port, the
+/// host's own address and port 25 outside are refused at once (RST), the
+/// outside's port 5001 is reached; each listener's log agrees.
+fn sandbox_on_the_rootless_backend(model: &'static str) -> impl Fn(&Images) -> Result<(), String> {
+    move |img| {
+        kvm_open_to_users()?;
+        let ns = rootless_ns("usbx")?;
+        let out = Netns::new("usbxo")?;
+        let link = Command::new("ip")
+            .args(["link", "add", "vo", "netns", &ns.name, "type", "veth"])
+            .args(["peer", "name", "eo", "netns", &out.name])
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !link.success() {
+            return Err("cannot make the veth pair to the outside".into());
+        }
+        ns.sh("ip addr add 198.51.100.1/24 dev vo && ip link set vo up")?;
+        out.sh("ip addr add 198.51.100.2/24 dev eo && ip link set eo up")?;
+        let dir = std::env::temp_dir().join(format!("rvm-usbx-{}-{model}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let listeners = [
+            Listener::start(&ns, "loopback:5003", Some("127.0.0.1"), 5003, &dir)?,
+            Listener::start(&ns, "loopback:5004", Some("127.0.0.1"), 5004, &dir)?,
+            Listener::start(&ns, "host:5005", None, 5005, &dir)?,
+            Listener::start(&out, "outside:5001", None, 5001, &dir)?,
+            Listener::start(&out, "outside:25", None, 25, &dir)?,
+        ];
+        let probe = format!(
+            "{GATEWAY}:5003+{GATEWAY}:5004+198.51.100.1:5005+198.51.100.2:5001+198.51.100.2:25+ping:{GATEWAY}"
+        );
+        let r = run_guest_retrying(
+            "usernet",
+            || {
+                rvm_as_user(
+                    &ns,
+                    img,
+                    "net_probe",
+                    &format!("dhcp,peer={GATEWAY},probe={probe}"),
+                    &format!("user,model={model},egress=sandbox,allow={GATEWAY}:5003/tcp"),
+                )
+            },
+            DEADLINE,
+        );
+        let accepted = common::netns::accepted(&listeners);
+        drop(listeners);
+        let _ = std::fs::remove_dir_all(&dir);
+        if r.status.is_none_or(|s| !s.success()) || !r.init_done() {
+            return Err(format!(
+                "the guest did not finish:\n{}\n{}",
+                r.tail(30),
+                r.stderr
+            ));
+        }
+        let gw = GATEWAY.replace('.', "_");
+        for (key, want) in [
+            (format!("try_1_{gw}_5003"), "ok"),
+            (format!("try_1_{gw}_5004"), "refused"),
+            ("try_1_198_51_100_1_5005".to_string(), "refused"),
+            ("try_1_198_51_100_2_5001".to_string(), "ok"),
+            ("try_1_198_51_100_2_25".to_string(), "refused"),
+            (format!("try_1_ping_{gw}"), "fail"),
+        ] {
+            expect(&r, &key, want)?;
+        }
+        let want = [
+            "loopback:5003=1",
+            "loopback:5004=0",
+            "host:5005=0",
+            "outside:5001=1",
+            "outside:25=0",
+        ];
+        if accepted != want {
+            return Err(format!(
+                "listeners accepted {accepted:?}, expected {want:?}"
+            ));
+        }
+        no_passt_left(Duration::from_secs(3))?;
+        println!("    {model} on passt, sandbox + allow {GATEWAY}:5003/tcp in rvm's stage: the allow won, the rest refused by RST; listeners {accepted:?}");
+        Ok(())
+    }
+}
+
 /// Two UNIX datagram sockets back to back: what arrives at one is sent,
 /// from the other, to whoever last sent to that other. Counts the frames
 /// each way.
@@ -493,8 +580,16 @@ fn cases() -> Vec<Case<Images>> {
         );
     } else {
         cases.push(case(e1000, tcp_both_ways("e1000", Wire::Passt)));
+        cases.push(case(
+            "e1000_user_sandbox_policy_in_rvms_stage",
+            sandbox_on_the_rootless_backend("e1000"),
+        ));
     }
     cases.push(case("passt_never_outlives_rvm", passt_never_outlives_rvm));
+    cases.push(case(
+        "virtio_user_sandbox_policy_in_rvms_stage",
+        sandbox_on_the_rootless_backend("virtio"),
+    ));
     cases.push(case(
         "dgram_virtio_and_e1000_guests_ping_through_a_relay",
         dgram_guests_ping_through_a_relay,

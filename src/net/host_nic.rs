@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::backend::NetBackend;
 use super::bridge::{self, BridgeError, BridgePort};
 use super::config::{NetConfig, Peer};
-use super::egress::{EgressControl, KernelEgress, NftError};
+use super::egress::{EgressControl, NftError};
 use super::passt::{Passt, PasstError, PASST_MTU};
 use super::script::{self, ScriptError};
 use super::socket::{Framing, SocketBackend};
@@ -151,8 +151,9 @@ impl HostNic {
     /// up and runs the ifup script. On any failure what was done is undone.
     pub fn setup(cfg: &NetConfig) -> Result<HostNic, HostNicError> {
         if let Some(peer) = &cfg.peer {
+            let peer_policy = &cfg.egress;
             return Ok(HostNic {
-                egress: Arc::new(EgressControl::new(None, None)),
+                egress: Arc::new(EgressControl::start(None, peer_policy.clone(), false)?),
                 downscript: None,
                 port: None,
                 taps: Vec::new(),
@@ -169,7 +170,7 @@ impl HostNic {
         let mut undo = Undo::default();
         match configure(&taps, cfg, &mut undo) {
             Ok((port, egress)) => Ok(HostNic {
-                egress: Arc::new(EgressControl::new(Some(taps[0].name().into()), egress)),
+                egress: Arc::new(egress),
                 downscript: cfg.downscript.clone(),
                 port,
                 taps: taps.into_iter().map(Arc::new).collect(),
@@ -265,7 +266,7 @@ fn configure(
     taps: &[Tap],
     cfg: &NetConfig,
     undo: &mut Undo,
-) -> Result<(Option<BridgePort>, Option<KernelEgress>), HostNicError> {
+) -> Result<(Option<BridgePort>, EgressControl), HostNicError> {
     let tap = &taps[0];
     if let Some(bytes) = cfg.sndbuf {
         // The send buffer is each queue's own.
@@ -296,10 +297,8 @@ fn configure(
         None => None,
     };
     // In place before the TAP is up, so before the guest's first frame.
-    let egress = match &cfg.egress {
-        Some(p) => Some(KernelEgress::install(tap.name(), p.clone())?),
-        None => None,
-    };
+    let given_fd = cfg.fd.is_some() || !cfg.fds.is_empty();
+    let egress = EgressControl::start(Some(tap.name()), cfg.egress.clone(), given_fd)?;
     if !tap.created() && !tap.is_up()? {
         undo.take_down = true;
     }

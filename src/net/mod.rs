@@ -9,6 +9,7 @@ pub mod bridge;
 pub mod capture;
 pub mod config;
 pub mod counters;
+pub mod csum;
 pub mod egress;
 pub mod host_nic;
 pub mod nic_loop;

@@ -9,6 +9,11 @@
 //! The list is shared: the NIC's thread runs it, others may change it
 //! while the VM runs. The NIC takes its lock once per frame, never across
 //! a system call.
+//!
+//! A stage may also answer the guest: an egress policy answers a refused
+//! connection with a RST. Such frames go to the [`Injector`], and the NIC
+//! reads them before the backend's ([`Injector::readv`]) the next time it
+//! fills RX buffers, which it does right after the TX pass that made them.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -150,6 +155,8 @@ pub struct Stages {
 #[derive(Default)]
 struct Shared {
     list: Mutex<Vec<Entry>>,
+    /// Frames the stages made for the guest.
+    injector: Arc<Injector>,
     /// How many stages there are: a NIC without any takes no lock per frame.
     len: AtomicUsize,
     /// The kernel moves this NIC's frames now (vhost-net), past any stage.
@@ -255,6 +262,11 @@ impl Stages {
         Ok(())
     }
 
+    /// Where stages put frames for the guest, and the NIC reads them.
+    pub fn injector(&self) -> &Arc<Injector> {
+        &self.inner.injector
+    }
+
     /// Whether the kernel moves this NIC's frames now (vhost-net).
     pub fn in_kernel(&self) -> bool {
         self.inner.in_kernel.load(Ordering::SeqCst)
@@ -315,6 +327,80 @@ impl Stages {
     }
 }
 
+/// Frames the stages made for the guest, waiting for its RX buffers.
+#[derive(Default)]
+pub struct Injector {
+    queue: Mutex<std::collections::VecDeque<Vec<u8>>>,
+    pending: AtomicUsize,
+}
+
+/// Frames kept for the guest at most: a guest that keeps knocking where it
+/// is refused gets as many answers as its RX buffers take, the rest is not
+/// answered (its connections then time out instead).
+const MAX_INJECTED: usize = 64;
+
+impl Injector {
+    /// Queues `frame` (Ethernet, no vnet header) for the guest; false when
+    /// the queue is full and it was not.
+    pub fn push(&self, frame: Vec<u8>) -> bool {
+        let mut q = crate::lock_or_recover(&self.queue);
+        if q.len() >= MAX_INJECTED {
+            return false;
+        }
+        q.push_back(frame);
+        self.pending.store(q.len(), Ordering::SeqCst);
+        true
+    }
+
+    /// Whether a frame waits for the guest (no lock taken).
+    pub fn pending(&self) -> bool {
+        self.pending.load(Ordering::Relaxed) != 0
+    }
+
+    /// Reads the next waiting frame into `iov` as `backend.readv` would
+    /// (a zeroed vnet header first when the backend has them; the frame's
+    /// whole length returned even when `iov` held less, as tun does), or,
+    /// with none waiting, reads from `backend`.
+    ///
+    /// # Safety
+    /// As [`NetBackend::readv`]: every iovec points to memory that may be
+    /// written for its length and that nothing else uses meanwhile.
+    pub unsafe fn readv(
+        &self,
+        backend: &dyn super::backend::NetBackend,
+        iov: &[libc::iovec],
+    ) -> std::io::Result<usize> {
+        let frame = if self.pending() {
+            let mut q = crate::lock_or_recover(&self.queue);
+            let f = q.pop_front();
+            self.pending.store(q.len(), Ordering::SeqCst);
+            f
+        } else {
+            None
+        };
+        let Some(frame) = frame else {
+            // SAFETY: the caller's promise, passed on.
+            return unsafe { backend.readv(iov) };
+        };
+        let hdr = [0u8; super::backend::VNET_HDR_LEN];
+        let hdr: &[u8] = if backend.vnet_hdr() { &hdr } else { &[] };
+        let mut src = hdr.iter().chain(frame.iter()).copied();
+        let total = hdr.len() + frame.len();
+        for v in iov {
+            let base = v.iov_base.cast::<u8>();
+            for i in 0..v.iov_len {
+                let Some(b) = src.next() else {
+                    return Ok(total);
+                };
+                // SAFETY: i < iov_len, inside memory the caller says may
+                // be written.
+                unsafe { base.add(i).write(b) };
+            }
+        }
+        Ok(total)
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
     //! Stages for the NICs' unit tests.
@@ -336,6 +422,29 @@ pub(crate) mod testing {
         fn frame(&mut self, dir: Direction, frame: &Frame<'_>, _now: Instant) -> Verdict {
             let mut b = [0u8; 1];
             if dir == self.dir && frame.read(0, &mut b) == 1 && b[0] == self.first {
+                Verdict::Drop
+            } else {
+                Verdict::Pass
+            }
+        }
+    }
+
+    /// Drops every TX frame whose first byte is `first` and answers it
+    /// with `answer` for the guest (a refusal's shape).
+    pub struct AnswerTx {
+        pub first: u8,
+        pub answer: Vec<u8>,
+        pub injector: Arc<Injector>,
+    }
+
+    impl Stage for AnswerTx {
+        fn name(&self) -> &str {
+            "answer-tx"
+        }
+        fn frame(&mut self, dir: Direction, frame: &Frame<'_>, _now: Instant) -> Verdict {
+            let mut b = [0u8; 1];
+            if dir == Direction::Tx && frame.read(0, &mut b) == 1 && b[0] == self.first {
+                self.injector.push(self.answer.clone());
                 Verdict::Drop
             } else {
                 Verdict::Pass

@@ -310,6 +310,10 @@ impl Vm {
                         source,
                     })?;
                     n.egress = host.egress();
+                    n.egress.attach(&n.stages).map_err(|source| Error::Stage {
+                        nic: n.name.clone(),
+                        source,
+                    })?;
                     n.capture = Arc::new(CaptureControl::new(
                         n.stages.clone(),
                         host.ifindex(),
@@ -428,9 +432,14 @@ impl Vm {
             // A NIC on a backend of the caller's: no TAP to watch from
             // the kernel's side (Vm::new gives its own NICs that view).
             capture: Arc::new(CaptureControl::new(stages.clone(), None, false)),
-            // No TAP of rvm's to put a policy on (Vm::new gives its own
-            // NICs theirs).
-            egress: Arc::new(EgressControl::new(None, None)),
+            // No TAP of rvm's: a policy set later runs as a stage (Vm::new
+            // gives its own NICs theirs).
+            egress: {
+                let e = EgressControl::none();
+                // No stage is pending, so nothing can be refused here.
+                let _ = e.attach(&stages);
+                Arc::new(e)
+            },
             stages,
             vhost_required: false,
         });

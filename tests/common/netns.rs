@@ -233,3 +233,67 @@ pub fn rate_between(
     let b = samples.iter().rev().find(|s| grown(s) <= to)?;
     (b.t > a.t).then(|| (counter(b) - counter(a)) as f64 / (b.t - a.t))
 }
+
+/// A TCP listener in a namespace that answers "hi" to each connection and
+/// logs every one it accepts (socat -d -d), so a test can tell a
+/// connection refused before it reached the listener from one that did.
+pub struct Listener {
+    pub name: String,
+    log: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl Listener {
+    /// Listens on `port` (on `bind`, or every address) in `ns`, logging
+    /// to a file in `dir`; `name` says which in reports.
+    pub fn start(
+        ns: &Netns,
+        name: &str,
+        bind: Option<&str>,
+        port: u16,
+        dir: &std::path::Path,
+    ) -> Result<Listener, String> {
+        let log = dir.join(format!("{}.log", name.replace([':', '/'], "-")));
+        let bind = bind.map(|b| format!(",bind={b}")).unwrap_or_default();
+        let child = ns
+            .command("socat")
+            .args(["-d", "-d", "-lf"])
+            .arg(&log)
+            .arg(format!("TCP-LISTEN:{port},fork,reuseaddr{bind}"))
+            .arg("SYSTEM:echo hi")
+            .stdin(std::process::Stdio::null())
+            // A client gone before the answer makes sh complain; the log
+            // has what counts.
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("socat: {e}"))?;
+        Ok(Listener {
+            name: name.to_string(),
+            log,
+            child,
+        })
+    }
+
+    /// The connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches("accepting connection from")
+            .count()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `name=N` for each listener: the connections each accepted.
+pub fn accepted(listeners: &[Listener]) -> Vec<String> {
+    listeners
+        .iter()
+        .map(|l| format!("{}={}", l.name, l.accepted()))
+        .collect()
+}

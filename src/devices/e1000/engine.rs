@@ -78,9 +78,15 @@ impl Engine {
         let mut core = self.lock();
         core.transmit();
         let (due, blocked) = (core.tx_hold.map(|h| h.until), core.tx_blocked);
+        // A stage answered a frame the guest sent (a refused connection's
+        // RST): into the guest's buffers now, not at the next frame.
+        let answered = core.stages.injector().pending();
         drop(core);
         self.tx_due = due;
         self.tx_blocked = blocked;
+        if answered {
+            self.receive();
+        }
     }
 
     fn receive(&mut self) {

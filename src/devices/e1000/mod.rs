@@ -16,7 +16,6 @@
 //! Interrupts are legacy INTx, level-triggered: the line is high while
 //! ICR & IMS is not 0.
 
-pub mod csum;
 pub mod eeprom;
 mod engine;
 pub mod phy;

@@ -325,7 +325,8 @@ impl Core {
         // SAFETY: the iovecs are bounds-checked slices of guest RAM (mapped
         // while self.mem lives) and the header and overflow buffers self.rx
         // owns, which nothing else touches during the call.
-        let got = unsafe { self.backend.readv(&self.rx.iov) }?;
+        // (A frame a stage made for the guest comes first.)
+        let got = unsafe { self.stages.injector().readv(&*self.backend, &self.rx.iov) }?;
         let hdr = if self.rx.vnet_hdr { VNET_HDR_LEN } else { 0 };
         let len = got.saturating_sub(hdr);
         if len > fit.room {

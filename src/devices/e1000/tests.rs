@@ -13,7 +13,7 @@ use super::regs::*;
 use super::{E1000Params, E1000};
 use crate::devices::test_backend::{fake_tap, pattern, peer_recv, peer_recv_nothing, peer_send};
 use crate::devices::LevelIrq;
-use crate::net::stage::testing::{DropFirstByte, Trickle};
+use crate::net::stage::testing::{AnswerTx, DropFirstByte, Trickle};
 use crate::net::stage::Direction;
 use crate::pci::PciDevice;
 use crate::vmm::memory::GuestRam;
@@ -818,6 +818,36 @@ fn a_stage_drops_frames_both_ways_and_the_ring_goes_on() {
     );
     let c = stages.counters();
     assert_eq!((c[0].dropped, c[1].dropped), (1, 1));
+}
+
+/// A stage's answer to a TX frame (an egress policy's RST) lands in the
+/// RX ring in the same pass; the frame itself goes nowhere.
+#[test]
+fn a_stages_answer_to_a_tx_frame_reaches_rx_at_once() {
+    let mut r = rig();
+    let stages = r.dev.stages();
+    let answer = frame_to(MAC, 74, 5);
+    stages
+        .push(Box::new(AnswerTx {
+            first: 0xee,
+            answer: answer.clone(),
+            injector: stages.injector().clone(),
+        }))
+        .unwrap();
+    r.rx_ring(8);
+    r.tx_ring(8);
+    let f = frame_to([0xee, 0, 0, 0, 0, 9], 200, 3);
+    let at = BUFS + 4096 * 4;
+    r.mem.write_slice(&f, GuestAddress(at)).unwrap();
+    r.tx_desc(0, at, f.len() as u16);
+    r.w(TDT, 1);
+    assert!(r.wait_rdh(1), "the answer was not received");
+    let mut got = vec![0u8; answer.len()];
+    r.mem.read_slice(&mut got, GuestAddress(BUFS)).unwrap();
+    assert_eq!(got, answer);
+    assert!(peer_recv_nothing(&r.peer), "the answered frame went out");
+    let s = r.dev.stats().snapshot();
+    assert_eq!((s.tx_dropped, s.rx_frames), (1, 1));
 }
 
 /// A stage that holds TX leaves the frame's descriptors to the guest (TDH

@@ -12,8 +12,8 @@ use std::io;
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::csum;
 use super::regs::DESC_LEN;
+use crate::net::csum;
 
 use crate::net::backend::VNET_HDR_LEN;
 use crate::vmm::memory::GuestRam;

@@ -224,13 +224,14 @@ impl Worker {
             first.saturating_sub(skip)
         };
         let backend = &self.backend;
+        let injector = self.stages.injector();
         let read = self.pool.iov.with_window(skip, limit, |iov| {
             let room: usize = iov.iter().map(|v| v.iov_len).sum();
             // SAFETY: the iovecs cover chain::collect's bounds-checked
             // slices of guest RAM (mapped while self.mem lives), popped
             // from the ring for this read and referenced by nothing else
-            // in rvm.
-            unsafe { backend.readv(iov) }.map(|got| (got, room))
+            // in rvm. (A frame a stage made for the guest comes first.)
+            unsafe { injector.readv(&**backend, iov) }.map(|got| (got, room))
         });
         let Some(read) = read else {
             return Err(std::io::Error::from(ErrorKind::InvalidData));

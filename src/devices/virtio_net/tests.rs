@@ -12,7 +12,7 @@ use super::{NetParams, VirtioNet, HDR_LEN};
 use crate::devices::test_backend::{
     fake_tap, pattern, peer_recv, peer_recv_nothing, peer_send, FakeTap, T,
 };
-use crate::net::stage::testing::{DropFirstByte, Trickle};
+use crate::net::stage::testing::{AnswerTx, DropFirstByte, Trickle};
 use crate::net::stage::Direction;
 use crate::virtio::features::{RING_EVENT_IDX, VERSION_1};
 use crate::virtio::sim::{SimDriver, DATA_START, DESC_F_NEXT, DESC_F_WRITE};
@@ -902,6 +902,42 @@ fn a_stage_drops_frames_both_ways_and_the_guest_gets_its_buffers_back() {
     );
     let c = r.stages.counters();
     assert_eq!((c[0].dropped, c[1].dropped), (1, 1));
+}
+
+/// A stage that answers a TX frame (an egress policy's RST) puts the
+/// answer in the guest's RX buffers in the same pass, before anything
+/// from the backend, with a clean vnet header; the frame itself goes
+/// nowhere.
+#[test]
+fn a_stages_answer_to_a_tx_frame_reaches_rx_at_once() {
+    for vnet in [true, false] {
+        let mut r = rig(vnet);
+        r.drv.init(VERSION_1 | MAC, &[256, 256]);
+        let answer = vec![0x77u8; 74];
+        r.stages
+            .push(Box::new(AnswerTx {
+                first: 0xee,
+                answer: answer.clone(),
+                injector: r.stages.injector().clone(),
+            }))
+            .unwrap();
+        let mem = r.drv.mem.clone();
+        let addrs = post_rx(&mut r, 2, 1600);
+        send_tx(&mut r, &[marked_tx(0xee, 60)]);
+        let (id, len) = r.drv.queues[RXQ].wait_used(&mem, T).expect("the answer");
+        assert_eq!(
+            (id, len),
+            (0, (HDR_LEN + answer.len()) as u32),
+            "vnet {vnet}"
+        );
+        let mut got = vec![0u8; HDR_LEN + answer.len()];
+        mem.read_slice(&mut got, GuestAddress(addrs[0])).unwrap();
+        assert_eq!(&got[..10], &[0u8; 10], "a clean header");
+        assert_eq!(&got[HDR_LEN..], &answer[..]);
+        assert!(peer_recv_nothing(&r.peer), "the answered frame went out");
+        let s = r.stats.snapshot();
+        assert_eq!((s.tx_dropped, s.rx_frames), (1, 1), "vnet {vnet}");
+    }
 }
 
 /// A stage that holds TX frames (a rate limit's shape) slows the guest

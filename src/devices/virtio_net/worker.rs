@@ -317,6 +317,11 @@ impl NicEngine for Worker {
             Token::QueueKick(_) => {}
             Token::Timer => self.on_timer(),
         }
+        // A stage answered a frame the guest sent (a refused connection's
+        // RST): into the guest's buffers now, not at the next frame.
+        if self.stages.injector().pending() {
+            self.process_rx();
+        }
     }
 
     fn wants(&self) -> Wants {

@@ -13,9 +13,13 @@
 
 mod host_addrs;
 mod nft;
+pub mod packet;
 mod rule;
+pub mod stage;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use crate::net::stage::{StageError, Stages};
 
 pub use nft::{KernelEgress, RuleCount};
 pub use rule::{Action, Cidr, EgressRule, PortRange, Proto, RuleError};
@@ -119,25 +123,70 @@ pub fn sandbox_networks() -> Vec<Cidr> {
     nets
 }
 
-/// A NIC's policy in the kernel, as the controller changes it while the
-/// VM runs.
+/// The entries a policy counts, in order: each rule, the sandbox
+/// preset's networks and port 25 when it is the default, then the
+/// default; as (the nft rule's comment, what [`RuleCount::rule`] calls
+/// it, its action).
+fn labels(p: &EgressPolicy) -> Vec<(String, String, Action)> {
+    let mut out: Vec<_> = p
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (format!("rvm:{i}"), format!("{}={r}", r.action), r.action))
+        .collect();
+    if p.default == EgressDefault::Sandbox {
+        out.push(("rvm:sandbox".into(), "sandbox".into(), Action::Deny));
+        out.push((
+            "rvm:smtp".into(),
+            format!("sandbox tcp/{SANDBOX_TCP_PORT}"),
+            Action::Deny,
+        ));
+    }
+    let action = match p.default {
+        EgressDefault::Deny => Action::Deny,
+        _ => Action::Allow,
+    };
+    out.push((
+        "rvm:default".into(),
+        format!("egress={}", p.default),
+        action,
+    ));
+    out
+}
+
+/// Where a NIC's policy is enforced, as the controller changes it while
+/// the VM runs: in the kernel (nftables on its TAP) or in a stage of
+/// rvm's data path (a NIC rvm cannot have the kernel judge).
 pub struct EgressControl {
     /// The TAP's name; None for a NIC without one (a user-mode network).
     tap: Option<String>,
-    kernel: Mutex<Slot>,
+    /// Whether a policy set later goes to the stage (the kernel refused,
+    /// or there is no TAP).
+    userspace: bool,
+    slot: Mutex<Slot>,
 }
 
 struct Slot {
-    kernel: Option<KernelEgress>,
+    enforcer: Enforcer,
+    /// The NIC's stages, once it is plugged (a stage goes there).
+    stages: Option<Stages>,
     /// The NIC is gone: its policy was taken away and none may come back.
     closed: bool,
+}
+
+enum Enforcer {
+    None,
+    Kernel(KernelEgress),
+    /// In the NIC's stages (`Some` once plugged; the policy waits till then).
+    Stage(Arc<stage::Shared>, bool),
 }
 
 /// A NIC's policy and what it has matched so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgressInfo {
     pub policy: EgressPolicy,
-    /// Where it is enforced: "nftables" (the host kernel).
+    /// Where it is enforced: "nftables" (the host kernel) or "rvm" (a
+    /// stage of rvm's data path).
     pub enforced_by: &'static str,
     /// Per explicit rule (in order), then the sandbox preset's when it is
     /// the default, then the default's: the packets each refused or let
@@ -146,60 +195,141 @@ pub struct EgressInfo {
 }
 
 impl EgressControl {
-    /// The control of TAP `tap`'s policy, `kernel` if it starts with one.
-    pub fn new(tap: Option<String>, kernel: Option<KernelEgress>) -> Self {
+    /// The policy of a NIC on TAP `tap` (None: no TAP), put in place now:
+    /// in the kernel when it can be, else (no TAP, or no permission to
+    /// program nftables for a TAP fd rvm was given) as a stage, which
+    /// goes in when the NIC is plugged ([`EgressControl::attach`]).
+    /// `given_fd`: the TAP came as an fd (the one case where the kernel
+    /// refusing is a reason to fall back rather than an error).
+    pub fn start(
+        tap: Option<&str>,
+        policy: Option<EgressPolicy>,
+        given_fd: bool,
+    ) -> Result<Self, NftError> {
+        let mut userspace = tap.is_none();
+        let enforcer = match (tap, policy) {
+            (_, None) => Enforcer::None,
+            (None, Some(p)) => Enforcer::Stage(stage::Shared::new(p), false),
+            (Some(t), Some(p)) => match KernelEgress::install(t, p.clone()) {
+                Ok(k) => Enforcer::Kernel(k),
+                Err(e) if given_fd && e.is_permission() => {
+                    log::info!("{e}: the policy runs in rvm's data path instead");
+                    userspace = true;
+                    Enforcer::Stage(stage::Shared::new(p), false)
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        Ok(EgressControl {
+            tap: tap.map(str::to_string),
+            userspace,
+            slot: Mutex::new(Slot {
+                enforcer,
+                stages: None,
+                closed: false,
+            }),
+        })
+    }
+
+    /// No policy, for a NIC without a TAP of rvm's (one set later runs as
+    /// a stage).
+    pub fn none() -> Self {
         EgressControl {
-            tap,
-            kernel: Mutex::new(Slot {
-                kernel,
+            tap: None,
+            userspace: true,
+            slot: Mutex::new(Slot {
+                enforcer: Enforcer::None,
+                stages: None,
                 closed: false,
             }),
         }
     }
 
+    /// The NIC is plugged with `stages`: a policy that runs as a stage
+    /// goes in now, before the guest's first frame.
+    pub fn attach(&self, stages: &Stages) -> Result<(), StageError> {
+        let mut slot = crate::lock_or_recover(&self.slot);
+        slot.stages = Some(stages.clone());
+        if let Enforcer::Stage(shared, plugged @ false) = &mut slot.enforcer {
+            let s = stage::EgressStage::new(shared.clone(), stages.injector().clone());
+            stages.push(Box::new(s))?;
+            *plugged = true;
+        }
+        Ok(())
+    }
+
     /// Sets, replaces or (None) removes the policy while the guest runs:
     /// new connections meet it at once, flows already allowed go on.
     pub fn set(&self, policy: Option<EgressPolicy>) -> Result<(), NftError> {
-        let mut slot = crate::lock_or_recover(&self.kernel);
+        let mut slot = crate::lock_or_recover(&self.slot);
         if slot.closed {
             return Err(NftError::Closed);
         }
-        match (policy, slot.kernel.as_mut()) {
-            (Some(p), Some(kernel)) => kernel.replace(p),
-            (Some(p), None) => {
-                let tap = self.tap.as_deref().ok_or(NftError::NoTap)?;
-                slot.kernel = Some(KernelEgress::install(tap, p)?);
-                Ok(())
+        let Some(policy) = policy else {
+            if matches!(slot.enforcer, Enforcer::Stage(..)) {
+                if let Some(st) = &slot.stages {
+                    st.remove(stage::NAME);
+                }
             }
-            (None, _) => {
-                // Dropping it takes its tables away.
-                slot.kernel = None;
-                Ok(())
+            // Dropping a kernel policy takes its tables away.
+            slot.enforcer = Enforcer::None;
+            return Ok(());
+        };
+        match &mut slot.enforcer {
+            Enforcer::Kernel(k) => return k.replace(policy),
+            Enforcer::Stage(shared, _) => {
+                shared.set(policy);
+                return Ok(());
             }
+            Enforcer::None => {}
         }
+        if !self.userspace {
+            let tap = self.tap.as_deref().ok_or(NftError::NoTap)?;
+            slot.enforcer = Enforcer::Kernel(KernelEgress::install(tap, policy)?);
+            return Ok(());
+        }
+        let shared = stage::Shared::new(policy);
+        let mut plugged = false;
+        if let Some(st) = &slot.stages {
+            let s = stage::EgressStage::new(shared.clone(), st.injector().clone());
+            st.push(Box::new(s)).map_err(NftError::Stage)?;
+            plugged = true;
+        }
+        slot.enforcer = Enforcer::Stage(shared, plugged);
+        Ok(())
     }
 
     /// Takes the policy away for good (the NIC is going), whoever else
     /// holds this control.
     pub fn close(&self) {
-        let mut slot = crate::lock_or_recover(&self.kernel);
+        let mut slot = crate::lock_or_recover(&self.slot);
         slot.closed = true;
-        slot.kernel = None;
+        slot.enforcer = Enforcer::None;
     }
 
     /// The policy and its counts; None without one. Counts the kernel
     /// cannot give are logged and left out.
     pub fn info(&self) -> Option<EgressInfo> {
-        let slot = crate::lock_or_recover(&self.kernel);
-        let k = slot.kernel.as_ref()?;
-        Some(EgressInfo {
-            policy: k.policy().clone(),
-            enforced_by: "nftables",
-            counts: k.counts().unwrap_or_else(|e| {
-                log::warn!("{e}");
-                Vec::new()
+        let slot = crate::lock_or_recover(&self.slot);
+        match &slot.enforcer {
+            Enforcer::None => None,
+            Enforcer::Kernel(k) => Some(EgressInfo {
+                policy: k.policy().clone(),
+                enforced_by: "nftables",
+                counts: k.counts().unwrap_or_else(|e| {
+                    log::warn!("{e}");
+                    Vec::new()
+                }),
             }),
-        })
+            Enforcer::Stage(shared, _) => {
+                let c = shared.current();
+                Some(EgressInfo {
+                    policy: c.policy.clone(),
+                    enforced_by: "rvm",
+                    counts: c.counts(),
+                })
+            }
+        }
     }
 }
 

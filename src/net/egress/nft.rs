@@ -18,7 +18,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
-use super::{sandbox_networks, Action, EgressDefault, EgressPolicy, EgressRule, Proto};
+use super::{labels, sandbox_networks, Action, EgressDefault, EgressPolicy, EgressRule, Proto};
 use super::{Cidr, SANDBOX_TCP_PORT};
 
 /// The program, looked up in PATH; RVM_NFT overrides it (tests).
@@ -39,6 +39,8 @@ pub enum NftError {
     NoTap,
     #[error("egress policy: the VM has ended")]
     Closed,
+    #[error("egress policy: {0}")]
+    Stage(crate::net::stage::StageError),
     #[error(
         "egress policy on TAP {tap}: a TAP name with {bad:?} cannot be written in an nft rule"
     )]
@@ -65,6 +67,13 @@ pub struct KernelEgress {
     /// Whether the tables went in (a failed install leaves nothing to
     /// take away).
     installed: bool,
+}
+
+impl NftError {
+    /// Whether nft failed for want of permission (no CAP_NET_ADMIN).
+    pub fn is_permission(&self) -> bool {
+        matches!(self, NftError::Failed { why, .. } if why.contains("Operation not permitted"))
+    }
 }
 
 impl KernelEgress {
@@ -133,36 +142,14 @@ impl KernelEgress {
                 *packets.entry(tag.to_string()).or_default() += n;
             }
         }
-        let mut count = |tag: String, rule: String, action| RuleCount {
-            rule,
-            action,
-            packets: packets.remove(&tag).unwrap_or(0),
-        };
-        let p = &self.policy;
-        let mut out: Vec<RuleCount> = p
-            .rules
-            .iter()
-            .enumerate()
-            .map(|(i, r)| count(format!("rvm:{i}"), format!("{}={r}", r.action), r.action))
-            .collect();
-        if p.default == EgressDefault::Sandbox {
-            out.push(count("rvm:sandbox".into(), "sandbox".into(), Action::Deny));
-            out.push(count(
-                "rvm:smtp".into(),
-                format!("sandbox tcp/{SANDBOX_TCP_PORT}"),
-                Action::Deny,
-            ));
-        }
-        let action = match p.default {
-            EgressDefault::Deny => Action::Deny,
-            _ => Action::Allow,
-        };
-        out.push(count(
-            "rvm:default".into(),
-            format!("egress={}", p.default),
-            action,
-        ));
-        Ok(out)
+        Ok(labels(&self.policy)
+            .into_iter()
+            .map(|(tag, rule, action)| RuleCount {
+                rule,
+                action,
+                packets: packets.remove(&tag).unwrap_or(0),
+            })
+            .collect())
     }
 
     /// Both tables for `policy`, replacing the old ones, as one script.
