@@ -51,6 +51,7 @@ impl World {
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         if wiring == Wiring::Bridged {
             host.bridge("10.0.0.1/24", 1500)?;
+            host.sh("ip -6 addr add fd00::1/64 dev br0 nodad")?;
         } else {
             // rvm runs it with the TAP's name once the TAP exists.
             let up = dir.join("ifup");
@@ -61,20 +62,13 @@ impl World {
             .map_err(|e| e.to_string())?;
             host.sh(&format!("chmod 0755 {}", up.display()))?;
         }
-        let link = Command::new("ip")
-            .args(["link", "add", "vo", "netns", &host.name, "type", "veth"])
-            .args(["peer", "name", "eo", "netns", &out.name])
-            .status()
-            .map_err(|e| e.to_string())?;
-        if !link.success() {
-            return Err("cannot make the veth pair to the outside".into());
-        }
-        host.sh(&format!(
-            "ip addr add {HOST_OUTER}/24 dev vo && ip link set vo up && sysctl -qw net.ipv4.ip_forward=1"
-        ))?;
-        out.sh(&format!(
-            "ip addr add {OUTSIDE}/24 dev eo && ip link set eo up && ip route add 10.0.0.0/24 via {HOST_OUTER}"
-        ))?;
+        host.veth_to(
+            &out,
+            ("vo", &format!("{HOST_OUTER}/24")),
+            ("eo", &format!("{OUTSIDE}/24")),
+        )?;
+        host.sh("sysctl -qw net.ipv4.ip_forward=1")?;
+        out.sh(&format!("ip route add 10.0.0.0/24 via {HOST_OUTER}"))?;
         let mut w = World {
             host,
             out,
@@ -175,15 +169,15 @@ fn expect_tries(r: &GuestRun, round: u32, want: &[(&str, &str)]) -> Result<(), S
     Ok(())
 }
 
-/// `egress=deny` with one allow, vhost-net on a bridged TAP: only the
-/// allowed port connects; the other port, the outside, port 25 and ICMP
+/// `egress=deny` with one allow per IP version, vhost-net on a bridged
+/// TAP: only the allowed port connects (IPv4 and IPv6); the other port, the outside, port 25 and ICMP
 /// are refused at once (RST, ICMP error), and no listener but the allowed
 /// one saw a connection; the outside still reaches the guest's own
 /// service (flows the other side starts pass). No table is left after.
 fn deny_with_one_allow_vhost(img: &Images) -> Result<(), String> {
     let w = World::new("egdeny", Wiring::Bridged)?;
     let probe = format!(
-        "10.0.0.1:5001+10.0.0.1:5002+{OUTSIDE}:5001+{OUTSIDE}:25+ping:10.0.0.1+ping:{OUTSIDE}"
+        "10.0.0.1:5001+10.0.0.1:5002+{OUTSIDE}:5001+{OUTSIDE}:25+ping:10.0.0.1+ping:{OUTSIDE}+fd00::1:5001+fd00::1:5002"
     );
     let done = Arc::new(AtomicBool::new(false));
     let inbound = inbound_from_outside(&w.out, done.clone());
@@ -192,8 +186,8 @@ fn deny_with_one_allow_vhost(img: &Images) -> Result<(), String> {
         || {
             w.rvm(
                 img,
-                &format!("probe={probe},serve=6000,linger=6"),
-                "tap=rvmeg0,bridge=br0,vhost=on,egress=deny,allow=10.0.0.1/32:5001/tcp",
+                &format!("probe={probe},serve=6000,linger=6,ip6=fd00::2/64"),
+                "tap=rvmeg0,bridge=br0,vhost=on,egress=deny,allow=10.0.0.1/32:5001/tcp,allow=[fd00::1]:5001/tcp",
             )
         },
         DEADLINE,
@@ -214,11 +208,13 @@ fn deny_with_one_allow_vhost(img: &Images) -> Result<(), String> {
             (&format!("{OUTSIDE}:25"), "refused"),
             ("ping:10.0.0.1", "fail"),
             (&format!("ping:{OUTSIDE}"), "fail"),
+            ("fd00::1:5001", "ok"),
+            ("fd00::1:5002", "refused"),
         ],
     )?;
     let accepted = w.accepted();
     let want = [
-        "host:5001=1",
+        "host:5001=2",
         "host:5002=0",
         "outside:5001=0",
         "outside:5002=0",
@@ -236,7 +232,7 @@ fn deny_with_one_allow_vhost(img: &Images) -> Result<(), String> {
     if !left.is_empty() {
         return Err(format!("nftables tables left after rvm: {left:?}"));
     }
-    println!("    deny + allow 10.0.0.1:5001/tcp with vhost-net: 1 allowed, 3 refused by RST, 2 pings refused; listeners {accepted:?}; inbound from the outside passed");
+    println!("    deny + allow 10.0.0.1:5001/tcp and [fd00::1]:5001/tcp with vhost-net: 2 allowed (IPv4, IPv6), 4 refused by RST, 2 pings refused; listeners {accepted:?}; inbound from the outside passed");
     w.host.no_taps_left()
 }
 
@@ -366,7 +362,7 @@ fn cases() -> Vec<Case<Images>> {
             "deny_with_one_allow_vhost_net_bridged",
             deny_with_one_allow_vhost,
         ),
-        case("sandbox_preset_routed_userspace", sandbox_routed),
+        case("sandbox_preset_routed_tap_rvms_data_path", sandbox_routed),
         case(
             "nothing_left_after_sigterm_and_sigkill_then_reclaimed",
             nothing_left_after_sigterm_and_sigkill,

@@ -311,16 +311,7 @@ fn sandbox_on_the_rootless_backend(model: &'static str) -> impl Fn(&Images) -> R
         kvm_open_to_users()?;
         let ns = rootless_ns("usbx")?;
         let out = Netns::new("usbxo")?;
-        let link = Command::new("ip")
-            .args(["link", "add", "vo", "netns", &ns.name, "type", "veth"])
-            .args(["peer", "name", "eo", "netns", &out.name])
-            .status()
-            .map_err(|e| e.to_string())?;
-        if !link.success() {
-            return Err("cannot make the veth pair to the outside".into());
-        }
-        ns.sh("ip addr add 198.51.100.1/24 dev vo && ip link set vo up")?;
-        out.sh("ip addr add 198.51.100.2/24 dev eo && ip link set eo up")?;
+        ns.veth_to(&out, ("vo", "198.51.100.1/24"), ("eo", "198.51.100.2/24"))?;
         let dir = std::env::temp_dir().join(format!("rvm-usbx-{}-{model}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let listeners = [

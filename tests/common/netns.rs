@@ -58,6 +58,43 @@ impl Netns {
         c
     }
 
+    /// A veth pair from this namespace (`here`) to `other` (`there`),
+    /// each end with its address (CIDR) and up.
+    pub fn veth_to(
+        &self,
+        other: &Netns,
+        (here, here_addr): (&str, &str),
+        (there, there_addr): (&str, &str),
+    ) -> Result<(), String> {
+        let o = ip(&[
+            "link",
+            "add",
+            here,
+            "netns",
+            &self.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            there,
+            "netns",
+            &other.name,
+        ]);
+        if !o.status.success() {
+            return Err(format!(
+                "veth {here} - {there}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        self.sh(&format!(
+            "ip addr add {here_addr} dev {here} && ip link set {here} up"
+        ))?;
+        other.sh(&format!(
+            "ip addr add {there_addr} dev {there} && ip link set {there} up"
+        ))?;
+        Ok(())
+    }
+
     /// A bridge `br0` with `addr` (e.g. 10.0.0.1/24), up. Its Ethernet
     /// address is fixed: else it takes the lowest of its ports' and moves
     /// as guests come and go, and a guest still running loses the host
@@ -244,7 +281,8 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Listens on `port` (on `bind`, or every address) in `ns`, logging
+    /// Listens on `port` (on IPv4 address `bind`, or every address of
+    /// both families) in `ns`, logging
     /// to a file in `dir`; `name` says which in reports.
     pub fn start(
         ns: &Netns,
@@ -254,12 +292,16 @@ impl Listener {
         dir: &std::path::Path,
     ) -> Result<Listener, String> {
         let log = dir.join(format!("{}.log", name.replace([':', '/'], "-")));
-        let bind = bind.map(|b| format!(",bind={b}")).unwrap_or_default();
+        // Without an address: IPv6 and IPv4 (mapped) both.
+        let listen = match bind {
+            Some(b) => format!("TCP-LISTEN:{port},fork,reuseaddr,bind={b}"),
+            None => format!("TCP6-LISTEN:{port},fork,reuseaddr,ipv6only=0"),
+        };
         let child = ns
             .command("socat")
             .args(["-d", "-d", "-lf"])
             .arg(&log)
-            .arg(format!("TCP-LISTEN:{port},fork,reuseaddr{bind}"))
+            .arg(listen)
             .arg("SYSTEM:echo hi")
             .stdin(std::process::Stdio::null())
             // A client gone before the answer makes sh complain; the log
