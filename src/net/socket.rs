@@ -110,8 +110,13 @@ impl SocketBackend {
                 if len > MAX_FRAME {
                     rb.broken = true;
                     log::error!(
-                        "user-mode network: the peer sent a {len}-byte frame length (at most {MAX_FRAME}): not QEMU's stream framing; the NIC receives nothing more"
+                        "user-mode network: the peer sent a {len}-byte frame length (at most {MAX_FRAME}): not QEMU's stream framing; the NIC's connection is closed"
                     );
+                    // Nothing after it can be framed: end the connection,
+                    // so the peer sees it and the NIC's loop takes the
+                    // backend as failed (it stops watching it) instead of
+                    // retrying a read that can never succeed.
+                    self.shutdown();
                     continue;
                 }
                 if have.len() >= 4 + len {
@@ -479,6 +484,18 @@ mod tests {
             let e = read(&be, &mut buf).unwrap_err();
             assert_eq!(e.raw_os_error(), Some(libc::EBADFD));
         }
+        // The connection is ended: the peer reads EOF, and our side polls
+        // as hung up (the NIC's loop then takes the backend as failed).
+        let mut b = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut peer, &mut b).unwrap(), 0);
+        let mut pfd = libc::pollfd {
+            fd: be.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one live pollfd.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 0) }, 1);
+        assert_ne!(pfd.revents & libc::POLLHUP, 0, "revents {:#x}", pfd.revents);
     }
 
     #[test]
