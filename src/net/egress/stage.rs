@@ -34,6 +34,9 @@ const MAX_FLOWS: usize = 16_384;
 /// A first fragment lets the rest of its datagram through for this long.
 const FRAGMENT_WINDOW: Duration = Duration::from_secs(5);
 const MAX_FRAGMENTS: usize = 1024;
+/// Bytes read of each frame first: Ethernet, IPv6 and a TCP header with
+/// room to spare (IPv4 options, a few IPv6 extension headers).
+const FIRST_READ: usize = 128;
 
 /// The policy the stage applies now, with what it has matched.
 pub struct Compiled {
@@ -206,9 +209,22 @@ impl EgressStage {
         self.fragments.insert(key, now);
     }
 
+    /// Reads the frame's headers into `head` and says what it is: the
+    /// first [`FIRST_READ`] bytes hold them for all but IPv6 with long
+    /// extension headers, which get a second, longer read.
+    fn classify(&mut self, frame: &Frame<'_>) -> (Kind, usize) {
+        let mut n = frame.read(0, &mut self.head[..FIRST_READ]);
+        let mut kind = packet::classify(&self.head[..n], frame.len());
+        if kind == Kind::Unjudgeable && n == FIRST_READ {
+            n += frame.read(n, &mut self.head[n..]);
+            kind = packet::classify(&self.head[..n], frame.len());
+        }
+        (kind, n)
+    }
+
     fn transmit(&mut self, frame: &Frame<'_>, now: Instant) -> Verdict {
-        let n = frame.read(0, &mut self.head[..]);
-        match packet::classify(&self.head[..n], frame.len()) {
+        let (kind, mut n) = self.classify(frame);
+        match kind {
             Kind::Housekeeping => Verdict::Pass,
             Kind::Unjudgeable => Verdict::Drop,
             Kind::LaterFragment(key) => match self.fragments.get(&key) {
@@ -232,6 +248,10 @@ impl EgressStage {
                     action == Action::Allow
                 };
                 if !pass {
+                    // The answer may quote more than the headers.
+                    if n < HEAD {
+                        n += frame.read(n, &mut self.head[n..]);
+                    }
                     if let Some(answer) = packet::refusal(&self.head[..n], frame.len()) {
                         self.injector.push(answer);
                     }
@@ -262,8 +282,7 @@ impl Stage for EgressStage {
             Direction::Rx => {
                 // What comes to the guest always passes; a flow the other
                 // side starts is remembered, so the guest may answer.
-                let n = frame.read(0, &mut self.head[..]);
-                if let Kind::Ip { flow, .. } = packet::classify(&self.head[..n], frame.len()) {
+                if let (Kind::Ip { flow, .. }, _) = self.classify(frame) {
                     let mine = flow.reverse();
                     if !self.known(&mine, now) {
                         self.remember(mine, now);
