@@ -46,11 +46,13 @@ struct RunArgs {
     /// Guest memory: MiB, or a size with a K, M or G suffix.
     #[arg(long, value_name = "SIZE", default_value = "256", value_parser = parse_mem_size)]
     mem: u64,
-    /// A NIC (repeatable): tap=NAME|fd=N|fds=A:B:...[,bridge=BR][,mac=MAC]
+    /// A NIC (repeatable): tap=NAME|fd=N|fds=A:B:...|user|stream=PATH|dgram=PATH
+    /// [,hostfwd=tcp|udp:[ADDR]:PORT-:GPORT (with user)][,bridge=BR][,mac=MAC]
     /// [,model=virtio|e1000][,queues=N|auto][,vhost=on|off|auto][,vnet_hdr=on|off]
     /// [,sndbuf=BYTES][,mtu=N][,script=PATH|no][,downscript=PATH|no]
     /// [,tx_rate=BITS/S][,tx_burst=BYTES][,tx_pps=N][,rx_rate=..][,rx_burst=..][,rx_pps=..]
     /// [,dump=PCAP_PATH][,dump_len=BYTES]
+    /// [,egress=allow|deny|sandbox][,allow=CIDR[:PORT|:LO-HI][/tcp|/udp|/icmp]][,deny=..]
     #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
     nets: Vec<NetConfig>,
     /// One NIC on host TAP NAME (created if missing, removed at exit).
