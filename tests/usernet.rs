@@ -376,6 +376,77 @@ fn sandbox_on_the_rootless_backend(model: &'static str) -> impl Fn(&Images) -> R
     }
 }
 
+/// A persistent TAP of the test user's (made by root, already up and on a
+/// bridge, as `ip tuntap add ... user U` makes one), which rvm opens by
+/// name with no capability: nft is refused, so `egress=` runs in rvm's
+/// stage (it says so), with the TAP's vnet header on the answers it
+/// writes: the allowed port connects, the other is refused at once.
+fn a_users_own_tap_under_a_policy_in_rvms_stage(img: &Images) -> Result<(), String> {
+    kvm_open_to_users()?;
+    let ns = Netns::new("utap")?;
+    ns.bridge("10.0.0.1/24", 1500)?;
+    ns.sh(&format!(
+        "ip tuntap add dev rvmut0 mode tap user {UID} vnet_hdr && ip link set rvmut0 master br0 && ip link set rvmut0 up"
+    ))?;
+    let dir = std::env::temp_dir().join(format!("rvm-utap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let listeners = [
+        Listener::start(&ns, "host:5001", None, 5001, &dir)?,
+        Listener::start(&ns, "host:5002", None, 5002, &dir)?,
+    ];
+    let r = run_guest_retrying(
+        "usernet",
+        || {
+            rvm_as_user(
+                &ns,
+                img,
+                "net_probe",
+                "probe=10.0.0.1:5001+10.0.0.1:5002+ping:10.0.0.1",
+                "tap=rvmut0,egress=deny,allow=10.0.0.1:5001/tcp",
+            )
+        },
+        DEADLINE,
+    );
+    let accepted = common::netns::accepted(&listeners);
+    drop(listeners);
+    let _ = std::fs::remove_dir_all(&dir);
+    if r.status.is_none_or(|s| !s.success()) || !r.init_done() {
+        return Err(format!(
+            "the guest did not finish:\n{}\n{}",
+            r.tail(30),
+            r.stderr
+        ));
+    }
+    if !r
+        .stderr
+        .contains("the policy runs in rvm's data path instead")
+    {
+        return Err(format!(
+            "rvm did not say where the policy runs:\n{}",
+            r.stderr
+        ));
+    }
+    for (key, want) in [
+        ("try_1_10_0_0_1_5001", "ok"),
+        ("try_1_10_0_0_1_5002", "refused"),
+        ("try_1_ping_10_0_0_1", "fail"),
+    ] {
+        expect(&r, key, want)?;
+    }
+    let want = ["host:5001=1", "host:5002=0"];
+    if accepted != want {
+        return Err(format!(
+            "listeners accepted {accepted:?}, expected {want:?}"
+        ));
+    }
+    let tables = ns.sh("nft list tables")?;
+    if tables.contains("rvm_egress_") {
+        return Err(format!("an unprivileged rvm left tables: {tables}"));
+    }
+    println!("    the user's own TAP, no capability: the policy ran in rvm's stage; listeners {accepted:?}");
+    Ok(())
+}
+
 /// Two UNIX datagram sockets back to back: what arrives at one is sent,
 /// from the other, to whoever last sent to that other. Counts the frames
 /// each way.
@@ -577,6 +648,10 @@ fn cases() -> Vec<Case<Images>> {
         ));
     }
     cases.push(case("passt_never_outlives_rvm", passt_never_outlives_rvm));
+    cases.push(case(
+        "a_users_own_tap_with_a_policy_in_rvms_stage",
+        a_users_own_tap_under_a_policy_in_rvms_stage,
+    ));
     cases.push(case(
         "virtio_user_sandbox_policy_in_rvms_stage",
         sandbox_on_the_rootless_backend("virtio"),

@@ -297,8 +297,9 @@ fn configure(
         None => None,
     };
     // In place before the TAP is up, so before the guest's first frame.
-    let given_fd = cfg.fd.is_some() || !cfg.fds.is_empty();
-    let egress = EgressControl::start(Some(tap.name()), cfg.egress.clone(), given_fd)?;
+    // A TAP rvm did not create (an fd, a persistent TAP of the user's) may
+    // come without the right to program nftables: then rvm's stage.
+    let egress = EgressControl::start(Some(tap.name()), cfg.egress.clone(), !tap.created())?;
     if !tap.created() && !tap.is_up()? {
         undo.take_down = true;
     }

@@ -104,6 +104,11 @@ fn set_up_flag(name: &str, up: bool) -> std::io::Result<()> {
     } else {
         r.flags() & !(libc::IFF_UP as libc::c_short)
     };
+    if f == r.flags() {
+        // Already so: no SIOCSIFFLAGS, which needs CAP_NET_ADMIN even
+        // when it changes nothing (a user's persistent TAP, already up).
+        return Ok(());
+    }
     r.set_flags(f);
     ioctl(libc::SIOCSIFFLAGS, &mut r)
 }

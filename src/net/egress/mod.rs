@@ -197,14 +197,15 @@ pub struct EgressInfo {
 impl EgressControl {
     /// The policy of a NIC on TAP `tap` (None: no TAP), put in place now:
     /// in the kernel when it can be, else (no TAP, or no permission to
-    /// program nftables for a TAP fd rvm was given) as a stage, which
-    /// goes in when the NIC is plugged ([`EgressControl::attach`]).
-    /// `given_fd`: the TAP came as an fd (the one case where the kernel
-    /// refusing is a reason to fall back rather than an error).
+    /// program nftables for a TAP rvm was given) as a stage, which goes
+    /// in when the NIC is plugged ([`EgressControl::attach`]).
+    /// `given`: rvm did not create the TAP (an fd, or a persistent TAP
+    /// of the user's): the one case where the kernel refusing is a reason
+    /// to fall back rather than an error.
     pub fn start(
         tap: Option<&str>,
         policy: Option<EgressPolicy>,
-        given_fd: bool,
+        given: bool,
     ) -> Result<Self, NftError> {
         let mut userspace = tap.is_none();
         let enforcer = match (tap, policy) {
@@ -212,8 +213,10 @@ impl EgressControl {
             (None, Some(p)) => Enforcer::Stage(stage::Shared::new(p), false),
             (Some(t), Some(p)) => match KernelEgress::install(t, p.clone()) {
                 Ok(k) => Enforcer::Kernel(k),
-                Err(e) if given_fd && e.is_permission() => {
-                    log::info!("{e}: the policy runs in rvm's data path instead");
+                Err(e) if given && e.is_permission() => {
+                    log::warn!(
+                        "{e}: the policy runs in rvm's data path instead (it holds while rvm does; vhost-net is then off for this NIC)"
+                    );
                     userspace = true;
                     Enforcer::Stage(stage::Shared::new(p), false)
                 }
