@@ -85,7 +85,9 @@ pub use config::{parse_mem_size, VmConfig, DEFAULT_CMDLINE};
 pub use error::{Error, Result};
 pub use net::NetCounters;
 pub use net::{MacAddr, NetConfig, NicModel, VhostMode};
-pub use vmm::{ExitReason, NicInfo, RunningVm, VcpuRegisters, VcpuReport, Vm, VmController};
+pub use vmm::{
+    DataPath, ExitReason, NicInfo, RunningVm, VcpuRegisters, VcpuReport, Vm, VmController,
+};
 
 /// Locks `m`, taking the data as it is if a thread panicked holding the
 /// lock: every structure rvm locks stays consistent between statements

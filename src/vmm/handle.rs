@@ -28,6 +28,10 @@ pub struct NicInfo {
     /// The host TAP's name (`netN` for a NIC added with a custom backend).
     pub name: String,
     pub model: NicModel,
+    /// The guest's MAC.
+    pub mac: crate::net::MacAddr,
+    /// Who moves its frames now.
+    pub data_path: DataPath,
     /// Frames, bytes and drops per direction on rvm's userspace data path.
     /// While vhost-net carries a NIC's frames the host kernel counts them
     /// instead: read the TAP's own counters (`ip -s link show NAME`).
@@ -46,11 +50,32 @@ pub struct NicInfo {
     pub egress: Option<EgressInfo>,
 }
 
+/// Who moves a NIC's frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPath {
+    /// rvm's own threads (the NIC loop).
+    Userspace,
+    /// The host kernel's vhost-net (the guest's driver is up and every
+    /// stage on the NIC lets it).
+    VhostNet,
+}
+
+impl std::fmt::Display for DataPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DataPath::Userspace => "userspace",
+            DataPath::VhostNet => "vhost-net",
+        })
+    }
+}
+
 /// What the controller keeps of a NIC.
 #[derive(Clone)]
 struct NicControl {
     name: String,
     model: NicModel,
+    mac: [u8; 6],
+    stages: crate::net::stage::Stages,
     stats: Arc<NicStats>,
     limits: Arc<LimitControl>,
     capture: Arc<CaptureControl>,
@@ -107,6 +132,12 @@ impl VmController {
             .map(|n| NicInfo {
                 name: n.name.clone(),
                 model: n.model,
+                mac: crate::net::MacAddr(n.mac),
+                data_path: if n.stages.in_kernel() {
+                    DataPath::VhostNet
+                } else {
+                    DataPath::Userspace
+                },
                 counters: n.stats.snapshot(),
                 queues: n.stats.per_pair(),
                 link_up: n.device.link_up(),
@@ -231,6 +262,8 @@ impl RunningVm {
                 .map(|n| NicControl {
                     name: n.name.clone(),
                     model: n.model,
+                    mac: n.mac,
+                    stages: n.stages.clone(),
                     stats: n.stats.clone(),
                     limits: n.limits.clone(),
                     capture: n.capture.clone(),

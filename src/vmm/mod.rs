@@ -21,7 +21,7 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use exit::{ExitReason, ExitSignal};
-pub use handle::{NicInfo, RunningVm, VmController};
+pub use handle::{DataPath, NicInfo, RunningVm, VmController};
 pub use inspect::{VcpuRegisters, VcpuReport};
 
 use crate::arch::x86_64::mptable::PciIrqRoute;
@@ -85,6 +85,7 @@ pub struct Vm {
 struct NicHandle {
     name: String,
     model: NicModel,
+    mac: [u8; 6],
     stats: Arc<NicStats>,
     device: NicDevice,
     stages: Stages,
@@ -403,7 +404,7 @@ impl Vm {
             dev.clone(),
             stats.clone(),
             stages,
-            NicModel::Virtio,
+            (NicModel::Virtio, mac),
             NicDevice::Virtio(dev),
         )?;
         Ok(stats)
@@ -416,7 +417,7 @@ impl Vm {
         dev: crate::pci::root::SharedDevice,
         stats: Arc<NicStats>,
         stages: Stages,
-        model: NicModel,
+        (model, mac): (NicModel, [u8; 6]),
         device: NicDevice,
     ) -> Result<u8> {
         let slot = crate::lock_or_recover(&self.pci)
@@ -426,6 +427,7 @@ impl Vm {
         self.nics.push(NicHandle {
             name,
             model,
+            mac,
             stats,
             device,
             limits: Arc::new(LimitControl::new(stages.clone())),
@@ -501,7 +503,7 @@ impl Vm {
             dev.clone(),
             stats.clone(),
             stages,
-            NicModel::E1000,
+            (NicModel::E1000, mac),
             NicDevice::E1000(dev),
         )?;
         let route = PciIrqRoute {
