@@ -70,6 +70,7 @@
 //! - [`net`]: the host side of a NIC: TAP, bridge, scripts, NIC options.
 //! - [`vmm`]: the KVM VM, its memory, vCPU threads and their shutdown.
 
+pub mod api;
 pub mod arch;
 pub mod bus;
 pub mod config;

@@ -74,6 +74,10 @@ struct RunArgs {
     /// system calls with EPERM), log (allow, but the kernel logs them) or off.
     #[arg(long, value_name = "MODE", default_value = "on")]
     seccomp: SeccompMode,
+    /// Serve the control API (HTTP/1.1, JSON) on a UNIX socket at PATH
+    /// (mode 0600, removed at exit): curl --unix-socket PATH http://rvm/v1/vm
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
 }
 
 fn parse_net(s: &str) -> Result<NetConfig, String> {
@@ -216,10 +220,28 @@ impl Drop for RawTerminal {
 }
 
 fn run(args: RunArgs) -> Result<ExitReason, String> {
+    let api_sock = args.api_sock.clone();
     let config = args.into_config()?;
+    // The API's socket first: a path in use fails before the VM exists.
+    let api_socket = match &api_sock {
+        Some(p) => Some(rvm::api::ApiSocket::bind(p).map_err(|e| e.to_string())?),
+        None => None,
+    };
     let console: Box<dyn Write + Send> = Box::new(std::io::stdout());
     let vm = Vm::new(&config, console).map_err(|e| e.to_string())?;
     let mut running = vm.start().map_err(|e| e.to_string())?;
+    let _api = match api_socket {
+        Some(socket) => {
+            let target =
+                std::sync::Arc::new(rvm::api::VmTarget::new(running.controller(), &config));
+            let filter = ThreadFilter::api(config.seccomp).map_err(|e| e.to_string())?;
+            Some(
+                rvm::api::ApiServer::start(socket, target, filter)
+                    .map_err(|e| format!("cannot serve the control API: {e}"))?,
+            )
+        }
+        None => None,
+    };
 
     spawn_inspect_thread(running.controller())
         .map_err(|e| format!("cannot start the inspect thread: {e}"))?;

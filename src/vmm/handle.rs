@@ -125,6 +125,11 @@ impl VmController {
         self.inspector.request(ANSWER_TIMEOUT)
     }
 
+    /// How many NICs the VM has.
+    pub fn nic_count(&self) -> usize {
+        self.nics.len()
+    }
+
     /// Every NIC's counters, in the order of the configuration.
     pub fn nic_counters(&self) -> Vec<NicInfo> {
         self.nics

@@ -1,5 +1,6 @@
-//! The seccomp filter rvm's guest-facing threads run under: the vCPU
-//! threads, the NIC threads and the CLI's stdin thread. They handle what
+//! The seccomp filters rvm's threads run under: the guest-facing ones
+//! (the vCPU threads, the NIC threads and the CLI's stdin thread), and the
+//! control API's HTTP thread, which reads what its clients write. They handle what
 //! the guest writes, so they get only the system calls that work needs.
 //! The thread that owns the VM (the caller's, in a library) is left alone:
 //! it runs ifdown scripts and undoes the host setup at exit.
@@ -122,19 +123,64 @@ const KVMIO: u8 = 0xae;
 const VHOST_VIRTIO: u8 = 0xaf;
 const TUN_AND_TTY: u8 = b'T';
 
+/// What the control API's HTTP thread adds to the common calls: taking
+/// connections on its listening socket and ending them. It opens nothing
+/// and runs nothing; what a request asks for is done by another thread.
+const API_EXTRA: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+];
+
+fn arg_is(index: u8, value: u64) -> Result<SeccompCondition, seccompiler::BackendError> {
+    SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+}
+
+fn refusal(mode: SeccompMode) -> Option<SeccompAction> {
+    match mode {
+        SeccompMode::Off => None,
+        SeccompMode::Enforce => Some(SeccompAction::Errno(libc::EPERM as u32)),
+        SeccompMode::Log => Some(SeccompAction::Log),
+    }
+}
+
+/// The calls of every confined thread, the thread-name prctl among them.
+fn common_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
+    // Thread names (set by the new thread itself), and reading the mode.
+    rules.insert(
+        libc::SYS_prctl,
+        vec![
+            SeccompRule::new(vec![arg_is(0, libc::PR_SET_NAME as u64)?])?,
+            SeccompRule::new(vec![arg_is(0, libc::PR_GET_SECCOMP as u64)?])?,
+        ],
+    );
+    Ok(rules)
+}
+
 impl ThreadFilter {
+    /// The control API's HTTP thread's filter for `mode` (None for
+    /// [`SeccompMode::Off`]): the common calls and [`API_EXTRA`]; no
+    /// ioctl, no new socket, no file, no program.
+    pub fn api(mode: SeccompMode) -> Result<Option<ThreadFilter>, SeccompError> {
+        let Some(refuse) = refusal(mode) else {
+            return Ok(None);
+        };
+        let mut rules = common_rules()?;
+        rules.extend(API_EXTRA.iter().map(|&nr| (nr, Vec::new())));
+        let filter = SeccompFilter::new(rules, refuse, SeccompAction::Allow, TargetArch::x86_64)?;
+        Ok(Some(ThreadFilter(Arc::new(filter.try_into()?))))
+    }
+
     /// Compiles the filter for `mode`; None for [`SeccompMode::Off`].
     pub fn new(mode: SeccompMode) -> Result<Option<ThreadFilter>, SeccompError> {
-        let refuse = match mode {
-            SeccompMode::Off => return Ok(None),
-            SeccompMode::Enforce => SeccompAction::Errno(libc::EPERM as u32),
-            SeccompMode::Log => SeccompAction::Log,
+        let Some(refuse) = refusal(mode) else {
+            return Ok(None);
         };
-        let arg_is = |index: u8, value: u64| {
-            SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
-        };
-        let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-            ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
+        let mut rules = common_rules()?;
         // ioctls of KVM, vhost-net and TUN/terminals (by the type byte of
         // the request number), and the link poll's SIOCGIFFLAGS.
         let mut ioctls = Vec::new();
@@ -152,14 +198,6 @@ impl ThreadFilter {
         rules.insert(
             libc::SYS_socket,
             vec![SeccompRule::new(vec![arg_is(0, libc::AF_UNIX as u64)?])?],
-        );
-        // Thread names (set by the new thread itself), and reading the mode.
-        rules.insert(
-            libc::SYS_prctl,
-            vec![
-                SeccompRule::new(vec![arg_is(0, libc::PR_SET_NAME as u64)?])?,
-                SeccompRule::new(vec![arg_is(0, libc::PR_GET_SECCOMP as u64)?])?,
-            ],
         );
         let filter = SeccompFilter::new(rules, refuse, SeccompAction::Allow, TargetArch::x86_64)?;
         Ok(Some(ThreadFilter(Arc::new(filter.try_into()?))))
