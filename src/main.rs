@@ -381,10 +381,10 @@ fn main() -> ExitCode {
                 ExitReason::TripleFault => {
                     say!("rvm: the guest triple-faulted; treating it as a reset")
                 }
-                ExitReason::Stopped => {
-                    let sig = LAST_SIGNAL.load(Ordering::SeqCst);
-                    say!("rvm: terminating on signal {sig}");
-                }
+                ExitReason::Stopped => match LAST_SIGNAL.load(Ordering::SeqCst) {
+                    0 => say!("rvm: stopped through the control API"),
+                    sig => say!("rvm: terminating on signal {sig}"),
+                },
                 ExitReason::Error(e) => say!("rvm: error: {e}"),
                 _ => {}
             }

@@ -930,6 +930,12 @@ pub struct Spawned {
 }
 
 impl Spawned {
+    /// The console after the marker, until rvm ended: call it once the
+    /// child has exited (it waits for the console to close).
+    pub fn console_after_exit(self) -> String {
+        self.console.join().unwrap_or_default()
+    }
+
     /// Ends the guest with SIGTERM ([`sigterm_and_wait`]). If rvm ended
     /// by itself first, that is an error, and when it is the nested host's
     /// reset flake (rvm exited 0 after a triple fault, the guest's kernel
