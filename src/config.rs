@@ -18,23 +18,43 @@ pub const MIN_MEM_MIB: u64 = 32;
 /// takes the id after the last CPU.
 pub const MAX_VCPUS: u8 = 254;
 
-/// A virtual machine's description.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A virtual machine's description. As JSON (`rvm run --config FILE`)
+/// only `kernel` is required; see crate::config_file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmConfig {
     /// A Linux bzImage with a 64-bit entry point.
     pub kernel: PathBuf,
     /// An optional initramfs, loaded high in low memory.
+    #[serde(default)]
     pub initrd: Option<PathBuf>,
     /// The kernel command line.
+    #[serde(default = "default_cmdline")]
     pub cmdline: String,
     /// Number of vCPUs, 1..=MAX_VCPUS.
+    #[serde(default = "one")]
     pub vcpus: u8,
     /// Guest memory in MiB.
+    #[serde(default = "default_mem")]
     pub mem_mib: u64,
     /// NICs, in PCI slot order.
+    #[serde(default)]
     pub nics: Vec<crate::net::NetConfig>,
     /// The seccomp filter of the VM's vCPU and NIC threads.
+    #[serde(default, with = "crate::config_file::text")]
     pub seccomp: crate::vmm::seccomp::SeccompMode,
+}
+
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+
+fn one() -> u8 {
+    1
+}
+
+fn default_mem() -> u64 {
+    VmConfig::new("").mem_mib
 }
 
 impl VmConfig {

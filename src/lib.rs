@@ -74,6 +74,7 @@ pub mod api;
 pub mod arch;
 pub mod bus;
 pub mod config;
+pub mod config_file;
 pub mod devices;
 pub mod error;
 pub mod logging;

@@ -32,8 +32,8 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct RunArgs {
     /// Linux bzImage with a 64-bit entry point.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "config")]
+    kernel: Option<PathBuf>,
     /// Initramfs to load with the kernel.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
@@ -78,6 +78,14 @@ struct RunArgs {
     /// (mode 0600, removed at exit): curl --unix-socket PATH http://rvm/v1/vm
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// The whole VM as JSON (the schema --print-config prints); options
+    /// given here override it (--net and --tap replace its NICs).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print the VM's configuration as JSON (after --config and the
+    /// options) and exit, starting nothing.
+    #[arg(long)]
+    print_config: bool,
 }
 
 fn parse_net(s: &str) -> Result<NetConfig, String> {
@@ -85,7 +93,9 @@ fn parse_net(s: &str) -> Result<NetConfig, String> {
 }
 
 impl RunArgs {
-    fn into_config(self) -> Result<VmConfig, String> {
+    /// The VM: --config's, with the options given on the command line
+    /// over it (`given` says which were), or the options alone.
+    fn into_config(self, given: impl Fn(&str) -> bool) -> Result<VmConfig, String> {
         let vcpus = u8::try_from(self.cpus).map_err(|_| {
             format!(
                 "--cpus {} is more than rvm supports ({})",
@@ -93,6 +103,10 @@ impl RunArgs {
                 rvm::config::MAX_VCPUS
             )
         })?;
+        let base = match &self.config {
+            Some(path) => Some(VmConfig::from_file(path).map_err(|e| e.to_string())?),
+            None => None,
+        };
         let mut nics = Vec::new();
         if let Some(tap) = &self.tap {
             // The shorthands are one --net spec.
@@ -110,15 +124,39 @@ impl RunArgs {
             nics.push(spec.parse::<NetConfig>().map_err(|e| e.to_string())?);
         }
         nics.extend(self.nets);
-        Ok(VmConfig {
-            kernel: self.kernel,
-            initrd: self.initrd,
-            cmdline: self.cmdline,
-            vcpus,
-            mem_mib: self.mem,
-            nics,
-            seccomp: self.seccomp,
-        })
+        let Some(mut c) = base else {
+            return Ok(VmConfig {
+                kernel: self.kernel.ok_or("give --kernel PATH (or --config FILE)")?,
+                initrd: self.initrd,
+                cmdline: self.cmdline,
+                vcpus,
+                mem_mib: self.mem,
+                nics,
+                seccomp: self.seccomp,
+            });
+        };
+        if let Some(k) = self.kernel {
+            c.kernel = k;
+        }
+        if self.initrd.is_some() {
+            c.initrd = self.initrd;
+        }
+        if given("cmdline") {
+            c.cmdline = self.cmdline;
+        }
+        if given("cpus") {
+            c.vcpus = vcpus;
+        }
+        if given("mem") {
+            c.mem_mib = self.mem;
+        }
+        if given("seccomp") {
+            c.seccomp = self.seccomp;
+        }
+        if !nics.is_empty() {
+            c.nics = nics;
+        }
+        Ok(c)
     }
 }
 
@@ -219,9 +257,14 @@ impl Drop for RawTerminal {
     }
 }
 
-fn run(args: RunArgs) -> Result<ExitReason, String> {
+fn run(args: RunArgs, given: impl Fn(&str) -> bool) -> Result<Option<ExitReason>, String> {
     let api_sock = args.api_sock.clone();
-    let config = args.into_config()?;
+    let print = args.print_config;
+    let config = args.into_config(given)?;
+    if print {
+        println!("{}", config.to_json());
+        return Ok(None);
+    }
     // The API's socket first: a path in use fails before the VM exists.
     let api_socket = match &api_sock {
         Some(p) => Some(rvm::api::ApiSocket::bind(p).map_err(|e| e.to_string())?),
@@ -317,7 +360,7 @@ fn run(args: RunArgs) -> Result<ExitReason, String> {
             peak.saturating_sub(guest)
         );
     }
-    Ok(reason)
+    Ok(Some(reason))
 }
 
 /// Library log records on stderr: warnings always, more with RVM_LOG=info
@@ -372,10 +415,24 @@ fn init_log() {
 fn main() -> ExitCode {
     block_inspect_signal();
     init_log();
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let Command::Run(args) = cli.command;
-    match run(args) {
-        Ok(reason) => {
+    let run_matches = matches.subcommand_matches("run").cloned();
+    // Which options the command line gave (not their defaults): those
+    // override --config.
+    let given = move |id: &str| {
+        run_matches
+            .as_ref()
+            .and_then(|m| m.value_source(id))
+            .is_some_and(|s| s == clap::parser::ValueSource::CommandLine)
+    };
+    match run(args, given) {
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some(reason)) => {
             let _ = std::io::stdout().flush();
             match &reason {
                 ExitReason::TripleFault => {

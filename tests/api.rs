@@ -97,7 +97,13 @@ impl Guest {
             sock,
             dir,
         } = self;
-        let v = expect_status(&sock, "PUT", "/v1/vm/shutdown", Some(r#"{"grace_s": 2}"#), 202)?;
+        let v = expect_status(
+            &sock,
+            "PUT",
+            "/v1/vm/shutdown",
+            Some(r#"{"grace_s": 2}"#),
+            202,
+        )?;
         if v["state"] != "shutting_down" {
             return Err(format!("shutdown said {v}"));
         }
@@ -114,7 +120,9 @@ impl Guest {
         };
         let console = spawned.console_after_exit();
         if !status.success() {
-            return Err(format!("rvm ended with {status} after the shutdown\n{console}"));
+            return Err(format!(
+                "rvm ended with {status} after the shutdown\n{console}"
+            ));
         }
         if sock.exists() {
             return Err("the API socket is still there after rvm ended".into());
@@ -150,7 +158,8 @@ fn counters_capture_and_shutdown(vhost: bool) -> impl Fn(&Images) -> Result<(), 
         );
         let g = start(&ns, img, ("c", "rvm-init: idle"), "net_idle", "", &net)?;
         let vm = expect_status(&g.sock, "GET", "/v1/vm", None, 200)?;
-        if vm["state"] != "running" || vm["nics"] != serde_json::json!(["net0"]) || vm["vcpus"] != 2 {
+        if vm["state"] != "running" || vm["nics"] != serde_json::json!(["net0"]) || vm["vcpus"] != 2
+        {
             return Err(format!("GET /v1/vm: {vm}"));
         }
         let pcap = g.dir.join("pings.pcap");
@@ -162,7 +171,13 @@ fn counters_capture_and_shutdown(vhost: bool) -> impl Fn(&Images) -> Result<(), 
             200,
         )?;
         let answered = pings(&ns, 10);
-        let nic = expect_status(&g.sock, "PATCH", "/v1/nics/net0", Some(r#"{"dump": null}"#), 200)?;
+        let nic = expect_status(
+            &g.sock,
+            "PATCH",
+            "/v1/nics/net0",
+            Some(r#"{"dump": null}"#),
+            200,
+        )?;
         let c = &nic["counters"];
         let (want_path, want_source) = if vhost {
             ("vhost-net", "kernel")
@@ -185,9 +200,14 @@ fn counters_capture_and_shutdown(vhost: bool) -> impl Fn(&Images) -> Result<(), 
             .output()
             .map_err(|e| format!("tcpdump: {e}"))?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let (req, rep) = (text.matches("echo request").count(), text.matches("echo reply").count());
+        let (req, rep) = (
+            text.matches("echo request").count(),
+            text.matches("echo reply").count(),
+        );
         if req < answered as usize || rep < answered as usize {
-            return Err(format!("the capture has {req} requests and {rep} replies for {answered} pings"));
+            return Err(format!(
+                "the capture has {req} requests and {rep} replies for {answered} pings"
+            ));
         }
         if nic["capture"]["captured"].as_u64().unwrap_or(0) < 2 * u64::from(answered) {
             return Err(format!("capture counters: {}", nic["capture"]));
@@ -214,13 +234,25 @@ fn link_down_and_up(img: &Images) -> Result<(), String> {
     if pings(&ns, 2) == 0 {
         return Err("no ping answered before the link went down".into());
     }
-    let nic = expect_status(&g.sock, "PATCH", "/v1/nics/net0", Some(r#"{"link": "down"}"#), 200)?;
+    let nic = expect_status(
+        &g.sock,
+        "PATCH",
+        "/v1/nics/net0",
+        Some(r#"{"link": "down"}"#),
+        200,
+    )?;
     if nic["link"] != "down" {
         return Err(format!("after link down: {nic}"));
     }
     std::thread::sleep(Duration::from_secs(1));
     let while_down = pings(&ns, 3);
-    expect_status(&g.sock, "PATCH", "/v1/nics/net0", Some(r#"{"link": "up"}"#), 200)?;
+    expect_status(
+        &g.sock,
+        "PATCH",
+        "/v1/nics/net0",
+        Some(r#"{"link": "up"}"#),
+        200,
+    )?;
     let t = Instant::now();
     let mut after = 0;
     while after == 0 && t.elapsed() < Duration::from_secs(20) {
@@ -276,14 +308,23 @@ fn rate_limit_set_and_measured(img: &Images) -> Result<(), String> {
     }
     let limit = 4_000_000.0;
     let set = common::netns::now();
-    let nic = expect_status(&g.sock, "PATCH", "/v1/nics/net0", Some(r#"{"tx_rate": "4Mbit"}"#), 200)?;
+    let nic = expect_status(
+        &g.sock,
+        "PATCH",
+        "/v1/nics/net0",
+        Some(r#"{"tx_rate": "4Mbit"}"#),
+        200,
+    )?;
     std::thread::sleep(Duration::from_secs(8));
     let after = expect_status(&g.sock, "GET", "/v1/nics/net0", None, 200)?;
     g.shutdown()?;
     let _ = listener.kill();
     let _ = listener.wait();
     let samples = sampler.samples();
-    let inside: Vec<_> = samples.iter().filter(|s| s.t >= set + 1.0 && s.t <= set + 7.5).collect();
+    let inside: Vec<_> = samples
+        .iter()
+        .filter(|s| s.t >= set + 1.0 && s.t <= set + 7.5)
+        .collect();
     let got = match (inside.first(), inside.last()) {
         (Some(a), Some(b)) if b.t > a.t => (b.rx_bytes - a.rx_bytes) as f64 * 8.0 / (b.t - a.t),
         _ => return Err("no samples after the change".into()),
@@ -298,9 +339,15 @@ fn rate_limit_set_and_measured(img: &Images) -> Result<(), String> {
     if nic["limits"]["tx"]["bandwidth"]["bytes_per_s"] != 500_000.0
         || after["limits"]["throttled"]["tx"].as_u64().unwrap_or(0) == 0
     {
-        return Err(format!("the NIC's limits: {} then {}", nic["limits"], after["limits"]));
+        return Err(format!(
+            "the NIC's limits: {} then {}",
+            nic["limits"], after["limits"]
+        ));
     }
-    println!("    tx_rate=4Mbit through the API: {:.2} Mbit/s from 1 s after", got / 1e6);
+    println!(
+        "    tx_rate=4Mbit through the API: {:.2} Mbit/s from 1 s after",
+        got / 1e6
+    );
     ns.no_taps_left()
 }
 
@@ -319,21 +366,31 @@ fn bad_requests_leave_the_vm_unharmed(img: &Images) -> Result<(), String> {
         "tap=rvmapib0,bridge=br0",
     )?;
     let mut half = std::os::unix::net::UnixStream::connect(&g.sock).map_err(|e| e.to_string())?;
-    std::io::Write::write_all(&mut half, b"PATCH /v1/nics/net0 HTTP/1.1\r\nHost: rvm\r\nContent-Le")
-        .map_err(|e| e.to_string())?;
+    std::io::Write::write_all(
+        &mut half,
+        b"PATCH /v1/nics/net0 HTTP/1.1\r\nHost: rvm\r\nContent-Le",
+    )
+    .map_err(|e| e.to_string())?;
     let big = format!(r#"{{"link": "{}"}}"#, "u".repeat(100 << 10));
     for (method, path, body, want) in [
         ("GET", "/v1/nothing", None, 404),
         ("GET", "/v1/nics/net7", None, 404),
         ("PATCH", "/v1/nics/net0", Some("{\"link\": "), 400),
         ("PATCH", "/v1/nics/net0", Some(r#"{"link": 1}"#), 400),
-        ("PATCH", "/v1/nics/net0", Some(r#"{"tx_rate": "fast"}"#), 400),
+        (
+            "PATCH",
+            "/v1/nics/net0",
+            Some(r#"{"tx_rate": "fast"}"#),
+            400,
+        ),
         ("PATCH", "/v1/nics/net0", Some(big.as_str()), 413),
         ("DELETE", "/v1/vm", None, 405),
     ] {
         let (status, v) = curl(&g.sock, method, path, body)?;
         if status != want || v["error"].as_str().is_none() {
-            return Err(format!("{method} {path}: {status} {v}, expected {want} with an error"));
+            return Err(format!(
+                "{method} {path}: {status} {v}, expected {want} with an error"
+            ));
         }
     }
     let (a, b) = std::thread::scope(|s| {
@@ -372,7 +429,10 @@ fn cases() -> Vec<Case<Images>> {
         ),
         case("link_down_and_up", link_down_and_up),
         case("rate_limit_set_and_measured", rate_limit_set_and_measured),
-        case("bad_requests_leave_the_vm_unharmed", bad_requests_leave_the_vm_unharmed),
+        case(
+            "bad_requests_leave_the_vm_unharmed",
+            bad_requests_leave_the_vm_unharmed,
+        ),
     ]
 }
 

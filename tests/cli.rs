@@ -480,3 +480,83 @@ esac
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--print-config` prints the VM as JSON; `--config` reads it back, and
+/// options given on the command line override it (`--net` replaces its
+/// NICs); a config file with a mistake names it and starts nothing.
+#[test]
+fn a_config_file_round_trips_and_options_override_it() {
+    let dir = tmpdir("config");
+    let k = fake_bzimage(&dir);
+    let k = k.to_str().unwrap();
+    let out = rvm(&[
+        "run",
+        "--kernel",
+        k,
+        "--cpus",
+        "2",
+        "--net",
+        "tap=t0,model=e1000,egress=deny,allow=10.0.0.1:53/udp",
+        "--print-config",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let file = dir.join("vm.json");
+    std::fs::write(&file, &out.stdout).unwrap();
+    let f = file.to_str().unwrap();
+    // Read back unchanged.
+    let again = rvm(&["run", "--config", f, "--print-config"]);
+    assert!(again.status.success(), "{again:?}");
+    assert_eq!(again.stdout, out.stdout);
+    // Overridden: what the command line gives, and only that.
+    let over = rvm(&["run", "--config", f, "--mem", "512", "--print-config"]);
+    let v: serde_json::Value = serde_json::from_slice(&over.stdout).expect("JSON");
+    assert_eq!(
+        (v["mem_mib"].as_u64(), v["vcpus"].as_u64()),
+        (Some(512), Some(2))
+    );
+    assert_eq!(v["nics"][0]["model"], "e1000");
+    assert_eq!(
+        v["nics"][0]["egress"]["rules"][0],
+        "allow=10.0.0.1/32:53/udp"
+    );
+    let other = rvm(&["run", "--config", f, "--net", "user", "--print-config"]);
+    let v: serde_json::Value = serde_json::from_slice(&other.stdout).expect("JSON");
+    assert_eq!(v["nics"].as_array().map(Vec::len), Some(1));
+    assert_eq!(v["nics"][0]["tap"], serde_json::Value::Null);
+    // Mistakes.
+    let bad = dir.join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"kernel": "/k", "nics": [{"tap": "t0", "colour": "red"}]}"#,
+    )
+    .unwrap();
+    assert_error(
+        &rvm(&["run", "--config", bad.to_str().unwrap()]),
+        "unknown field `colour`",
+    );
+    assert_error(
+        &rvm(&["run", "--config", "/nonexistent/vm.json"]),
+        "--config /nonexistent/vm.json: No such file",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--api-sock` on a path that is not a socket is refused before
+/// anything starts, and the file is left as it was.
+#[test]
+fn an_api_socket_path_in_use_is_refused_first() {
+    let dir = tmpdir("apisock");
+    let k = fake_bzimage(&dir);
+    let file = dir.join("not-a-socket");
+    std::fs::write(&file, b"mine").unwrap();
+    let out = rvm(&[
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--api-sock",
+        file.to_str().unwrap(),
+    ]);
+    assert_error(&out, "exists and is not a socket");
+    assert_eq!(std::fs::read(&file).unwrap(), b"mine");
+    let _ = std::fs::remove_dir_all(&dir);
+}

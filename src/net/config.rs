@@ -49,6 +49,29 @@ impl Default for Queues {
     }
 }
 
+impl fmt::Display for Queues {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Queues::Pairs(n) => write!(f, "{n}"),
+            Queues::PerVcpu => f.write_str("auto"),
+        }
+    }
+}
+
+impl FromStr for Queues {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(Queues::PerVcpu);
+        }
+        s.parse::<u16>()
+            .ok()
+            .filter(|n| (1..=MAX_QUEUE_PAIRS).contains(n))
+            .map(Queues::Pairs)
+            .ok_or_else(|| format!("use 1 to {MAX_QUEUE_PAIRS} or auto"))
+    }
+}
+
 impl Queues {
     /// The pairs, once [`validate_all`] has resolved `PerVcpu`.
     pub fn pairs(self) -> u16 {
@@ -61,11 +84,15 @@ impl Queues {
 
 /// A NIC's wire when it is not a TAP: a user-mode network stack, reached
 /// over a UNIX socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
 pub enum Peer {
     /// passt, started by rvm for this NIC (`user`), with host ports
     /// forwarded to the guest.
-    Passt { hostfwd: Vec<HostFwd> },
+    Passt {
+        #[serde(default, with = "crate::config_file::text::list")]
+        hostfwd: Vec<HostFwd>,
+    },
     /// A stack someone else runs, on a stream socket in QEMU's framing.
     Stream(PathBuf),
     /// The same on a datagram (or seqpacket) socket: a frame per message.
@@ -80,8 +107,10 @@ pub enum VhostMode {
     Auto,
 }
 
-/// One NIC, as the user described it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One NIC, as the user described it. As JSON (`--config`), every field
+/// is optional and spelled as on the command line (crate::config_file).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct NetConfig {
     /// Not a TAP but a user-mode network (then tap, fd and fds are none).
     pub peer: Option<Peer>,
@@ -93,11 +122,15 @@ pub struct NetConfig {
     /// (QEMU's `fds=`); exclusive with `tap` and `fd`.
     pub fds: Vec<i32>,
     /// RX/TX queue pairs (virtio-net only).
+    #[serde(with = "crate::config_file::text")]
     pub queues: Queues,
     pub bridge: Option<String>,
     /// None: a default from the TAP name, filled in by [`validate_all`].
+    #[serde(with = "crate::config_file::text::option")]
     pub mac: Option<MacAddr>,
+    #[serde(with = "crate::config_file::text")]
     pub model: NicModel,
+    #[serde(with = "crate::config_file::text")]
     pub vhost: VhostMode,
     pub vnet_hdr: bool,
     pub sndbuf: Option<i32>,
@@ -109,10 +142,21 @@ pub struct NetConfig {
     pub limits: RateLimits,
     /// Capture every frame to this pcap file (`dump=`), cut at the snap
     /// length (`dump_len=`).
+    #[serde(with = "crate::config_file::dump")]
     pub dump: Option<(PathBuf, u32)>,
     /// What the guest may reach (`egress=`, `allow=`, `deny=`), enforced
     /// in the host kernel; none: everything.
     pub egress: Option<EgressPolicy>,
+}
+
+impl Default for NetConfig {
+    /// rvm's defaults and no wire yet (a TAP, fd or peer must be given).
+    fn default() -> Self {
+        NetConfig {
+            tap: None,
+            ..NetConfig::tap("")
+        }
+    }
 }
 
 impl NetConfig {
@@ -368,6 +412,25 @@ impl FromStr for NicModel {
             "e1000" => Ok(NicModel::E1000),
             _ => Err("use virtio or e1000".into()),
         }
+    }
+}
+
+impl fmt::Display for NicModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NicModel::Virtio => "virtio",
+            NicModel::E1000 => "e1000",
+        })
+    }
+}
+
+impl fmt::Display for VhostMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            VhostMode::On => "on",
+            VhostMode::Off => "off",
+            VhostMode::Auto => "auto",
+        })
     }
 }
 

@@ -97,7 +97,8 @@ impl Bucket {
 }
 
 /// The limits of one direction.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DirectionLimits {
     /// Bytes of frames as the guest sees them (no vnet header).
     pub bandwidth: Option<Bucket>,
@@ -112,7 +113,8 @@ impl DirectionLimits {
 }
 
 /// A NIC's limits: tx is what the guest sends, rx what it receives.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RateLimits {
     pub tx: DirectionLimits,
     pub rx: DirectionLimits,

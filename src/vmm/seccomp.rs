@@ -44,6 +44,16 @@ impl std::str::FromStr for SeccompMode {
     }
 }
 
+impl std::fmt::Display for SeccompMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SeccompMode::Enforce => "on",
+            SeccompMode::Log => "log",
+            SeccompMode::Off => "off",
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
     #[error("building the seccomp filter: {0}")]
