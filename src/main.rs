@@ -465,7 +465,7 @@ mod tests {
     fn parse(args: &[&str]) -> Result<VmConfig, String> {
         let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
         let Command::Run(a) = cli.command;
-        a.into_config()
+        a.into_config(|_| false)
     }
 
     #[test]
