@@ -17,6 +17,9 @@
 //!   NIC's frame, byte and drop counters ([`RunningVm::nic_counters`]).
 //!   [`VmController`] does the same from other threads. Dropping a
 //!   `RunningVm` stops the VM and removes what rvm created on the host.
+//! - [`api`] serves a running VM's controller as HTTP/JSON on a UNIX
+//!   socket (`rvm run --api-sock`); [`VmConfig::from_file`] reads a VM
+//!   as JSON (`rvm run --config`).
 //!
 //! ```no_run
 //! use std::time::Duration;

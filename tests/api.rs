@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::netns::{rate_between, Netns};
-use common::{images, run_suite, rvm_bin, spawn_until, Case, Images, Spawned};
+use common::{case, images, run_suite, rvm_bin, spawn_until, Case, Images, Spawned};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -411,10 +411,6 @@ fn bad_requests_leave_the_vm_unharmed(img: &Images) -> Result<(), String> {
     }
     println!("    404, 400 (malformed, wrong type, bad value), 413, 405 answered; a half request held nobody; two clients at once; the guest pinged on");
     ns.no_taps_left()
-}
-
-fn case(name: &str, f: impl Fn(&Images) -> Result<(), String> + 'static) -> Case<Images> {
-    (name.to_string(), Box::new(f))
 }
 
 fn cases() -> Vec<Case<Images>> {

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::netns::{Listener, Netns};
-use common::{expect, images, run_guest_retrying, run_suite, rvm_bin, Case, GuestRun, Images};
+use common::{
+    case, expect, images, run_guest_retrying, run_suite, rvm_bin, Case, GuestRun, Images,
+};
 
 const DEADLINE: Duration = Duration::from_secs(300);
 const OUTSIDE: &str = "192.0.2.2";
@@ -152,13 +154,6 @@ fn inbound_from_outside(out: &Netns, done: Arc<AtomicBool>) -> std::thread::Join
     })
 }
 
-fn finished(r: &GuestRun) -> Result<(), String> {
-    if r.status.is_none_or(|s| !s.success()) || !r.init_done() {
-        return Err(format!("the guest did not finish:\n{}", r.tail(40)));
-    }
-    Ok(())
-}
-
 /// Every `(target, verdict)` of round `round`, checked against the
 /// guest's console.
 fn expect_tries(r: &GuestRun, round: u32, want: &[(&str, &str)]) -> Result<(), String> {
@@ -194,7 +189,7 @@ fn deny_with_one_allow_vhost(img: &Images) -> Result<(), String> {
     );
     done.store(true, Ordering::SeqCst);
     let inbound = inbound.join().map_err(|_| "the inbound thread panicked")?;
-    finished(&r)?;
+    r.finished()?;
     if !r.stderr.contains("data path: vhost-net") {
         return Err(format!("vhost-net did not carry the NIC:\n{}", r.stderr));
     }
@@ -258,7 +253,7 @@ fn sandbox_routed(img: &Images) -> Result<(), String> {
         },
         DEADLINE,
     );
-    finished(&r)?;
+    r.finished()?;
     expect_tries(
         &r,
         1,
@@ -338,7 +333,7 @@ fn nothing_left_after_sigterm_and_sigkill(img: &Images) -> Result<(), String> {
         || w.rvm(img, "probe=10.0.0.1:5001+10.0.0.1:5002", net),
         DEADLINE,
     );
-    finished(&r)?;
+    r.finished()?;
     expect_tries(
         &r,
         1,
@@ -350,10 +345,6 @@ fn nothing_left_after_sigterm_and_sigkill(img: &Images) -> Result<(), String> {
     }
     println!("    SIGTERM: no table left; SIGKILL: two stale tables, reclaimed by the next rvm, whose policy held");
     w.host.no_taps_left()
-}
-
-fn case(name: &str, f: impl Fn(&Images) -> Result<(), String> + 'static) -> Case<Images> {
-    (name.to_string(), Box::new(f))
 }
 
 fn cases() -> Vec<Case<Images>> {

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::netns::Netns;
 use common::{
-    images, is_embedded_reset_flake, note_case_flake, run_suite, vcpu_report, Case, Heartbeat,
-    Images, MAX_FLAKE_RETRIES,
+    case, images, is_embedded_reset_flake, note_case_flake, run_suite, vcpu_report, Case,
+    Heartbeat, Images, MAX_FLAKE_RETRIES,
 };
 use rvm::{ExitReason, NetConfig, RunningVm, Vm, VmConfig};
 
@@ -753,10 +753,6 @@ fn link_down_and_up(
         })??;
         ns.no_taps_left()
     }
-}
-
-fn case(name: &str, f: impl Fn(&Images) -> Result<(), String> + 'static) -> Case<Images> {
-    (name.to_string(), Box::new(f))
 }
 
 fn cases() -> Vec<Case<Images>> {

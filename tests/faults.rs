@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::netns::Netns;
 use common::{
-    ask_for_vcpu_states, images, run_guest_retrying, run_suite, rvm_bin, thread_report,
+    ask_for_vcpu_states, case, images, run_guest_retrying, run_suite, rvm_bin, thread_report,
     vcpus_stuck, Case, Heartbeat, Images, SILENCE_SECS,
 };
 
@@ -294,10 +294,6 @@ fn sigterm_ends_cleanly(r: &mut Running, ns: &Netns) -> Result<(), String> {
         return Err(format!("exit after SIGTERM: {s}\n{}", r.report()));
     }
     ns.no_taps_left()
-}
-
-fn case(name: &str, f: impl Fn(&Images) -> Result<(), String> + 'static) -> Case<Images> {
-    (name.to_string(), Box::new(f))
 }
 
 fn cases() -> Vec<Case<Images>> {

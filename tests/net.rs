@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::netns::Netns;
 use common::{
-    end_listener, expect, host_listener, host_sender, images, random_file, run_guest_retrying,
-    run_suite, rvm_bin, sha256, spawn_until, Case, GuestRun, Images, Spawned,
+    case, end_listener, expect, host_listener, host_sender, images, random_file,
+    run_guest_retrying, run_suite, rvm_bin, sha256, spawn_until, Case, GuestRun, Images, Spawned,
 };
 
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -879,10 +879,6 @@ fn vhost_unusable(img: &Images) -> Result<(), String> {
     }
     DataPath::Userspace.check(&r, 0)?;
     ns.no_taps_left()
-}
-
-fn case(name: &str, f: impl Fn(&Images) -> Result<(), String> + 'static) -> Case<Images> {
-    (name.to_string(), Box::new(f))
 }
 
 fn cases() -> Vec<Case<Images>> {

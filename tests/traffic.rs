@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::netns::{rate_between, LinkSample, Netns};
 use common::{
-    end_listener, expect, host_listener, host_sender, images, random_file, run_guest_retrying,
-    run_suite, rvm_bin, sha256, spawn_until, Case, Images,
+    case, end_listener, expect, host_listener, host_sender, images, random_file,
+    run_guest_retrying, run_suite, rvm_bin, sha256, spawn_until, Case, Images,
 };
 
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -298,10 +298,6 @@ fn capture_with_ping_and_tcp(vhost: &'static str) -> impl Fn(&Images) -> Result<
         let _ = std::fs::remove_dir_all(&dir);
         ns.no_taps_left()
     }
-}
-
-fn case(name: &str, f: impl Fn(&Images) -> Result<(), String> + 'static) -> Case<Images> {
-    (name.to_string(), Box::new(f))
 }
 
 fn cases() -> Vec<Case<Images>> {

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use common::netns::{Listener, Netns};
 use common::{
-    expect, images, random_file, run_guest_retrying, run_suite, rvm_bin, sha256, spawn_until, Case,
-    Images,
+    case, expect, images, random_file, run_guest_retrying, run_suite, rvm_bin, sha256, spawn_until,
+    Case, Images,
 };
 
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -340,13 +340,7 @@ fn sandbox_on_the_rootless_backend(model: &'static str) -> impl Fn(&Images) -> R
         let accepted = common::netns::accepted(&listeners);
         drop(listeners);
         let _ = std::fs::remove_dir_all(&dir);
-        if r.status.is_none_or(|s| !s.success()) || !r.init_done() {
-            return Err(format!(
-                "the guest did not finish:\n{}\n{}",
-                r.tail(30),
-                r.stderr
-            ));
-        }
+        r.finished()?;
         let gw = GATEWAY.replace('.', "_");
         for (key, want) in [
             (format!("try_1_{gw}_5003"), "ok"),
@@ -410,13 +404,7 @@ fn a_users_own_tap_under_a_policy_in_rvms_stage(img: &Images) -> Result<(), Stri
     let accepted = common::netns::accepted(&listeners);
     drop(listeners);
     let _ = std::fs::remove_dir_all(&dir);
-    if r.status.is_none_or(|s| !s.success()) || !r.init_done() {
-        return Err(format!(
-            "the guest did not finish:\n{}\n{}",
-            r.tail(30),
-            r.stderr
-        ));
-    }
+    r.finished()?;
     if !r
         .stderr
         .contains("the policy runs in rvm's data path instead")
@@ -590,10 +578,6 @@ fn passt_never_outlives_rvm(img: &Images) -> Result<(), String> {
         println!("    {name}: rvm gone, its passt (pid {}) gone", passts[0]);
     }
     Ok(())
-}
-
-fn case(name: &str, f: impl Fn(&Images) -> Result<(), String> + 'static) -> Case<Images> {
-    (name.to_string(), Box::new(f))
 }
 
 /// The passt Debian 12 ships: it segfaults (in libc, at address 0x2c828)

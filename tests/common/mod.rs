@@ -292,6 +292,22 @@ impl GuestRun {
         })
     }
 
+    /// Ok when rvm exited with 0 after /init finished; else the reason,
+    /// with the console's end and rvm's stderr.
+    pub fn finished(&self) -> Result<(), String> {
+        if self.status.is_none_or(|s| !s.success()) || !self.init_done() {
+            return Err(format!(
+                "the guest did not finish ({}):\n{}",
+                match self.status {
+                    Some(s) => s.to_string(),
+                    None => self.why_killed().to_string(),
+                },
+                self.tail(40)
+            ));
+        }
+        Ok(())
+    }
+
     pub fn init_done(&self) -> bool {
         self.console
             .lines()
@@ -828,6 +844,11 @@ pub fn run_guest_retrying(name: &str, make: impl Fn() -> Command, deadline: Dura
 
 /// A named guest test: Ok, or Err with what went wrong and the console.
 pub type Case<I> = (String, Box<dyn Fn(&I) -> Result<(), String>>);
+
+/// A case of the suite: its name and what it does.
+pub fn case(name: &str, f: impl Fn(&Images) -> Result<(), String> + 'static) -> Case<Images> {
+    (name.to_string(), Box::new(f))
+}
 
 /// The runner the guest test binaries share (harness = false): prints where
 /// guests run, re-executes inside the nested host when needed, filters by
