@@ -163,6 +163,9 @@ pub struct EgressControl {
     /// Whether a policy set later goes to the stage (the kernel refused,
     /// or there is no TAP).
     userspace: bool,
+    /// rvm did not create the TAP: nft refused for want of permission
+    /// means the stage, not an error.
+    given: bool,
     slot: Mutex<Slot>,
 }
 
@@ -226,6 +229,7 @@ impl EgressControl {
         Ok(EgressControl {
             tap: tap.map(str::to_string),
             userspace,
+            given,
             slot: Mutex::new(Slot {
                 enforcer,
                 stages: None,
@@ -240,6 +244,7 @@ impl EgressControl {
         EgressControl {
             tap: None,
             userspace: true,
+            given: false,
             slot: Mutex::new(Slot {
                 enforcer: Enforcer::None,
                 stages: None,
@@ -288,8 +293,16 @@ impl EgressControl {
         }
         if !self.userspace {
             let tap = self.tap.as_deref().ok_or(NftError::NoTap)?;
-            slot.enforcer = Enforcer::Kernel(KernelEgress::install(tap, policy)?);
-            return Ok(());
+            match KernelEgress::install(tap, policy.clone()) {
+                Ok(k) => {
+                    slot.enforcer = Enforcer::Kernel(k);
+                    return Ok(());
+                }
+                Err(e) if self.given && e.is_permission() => {
+                    log::warn!("{e}: the policy runs in rvm's data path instead");
+                }
+                Err(e) => return Err(e),
+            }
         }
         let shared = stage::Shared::new(policy);
         let mut plugged = false;
