@@ -560,3 +560,25 @@ fn an_api_socket_path_in_use_is_refused_first() {
     assert_eq!(std::fs::read(&file).unwrap(), b"mine");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The guest kernel's death on its own entry stack (seen in a CI run's
+/// vhost-net multiqueue case) is told apart from any other oops.
+#[test]
+fn the_harness_tells_a_fault_on_the_guests_entry_stack() {
+    use common::entry_stack_fault;
+    let seen = "[   12.575849] RIP: 0010:error_entry+0x10/0x130
+[   12.575849] RSP: 0000:fffffe0000002000 EFLAGS: 00000083
+[   12.575849] CS:  0010 DS: 0000 ES: 0000 CR0: 0000000080050033
+[   12.575849] CR2: fffffe0000001ff8 CR3: 0000000013fb8000 CR4: 00000000003106f0
+[   12.575849] Kernel panic - not syncing: Fatal exception in interrupt";
+    let cr2 = entry_stack_fault(seen).expect("recognised");
+    assert!(cr2.contains("CR2: fffffe0000001ff8"), "{cr2}");
+    // An ordinary oops (a kernel stack, a NULL dereference) is not it.
+    let other = "[    5.1] BUG: kernel NULL pointer dereference, address: 0000000000000008
+[    5.1] RSP: 0018:ffffb4c2c0013e60 EFLAGS: 00010246
+[    5.1] CR2: 0000000000000008 CR3: 000000000260a000 CR4: 00000000003106f0
+[    5.1] Kernel panic - not syncing: Fatal exception in interrupt";
+    assert_eq!(entry_stack_fault(other), None);
+    // No panic, no verdict.
+    assert_eq!(entry_stack_fault(&seen.replace("Kernel panic", "Kernel note")), None);
+}

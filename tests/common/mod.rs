@@ -790,6 +790,29 @@ pub fn foreign_vcpu_state(stderr: &str, mem: u64) -> Option<String> {
         .map(|l| l.trim().to_string())
 }
 
+/// The guest's kernel died faulting on its own entry stack (the per-CPU
+/// cpu_entry_area at 0xfffffe0000000000: the oops's RSP there and CR2 just
+/// below it, "Fatal exception in interrupt"): an event delivered over and
+/// over onto the trampoline stack, which only the CPU (here the emulated
+/// SVM under L1 KVM) does. The same fault as the nested host's own
+/// "stack guard page was hit" signature, one level down; seen once in a
+/// vhost-net multiqueue case, where rvm is not on the data path at all.
+/// Returns the oops's CR2 line.
+pub fn nested_guest_entry_stack_fault(run: &GuestRun) -> Option<String> {
+    std::env::var_os("RVM_NESTED")?;
+    entry_stack_fault(&run.console)
+}
+
+/// [`nested_guest_entry_stack_fault`]'s reading of a console.
+pub fn entry_stack_fault(console: &str) -> Option<String> {
+    if !console.contains("Kernel panic - not syncing: Fatal exception") {
+        return None;
+    }
+    let on_entry_stack = console.lines().any(|l| l.contains("RSP: 0000:fffffe0000"));
+    let cr2 = console.lines().find(|l| l.contains("CR2: fffffe0000"))?;
+    on_entry_stack.then(|| cr2.trim().to_string())
+}
+
 /// Runs a guest, retrying (at most MAX_FLAKE_RETRIES times, visibly) only
 /// on the nested host's reset flake during boot.
 pub fn run_guest_retrying(name: &str, make: impl Fn() -> Command, deadline: Duration) -> GuestRun {
@@ -807,6 +830,21 @@ pub fn run_guest_retrying(name: &str, make: impl Fn() -> Command, deadline: Dura
             let why = format!(
                 "a vCPU's state at the deadline is not the guest's (its CR3 lies beyond the guest's {} MiB: {line}): the nested host put its own state there (known TCG nested-SVM fault, not an rvm failure)",
                 mem >> 20
+            );
+            if init_started(&run) || attempt == MAX_FLAKE_RETRIES {
+                if init_started(&run) {
+                    *lock_why() = Some(why);
+                    MIDRUN_RESETS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                return run;
+            }
+            attempt += 1;
+            println!("RETRY {attempt}/{MAX_FLAKE_RETRIES} {name}: {why}");
+            continue;
+        }
+        if let Some(cr2) = nested_guest_entry_stack_fault(&run) {
+            let why = format!(
+                "the guest's kernel faulted on its own entry stack ({cr2}, \"Fatal exception in interrupt\"): an event delivered over and over onto the trampoline stack, the emulated SVM's fault (known TCG nested-SVM fault, not an rvm failure)"
             );
             if init_started(&run) || attempt == MAX_FLAKE_RETRIES {
                 if init_started(&run) {
