@@ -15,7 +15,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::netns::{rate_between, Netns};
-use common::{case, images, run_suite, rvm_bin, spawn_until, Case, Images, Spawned};
+use common::{
+    case, images, is_nested_reset_flake, nested_guest_entry_stack_fault, note_case_flake,
+    run_suite, rvm_bin, spawn_until, Case, GuestRun, Images, Spawned,
+};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -35,12 +38,14 @@ fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Result<(u1
         .map_err(|e| format!("curl: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    let status = code.trim().parse().map_err(|_| {
-        format!(
-            "curl {method} {path}: no status ({}): {text}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
+    let status: u16 = code.trim().parse().unwrap_or(0);
+    if status == 0 {
+        // 000: no answer at all (connection refused, closed, timed out).
+        return Err(format!(
+            "curl {method} {path}: no answer ({}): {text}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
     Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
 }
 
@@ -59,10 +64,21 @@ fn expect_status(
     Ok(v)
 }
 
+/// A running guest; dropped, it is killed (a failed case leaves nothing).
 struct Guest {
-    spawned: Spawned,
+    spawned: Option<Spawned>,
     sock: PathBuf,
     dir: PathBuf,
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.spawned.take() {
+            let _ = s.child.kill();
+            let _ = s.child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// A guest in `ns` with `net` on br0, running `scenario`, serving the API;
@@ -83,27 +99,79 @@ fn start(
     common::minimal_guest(&mut c, img, scenario, args, net);
     c.arg("--api-sock").arg(&sock).stdin(Stdio::null());
     let spawned = spawn_until(c, marker, DEADLINE)?;
-    Ok(Guest { spawned, sock, dir })
+    Ok(Guest {
+        spawned: Some(spawned),
+        sock,
+        dir,
+    })
 }
 
 impl Guest {
+    /// A call that must answer `want`; if not, rvm is ended and what it
+    /// printed joins the error (a guest that reset is marked for a rerun).
+    fn api(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        want: u16,
+    ) -> Result<Value, String> {
+        let sock = self.sock.clone();
+        expect_status(&sock, method, path, body, want).map_err(|e| format!("{e}\n{}", self.kill()))
+    }
+
+    /// Ends rvm for a failure report: what it printed (console and
+    /// stderr). When rvm had already ended by itself on a known
+    /// nested-host fault (the guest reset, or its kernel died on its entry
+    /// stack), the case is marked for a rerun and the report says so.
+    fn kill(&mut self) -> String {
+        let Some(mut spawned) = self.spawned.take() else {
+            return String::new();
+        };
+        let ended = spawned.child.try_wait().ok().flatten();
+        let _ = spawned.child.kill();
+        let _ = spawned.child.wait();
+        let mut stderr = String::new();
+        if let Some(mut e) = spawned.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+        }
+        let console = spawned.console_after_exit();
+        let mut flake = String::new();
+        if let Some(status) = ended {
+            let run = GuestRun {
+                status: Some(status),
+                killed: None,
+                console: console.clone(),
+                stderr: stderr.clone(),
+                marker_at: None,
+                elapsed: Duration::ZERO,
+            };
+            if is_nested_reset_flake(&run) || nested_guest_entry_stack_fault(&run).is_some() {
+                note_case_flake();
+                flake =
+                    "rvm had ended by itself on a known nested-host fault (marked for a rerun)\n"
+                        .into();
+            } else {
+                flake = format!("rvm had ended by itself ({status})\n");
+            }
+        }
+        let tail: Vec<&str> = console.lines().rev().take(20).collect();
+        format!(
+            "{flake}--- console (end) ---\n{}\n--- rvm's stderr ---\n{stderr}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    }
+
     /// Shuts the VM down through the API (the minimal guest ignores
     /// Ctrl-Alt-Del, so the grace runs out and it is stopped): rvm must
     /// end with 0 within the grace and a margin, the socket gone; the
     /// console until then.
-    fn shutdown(self) -> Result<String, String> {
-        let Guest {
-            mut spawned,
-            sock,
-            dir,
-        } = self;
-        let v = expect_status(
-            &sock,
-            "PUT",
-            "/v1/vm/shutdown",
-            Some(r#"{"grace_s": 2}"#),
-            202,
-        )?;
+    fn shutdown(mut self) -> Result<String, String> {
+        let sock = self.sock.clone();
+        let v = self.api("PUT", "/v1/vm/shutdown", Some(r#"{"grace_s": 2}"#), 202)?;
+        let Some(mut spawned) = self.spawned.take() else {
+            return Err("no guest".into());
+        };
         if v["state"] != "shutting_down" {
             return Err(format!("shutdown said {v}"));
         }
@@ -127,7 +195,6 @@ impl Guest {
         if sock.exists() {
             return Err("the API socket is still there after rvm ended".into());
         }
-        let _ = std::fs::remove_dir_all(&dir);
         Ok(console)
     }
 }
@@ -156,28 +223,21 @@ fn counters_capture_and_shutdown(vhost: bool) -> impl Fn(&Images) -> Result<(), 
             "tap=rvmapic0,bridge=br0,vhost={}",
             if vhost { "on" } else { "off" }
         );
-        let g = start(&ns, img, ("c", "rvm-init: idle"), "net_idle", "", &net)?;
-        let vm = expect_status(&g.sock, "GET", "/v1/vm", None, 200)?;
+        let mut g = start(&ns, img, ("c", "rvm-init: idle"), "net_idle", "", &net)?;
+        let vm = g.api("GET", "/v1/vm", None, 200)?;
         if vm["state"] != "running" || vm["nics"] != serde_json::json!(["net0"]) || vm["vcpus"] != 2
         {
             return Err(format!("GET /v1/vm: {vm}"));
         }
         let pcap = g.dir.join("pings.pcap");
-        expect_status(
-            &g.sock,
+        g.api(
             "PATCH",
             "/v1/nics/net0",
             Some(&format!(r#"{{"dump": "{}"}}"#, pcap.display())),
             200,
         )?;
         let answered = pings(&ns, 10);
-        let nic = expect_status(
-            &g.sock,
-            "PATCH",
-            "/v1/nics/net0",
-            Some(r#"{"dump": null}"#),
-            200,
-        )?;
+        let nic = g.api("PATCH", "/v1/nics/net0", Some(r#"{"dump": null}"#), 200)?;
         let c = &nic["counters"];
         let (want_path, want_source) = if vhost {
             ("vhost-net", "kernel")
@@ -223,7 +283,7 @@ fn counters_capture_and_shutdown(vhost: bool) -> impl Fn(&Images) -> Result<(), 
 fn link_down_and_up(img: &Images) -> Result<(), String> {
     let ns = Netns::new("apil")?;
     ns.bridge("10.0.0.1/24", 1500)?;
-    let g = start(
+    let mut g = start(
         &ns,
         img,
         ("l", "rvm-init: idle"),
@@ -234,25 +294,13 @@ fn link_down_and_up(img: &Images) -> Result<(), String> {
     if pings(&ns, 2) == 0 {
         return Err("no ping answered before the link went down".into());
     }
-    let nic = expect_status(
-        &g.sock,
-        "PATCH",
-        "/v1/nics/net0",
-        Some(r#"{"link": "down"}"#),
-        200,
-    )?;
+    let nic = g.api("PATCH", "/v1/nics/net0", Some(r#"{"link": "down"}"#), 200)?;
     if nic["link"] != "down" {
         return Err(format!("after link down: {nic}"));
     }
     std::thread::sleep(Duration::from_secs(1));
     let while_down = pings(&ns, 3);
-    expect_status(
-        &g.sock,
-        "PATCH",
-        "/v1/nics/net0",
-        Some(r#"{"link": "up"}"#),
-        200,
-    )?;
+    g.api("PATCH", "/v1/nics/net0", Some(r#"{"link": "up"}"#), 200)?;
     let t = Instant::now();
     let mut after = 0;
     while after == 0 && t.elapsed() < Duration::from_secs(20) {
@@ -291,7 +339,7 @@ fn rate_limit_set_and_measured(img: &Images) -> Result<(), String> {
         "port=5001,secs=120",
         "tap=rvmapir0,bridge=br0,vhost=off",
     );
-    let g = match g {
+    let mut g = match g {
         Ok(g) => g,
         Err(e) => {
             let _ = listener.kill();
@@ -308,15 +356,26 @@ fn rate_limit_set_and_measured(img: &Images) -> Result<(), String> {
     }
     let limit = 4_000_000.0;
     let set = common::netns::now();
-    let nic = expect_status(
-        &g.sock,
+    let nic = g.api(
         "PATCH",
         "/v1/nics/net0",
         Some(r#"{"tx_rate": "4Mbit"}"#),
         200,
-    )?;
+    );
+    // The limit is in force once the PATCH has answered: measure from
+    // then (the call's own time is reported).
+    let answered = common::netns::now();
+    let took = answered - set;
+    let set = answered;
+    let nic = match nic {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = listener.kill();
+            return Err(e);
+        }
+    };
     std::thread::sleep(Duration::from_secs(8));
-    let after = expect_status(&g.sock, "GET", "/v1/nics/net0", None, 200)?;
+    let after = g.api("GET", "/v1/nics/net0", None, 200)?;
     g.shutdown()?;
     let _ = listener.kill();
     let _ = listener.wait();
@@ -331,9 +390,12 @@ fn rate_limit_set_and_measured(img: &Images) -> Result<(), String> {
     };
     if (got - limit).abs() > limit * 0.1 {
         return Err(format!(
-            "{:.2} Mbit/s against a 4 Mbit/s limit; overall {:?}",
+            "{:.2} Mbit/s against a 4 Mbit/s limit (the PATCH took {took:.2} s); overall {:?}; the NIC after the PATCH: {}; 8 s later: {}; samples: {:?}",
             got / 1e6,
-            rate_between(&samples, |s| s.rx_bytes, 0, u64::MAX)
+            rate_between(&samples, |s| s.rx_bytes, 0, u64::MAX),
+            nic["limits"],
+            after,
+            samples.iter().step_by(5).map(|s| (s.t - set, s.rx_bytes)).collect::<Vec<_>>()
         ));
     }
     if nic["limits"]["tx"]["bandwidth"]["bytes_per_s"] != 500_000.0
@@ -345,7 +407,7 @@ fn rate_limit_set_and_measured(img: &Images) -> Result<(), String> {
         ));
     }
     println!(
-        "    tx_rate=4Mbit through the API: {:.2} Mbit/s from 1 s after",
+        "    tx_rate=4Mbit through the API (the PATCH took {took:.2} s): {:.2} Mbit/s from 1 s after",
         got / 1e6
     );
     ns.no_taps_left()
@@ -357,7 +419,7 @@ fn rate_limit_set_and_measured(img: &Images) -> Result<(), String> {
 fn bad_requests_leave_the_vm_unharmed(img: &Images) -> Result<(), String> {
     let ns = Netns::new("apib")?;
     ns.bridge("10.0.0.1/24", 1500)?;
-    let g = start(
+    let mut g = start(
         &ns,
         img,
         ("b", "rvm-init: idle"),
@@ -403,7 +465,7 @@ fn bad_requests_leave_the_vm_unharmed(img: &Images) -> Result<(), String> {
         other => return Err(format!("two clients at once: {other:?}")),
     }
     let answered = pings(&ns, 3);
-    let nic = expect_status(&g.sock, "GET", "/v1/nics/net0", None, 200)?;
+    let nic = g.api("GET", "/v1/nics/net0", None, 200)?;
     drop(half);
     g.shutdown()?;
     if answered < 2 || nic["link"] != "up" || nic["limits"]["tx"]["bandwidth"] != Value::Null {

@@ -580,5 +580,8 @@ fn the_harness_tells_a_fault_on_the_guests_entry_stack() {
 [    5.1] Kernel panic - not syncing: Fatal exception in interrupt";
     assert_eq!(entry_stack_fault(other), None);
     // No panic, no verdict.
-    assert_eq!(entry_stack_fault(&seen.replace("Kernel panic", "Kernel note")), None);
+    assert_eq!(
+        entry_stack_fault(&seen.replace("Kernel panic", "Kernel note")),
+        None
+    );
 }

@@ -377,6 +377,19 @@ fn sandbox_on_the_rootless_backend(model: &'static str) -> impl Fn(&Images) -> R
 /// writes: the allowed port connects, the other is refused at once.
 fn a_users_own_tap_under_a_policy_in_rvms_stage(img: &Images) -> Result<(), String> {
     kvm_open_to_users()?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata("/dev/net/tun")
+            .map_err(|e| format!("/dev/net/tun: {e}"))?
+            .permissions()
+            .mode();
+        if mode & 0o006 != 0o006 {
+            return Err(format!(
+                "/dev/net/tun has mode {:o}: a user cannot attach to its own TAP here (udev gives it 0666)",
+                mode & 0o777
+            ));
+        }
+    }
     let ns = Netns::new("utap")?;
     ns.bridge("10.0.0.1/24", 1500)?;
     ns.sh(&format!(
