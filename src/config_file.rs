@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::net::egress::{Action, EgressDefault, EgressPolicy, EgressRule};
+use crate::net::egress::{EgressDefault, EgressPolicy, EgressRule};
 use crate::net::rate_limit::Bucket;
 use crate::VmConfig;
 
@@ -165,11 +165,7 @@ impl Serialize for EgressPolicy {
         }
         Out {
             default: self.default.to_string(),
-            rules: self
-                .rules
-                .iter()
-                .map(|r| format!("{}={r}", r.action))
-                .collect(),
+            rules: self.rules.iter().map(EgressRule::spec).collect(),
         }
         .serialize(s)
     }
@@ -187,19 +183,10 @@ impl<'de> Deserialize<'de> for EgressPolicy {
         }
         let p = In::deserialize(d)?;
         let mut policy = EgressPolicy::new(p.default.unwrap_or_default());
-        for r in &p.rules {
-            let (action, rule) = match r.split_once('=') {
-                Some(("allow", rule)) => (Action::Allow, rule),
-                Some(("deny", rule)) => (Action::Deny, rule),
-                _ => {
-                    return Err(D::Error::custom(format!(
-                        "{r:?} is not allow=RULE or deny=RULE"
-                    )))
-                }
-            };
-            policy
-                .rules
-                .push(EgressRule::parse(action, rule).map_err(D::Error::custom)?);
+        for (i, r) in p.rules.iter().enumerate() {
+            let rule = EgressRule::parse_spec(r)
+                .map_err(|e| D::Error::custom(format!("rules[{i}]: {e}")))?;
+            policy.rules.push(rule);
         }
         Ok(policy)
     }

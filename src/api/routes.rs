@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 
 use super::target::ApiTarget;
-use crate::net::egress::{Action, EgressDefault, EgressPolicy, EgressRule};
+use crate::net::egress::EgressPolicy;
 use crate::net::rate_limit::{self, Bucket, DirectionLimits, RateLimits};
 use crate::vmm::{DataPath, NicInfo};
 
@@ -271,62 +271,14 @@ fn patch(body: &[u8]) -> Result<NicPatch, ApiError> {
     match m.get("egress") {
         None => {}
         Some(Value::Null) => p.egress = Some(None),
-        Some(v) => p.egress = Some(Some(egress(v)?)),
+        // The config file's form (crate::config_file), errors and all.
+        Some(v) => {
+            let policy = serde_json::from_value::<EgressPolicy>(v.clone())
+                .map_err(|e| bad(format!("egress: {e}")))?;
+            p.egress = Some(Some(policy));
+        }
     }
     Ok(p)
-}
-
-/// `{"default": "deny", "rules": ["allow=10.0.0.1:5001/tcp", ...]}`.
-fn egress(v: &Value) -> Result<EgressPolicy, ApiError> {
-    let Value::Object(m) = v else {
-        return Err(bad(
-            "egress: expected an object {\"default\": ..., \"rules\": [...]}, or null",
-        ));
-    };
-    if let Some(k) = m.keys().find(|k| *k != "default" && *k != "rules") {
-        return Err(bad(format!(
-            "egress: unknown field {k:?} (fields: default, rules)"
-        )));
-    }
-    let default: EgressDefault = match m.get("default") {
-        None => EgressDefault::Allow,
-        Some(Value::String(s)) => s
-            .parse()
-            .map_err(|e: String| bad(format!("egress.default: {e}")))?,
-        Some(_) => {
-            return Err(bad(
-                "egress.default: expected \"allow\", \"deny\" or \"sandbox\"",
-            ))
-        }
-    };
-    let mut policy = EgressPolicy::new(default);
-    let rules = match m.get("rules") {
-        None | Some(Value::Null) => &Vec::new(),
-        Some(Value::Array(a)) => a,
-        Some(_) => {
-            return Err(bad(
-                "egress.rules: expected a list of \"allow=RULE\" or \"deny=RULE\"",
-            ))
-        }
-    };
-    for (i, r) in rules.iter().enumerate() {
-        let text = r
-            .as_str()
-            .ok_or_else(|| bad(format!("egress.rules[{i}]: expected a string")))?;
-        let (action, rule) = match text.split_once('=') {
-            Some(("allow", r)) => (Action::Allow, r),
-            Some(("deny", r)) => (Action::Deny, r),
-            _ => {
-                return Err(bad(format!(
-                    "egress.rules[{i}]: {text:?} is not allow=RULE or deny=RULE"
-                )))
-            }
-        };
-        let rule =
-            EgressRule::parse(action, rule).map_err(|e| bad(format!("egress.rules[{i}]: {e}")))?;
-        policy.rules.push(rule);
-    }
-    Ok(policy)
 }
 
 /// A library error as the API says it: an unknown NIC is 404, a state
@@ -465,9 +417,10 @@ fn direction_json(d: &DirectionLimits) -> Value {
 fn nic_json(target: &dyn ApiTarget, i: usize, n: &NicInfo) -> Value {
     let c = target.kernel_counters(n).unwrap_or(n.counters);
     let egress = n.egress.as_ref().map(|e| {
+        let policy = serde_json::to_value(&e.policy).unwrap_or_default();
         json!({
-            "default": e.policy.default.to_string(),
-            "rules": e.policy.rules.iter().map(|r| format!("{}={r}", r.action)).collect::<Vec<_>>(),
+            "default": policy["default"],
+            "rules": policy["rules"],
             "enforced_by": e.enforced_by,
             "counts": e.counts.iter().map(|c| json!({
                 "rule": c.rule, "action": c.action.to_string(), "packets": c.packets,

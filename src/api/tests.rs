@@ -99,7 +99,7 @@ impl ApiTarget for Fake {
             let rules: Vec<String> = p
                 .rules
                 .iter()
-                .map(|r| format!("{}={r}", r.action))
+                .map(crate::net::egress::EgressRule::spec)
                 .collect();
             format!("{} {}", p.default, rules.join(" "))
         });
@@ -335,7 +335,7 @@ fn bad_requests_get_their_codes_and_change_nothing() {
             "/v1/nics/net0",
             r#"{"egress": {"default": "deny", "rules": ["allow=10.0.0.0/33"]}}"#,
             400,
-            "egress.rules[0]: allow=10.0.0.0/33: prefix length 33",
+            "egress: rules[0]: allow=10.0.0.0/33: prefix length 33",
         ),
         (
             "PUT",

@@ -840,11 +840,7 @@ mod tests {
                 .unwrap();
         let p = c.egress.unwrap();
         assert_eq!(p.default, EgressDefault::Deny);
-        let rules: Vec<String> = p
-            .rules
-            .iter()
-            .map(|r| format!("{}={r}", r.action))
-            .collect();
+        let rules: Vec<String> = p.rules.iter().map(EgressRule::spec).collect();
         assert_eq!(
             rules,
             [

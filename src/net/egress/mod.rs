@@ -132,7 +132,7 @@ fn labels(p: &EgressPolicy) -> Vec<(String, String, Action)> {
         .rules
         .iter()
         .enumerate()
-        .map(|(i, r)| (format!("rvm:{i}"), format!("{}={r}", r.action), r.action))
+        .map(|(i, r)| (format!("rvm:{i}"), r.spec(), r.action))
         .collect();
     if p.default == EgressDefault::Sandbox {
         out.push(("rvm:sandbox".into(), "sandbox".into(), Action::Deny));

@@ -258,6 +258,23 @@ fn split_port(s: &str) -> Result<(String, Option<&str>), String> {
     })
 }
 
+impl EgressRule {
+    /// `allow=RULE` or `deny=RULE`, as the command line and the JSON
+    /// forms write a rule with its action.
+    pub fn parse_spec(text: &str) -> Result<Self, String> {
+        match text.split_once('=') {
+            Some(("allow", rule)) => Self::parse(Action::Allow, rule).map_err(|e| e.to_string()),
+            Some(("deny", rule)) => Self::parse(Action::Deny, rule).map_err(|e| e.to_string()),
+            _ => Err(format!("{text:?} is not allow=RULE or deny=RULE")),
+        }
+    }
+
+    /// The rule with its action, as [`EgressRule::parse_spec`] reads it.
+    pub fn spec(&self) -> String {
+        format!("{}={self}", self.action)
+    }
+}
+
 impl fmt::Display for EgressRule {
     /// The rule as it would be written, with the prefix length always
     /// given (`10.0.0.1/32:80/tcp`), so it parses back the same.
