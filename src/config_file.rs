@@ -1,5 +1,5 @@
 //! The VM's configuration as JSON (`rvm run --config FILE`, and what an
-//! embedder may store): [`VmConfig`] and every [`NetConfig`] field, in
+//! embedder may store): [`VmConfig`] and every [`NetConfig`](crate::net::NetConfig) field, in
 //! the command line's spellings where it has one (`"model": "e1000"`,
 //! `"mac": "52:54:00:12:34:56"`, `"queues": "auto"`, a hostfwd or an
 //! egress rule as on the command line). Unknown fields are refused, by

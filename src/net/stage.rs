@@ -363,7 +363,7 @@ impl Injector {
     /// with none waiting, reads from `backend`.
     ///
     /// # Safety
-    /// As [`NetBackend::readv`]: every iovec points to memory that may be
+    /// As [`NetBackend::readv`](super::backend::NetBackend::readv): every iovec points to memory that may be
     /// written for its length and that nothing else uses meanwhile.
     pub unsafe fn readv(
         &self,

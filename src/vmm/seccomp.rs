@@ -173,7 +173,7 @@ fn common_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Backen
 
 impl ThreadFilter {
     /// The control API's HTTP thread's filter for `mode` (None for
-    /// [`SeccompMode::Off`]): the common calls and [`API_EXTRA`]; no
+    /// [`SeccompMode::Off`]): the common calls and `API_EXTRA`; no
     /// ioctl, no new socket, no file, no program.
     pub fn api(mode: SeccompMode) -> Result<Option<ThreadFilter>, SeccompError> {
         let Some(refuse) = refusal(mode) else {
