@@ -65,21 +65,26 @@ fn rvm_as_user(ns: &Netns, img: &Images, scenario: &str, args: &str, net: &str) 
     c
 }
 
-/// The user must be able to open /dev/kvm, as udev lets every user on
-/// most distributions (the nested host does the same).
-fn kvm_open_to_users() -> Result<(), String> {
+/// The user must be able to open `dev`, as udev lets every user on most
+/// distributions (the nested host does the same): /dev/kvm to run VMs,
+/// /dev/net/tun to attach to a TAP of its own.
+fn open_to_users(dev: &str) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata("/dev/kvm")
-        .map_err(|e| format!("/dev/kvm: {e}"))?
+    let mode = std::fs::metadata(dev)
+        .map_err(|e| format!("{dev}: {e}"))?
         .permissions()
         .mode();
     if mode & 0o006 != 0o006 {
         return Err(format!(
-            "/dev/kvm has mode {:o}: an ordinary user cannot open it, so rootless networking cannot be tested here (give it 0666, as systemd's udev rules do)",
+            "{dev} has mode {:o}: an ordinary user cannot open it, so rootless networking cannot be tested here (give it 0666, as systemd's udev rules do)",
             mode & 0o777
         ));
     }
     Ok(())
+}
+
+fn kvm_open_to_users() -> Result<(), String> {
+    open_to_users("/dev/kvm")
 }
 
 /// passt processes of the test user that have not ended (a zombie has).
@@ -377,19 +382,7 @@ fn sandbox_on_the_rootless_backend(model: &'static str) -> impl Fn(&Images) -> R
 /// writes: the allowed port connects, the other is refused at once.
 fn a_users_own_tap_under_a_policy_in_rvms_stage(img: &Images) -> Result<(), String> {
     kvm_open_to_users()?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata("/dev/net/tun")
-            .map_err(|e| format!("/dev/net/tun: {e}"))?
-            .permissions()
-            .mode();
-        if mode & 0o006 != 0o006 {
-            return Err(format!(
-                "/dev/net/tun has mode {:o}: a user cannot attach to its own TAP here (udev gives it 0666)",
-                mode & 0o777
-            ));
-        }
-    }
+    open_to_users("/dev/net/tun")?;
     let ns = Netns::new("utap")?;
     ns.bridge("10.0.0.1/24", 1500)?;
     ns.sh(&format!(

@@ -826,26 +826,19 @@ pub fn run_guest_retrying(name: &str, make: impl Fn() -> Command, deadline: Dura
             .then(|| foreign_vcpu_state(&run.stderr, mem))
             .flatten()
             .filter(|_| std::env::var_os("RVM_NESTED").is_some());
-        if let Some(line) = foreign {
-            let why = format!(
+        // A known fault of the emulated SVM: the guest (or, after /init
+        // started, the whole case) is run again.
+        let fault = foreign
+            .map(|line| format!(
                 "a vCPU's state at the deadline is not the guest's (its CR3 lies beyond the guest's {} MiB: {line}): the nested host put its own state there (known TCG nested-SVM fault, not an rvm failure)",
                 mem >> 20
-            );
-            if init_started(&run) || attempt == MAX_FLAKE_RETRIES {
-                if init_started(&run) {
-                    *lock_why() = Some(why);
-                    MIDRUN_RESETS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                }
-                return run;
-            }
-            attempt += 1;
-            println!("RETRY {attempt}/{MAX_FLAKE_RETRIES} {name}: {why}");
-            continue;
-        }
-        if let Some(cr2) = nested_guest_entry_stack_fault(&run) {
-            let why = format!(
-                "the guest's kernel faulted on its own entry stack ({cr2}, \"Fatal exception in interrupt\"): an event delivered over and over onto the trampoline stack, the emulated SVM's fault (known TCG nested-SVM fault, not an rvm failure)"
-            );
+            ))
+            .or_else(|| {
+                nested_guest_entry_stack_fault(&run).map(|cr2| format!(
+                    "the guest's kernel faulted on its own entry stack ({cr2}, \"Fatal exception in interrupt\"): an event delivered over and over onto the trampoline stack, the emulated SVM's fault (known TCG nested-SVM fault, not an rvm failure)"
+                ))
+            });
+        if let Some(why) = fault {
             if init_started(&run) || attempt == MAX_FLAKE_RETRIES {
                 if init_started(&run) {
                     *lock_why() = Some(why);
